@@ -1,0 +1,194 @@
+"""Experiment configs: the `arg` parser, the keys every experiment has, validation.
+
+An experiment file defines `get_config(arg)`; `arg` is what follows the colon in
+`--config=experiments/x.py:data=digits,runlocal`: comma-separated `key=value`
+pairs and bare flags (`runlocal` means `runlocal=True`). `parse_arg` turns it
+into a ConfigDict, typed by the defaults the experiment declares, and refuses
+keys it does not declare.
+
+`base_config()` holds the keys every experiment has (DESIGN.md, "Contracts");
+`validate(config)` checks them before anything is compiled and raises a
+`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from jcompress.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+DTYPES = ("float32", "bfloat16")
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+  """Parses `text` as the type of `default` (bool, int, float, str)."""
+  if isinstance(default, bool):
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "y", "on", ""):
+      return True
+    if lowered in ("0", "false", "no", "n", "off"):
+      return False
+    raise ConfigError(f"config arg '{key}': expected a boolean, got '{text}'")
+  try:
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+  except ValueError:
+    raise ConfigError(
+        f"config arg '{key}': expected {type(default).__name__}, got '{text}'") from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `"key=value,flag,..."` into a ConfigDict typed by `defaults`.
+
+  Every key in `arg` must be declared in `defaults`; a bare `flag` sets a
+  boolean to True. Values are converted to the type of their default.
+
+  >>> parse_arg("data=digits,runlocal", data="cifar10", runlocal=False).data
+  'digits'
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      known = ", ".join(sorted(defaults))
+      raise ConfigError(f"unknown config arg '{key}' in '{arg}'; this experiment accepts: {known}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config arg '{key}' needs a value ('{key}=...')")
+      value = "true"
+    result[key] = _convert(key, value.strip(), default)
+  return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every experiment has, with a CIFAR-10 ResNet-20 float recipe."""
+  c = ml_collections.ConfigDict()
+  c.data = "cifar10"           # a TFDS name, or "digits" (offline)
+  c.data_dir = ""              # TFDS data_dir; empty: TFDS's default
+  c.image_size = 0             # 0: the dataset's own size; 32 turns digits into 32x32x3
+  c.augment = True
+  c.model = "resnet20"
+  c.width = 1.0                # width multiplier where the architecture has one
+  c.dtype = "float32"          # compute dtype of the model (params stay float32)
+  c.seed = 0
+  c.batch_size = 128           # global batch, split over all devices
+  c.eval_batch_size = 256
+  c.total_steps = 64_000
+  c.log_every = 100
+  c.eval_every = 2_000         # 0: evaluate at the end only
+  c.checkpoint_every = 2_000
+  c.keep_checkpoints = 3
+  c.label_smoothing = 0.0
+  c.num_devices = 0            # 0: every device jax sees
+  c.distributed = False        # call jax.distributed.initialize() (several hosts)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"     # sgd (with momentum), adam, adamw
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.decay_norm_and_bias = False   # False: weight decay on kernels only
+  c.optimizer.grad_clip_norm = 0.0          # 0: no clipping
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"   # constant, cosine, step
+  c.schedule.warmup_steps = 0
+  c.schedule.boundaries = (0.5, 0.75)   # step decay: fractions of total_steps
+  c.schedule.decay_factor = 0.1
+  c.schedule.end_value = 0.0
+  return c
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys of `base_config()`; raises ConfigError naming the key."""
+  for key in base_config().keys():
+    if key not in config:
+      raise ConfigError(f"config key '{key}' is missing (every experiment needs it)")
+  _check(isinstance(config.data, str) and bool(config.data), "data", "must name a dataset")
+  _check(config.image_size >= 0, "image_size", f"must be >= 0, got {config.image_size}")
+  _check(config.width > 0, "width", f"must be > 0, got {config.width}")
+  _check(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got '{config.dtype}'")
+  _check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
+  _check(config.eval_batch_size > 0, "eval_batch_size",
+         f"must be > 0, got {config.eval_batch_size}")
+  _check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
+  for key in ("log_every", "checkpoint_every"):
+    _check(config[key] > 0, key, f"must be > 0, got {config[key]}")
+  _check(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
+  _check(config.keep_checkpoints >= 1, "keep_checkpoints",
+         f"must be >= 1, got {config.keep_checkpoints}")
+  _check(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
+         f"must be in [0, 1), got {config.label_smoothing}")
+  _check(config.num_devices >= 0, "num_devices", f"must be >= 0, got {config.num_devices}")
+
+  opt = config.optimizer
+  _check(opt.name in OPTIMIZERS, "optimizer.name",
+         f"must be one of {OPTIMIZERS}, got '{opt.name}'")
+  _check(opt.learning_rate > 0, "optimizer.learning_rate",
+         f"must be > 0, got {opt.learning_rate}")
+  _check(0.0 <= opt.momentum < 1.0, "optimizer.momentum", f"must be in [0, 1), got {opt.momentum}")
+  _check(opt.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {opt.weight_decay}")
+  _check(opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+         f"must be >= 0, got {opt.grad_clip_norm}")
+
+  sched = config.schedule
+  _check(sched.name in SCHEDULES, "schedule.name",
+         f"must be one of {SCHEDULES}, got '{sched.name}'")
+  _check(0 <= sched.warmup_steps < config.total_steps, "schedule.warmup_steps",
+         f"must be in [0, total_steps={config.total_steps}), got {sched.warmup_steps}")
+  if sched.name == "step":
+    bounds = tuple(sched.boundaries)
+    _check(all(0 < b < 1 for b in bounds) and list(bounds) == sorted(bounds),
+           "schedule.boundaries", f"must be increasing fractions in (0, 1), got {bounds}")
+    _check(0 < sched.decay_factor <= 1, "schedule.decay_factor",
+           f"must be in (0, 1], got {sched.decay_factor}")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON-able data (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def from_dict(data: dict) -> ml_collections.ConfigDict:
+  """Inverse of `to_dict` for configs read back from a workdir's config.json."""
+  return ml_collections.ConfigDict(data)
+
+
+def flatten(data: Any, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}; lists are kept as values."""
+  if isinstance(data, config_dict.ConfigDict):
+    data = to_dict(data)
+  if not isinstance(data, dict):
+    return {prefix: data}
+  out = {}
+  for key, value in data.items():
+    name = f"{prefix}.{key}" if prefix else str(key)
+    if isinstance(value, dict):
+      out.update(flatten(value, name))
+    else:
+      out[name] = value
+  return out

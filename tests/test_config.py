@@ -1,0 +1,71 @@
+"""The config arg parser and validation: bad input is refused with the key named."""
+
+import pytest
+
+from jcompress import config as config_lib
+from jcompress.errors import ConfigError
+
+
+def test_parse_arg_types_and_flags():
+  arg = config_lib.parse_arg("data=digits,bits=4,lr=0.5,runlocal", data="cifar10", bits=8,
+                             lr=0.1, runlocal=False, extra=True)
+  assert arg.data == "digits" and arg.bits == 4 and arg.lr == 0.5
+  assert arg.runlocal is True and arg.extra is True
+  assert isinstance(arg.bits, int) and isinstance(arg.lr, float)
+
+
+def test_parse_arg_defaults_when_empty():
+  assert config_lib.parse_arg(None, data="cifar10").data == "cifar10"
+  assert config_lib.parse_arg("", data="cifar10").data == "cifar10"
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("colour=red", "unknown config arg 'colour'"),
+    ("bits=four", "config arg 'bits': expected int"),
+    ("bits", "config arg 'bits' needs a value"),
+    ("runlocal=maybe", "config arg 'runlocal': expected a boolean"),
+])
+def test_parse_arg_refuses_bad_input(arg, fragment):
+  with pytest.raises(ConfigError, match=fragment):
+    config_lib.parse_arg(arg, data="cifar10", bits=8, runlocal=False)
+
+
+def test_base_config_is_valid():
+  config_lib.validate(config_lib.base_config())
+
+
+@pytest.mark.parametrize("key, value", [
+    ("batch_size", 0), ("total_steps", 0), ("width", 0.0), ("label_smoothing", 1.0),
+    ("optimizer.name", "rmsprop"), ("optimizer.learning_rate", -1.0),
+    ("optimizer.momentum", 1.0), ("schedule.name", "linear"), ("schedule.warmup_steps", 10**9),
+    ("dtype", "float16"), ("log_every", 0), ("eval_every", -1),
+])
+def test_validate_names_the_bad_key(key, value):
+  c = config_lib.base_config()
+  node, _, leaf = key.rpartition(".")
+  (c[node] if node else c)[leaf] = value
+  with pytest.raises(ConfigError, match=f"config key '{key}'"):
+    config_lib.validate(c)
+
+
+def test_validate_step_schedule_boundaries():
+  c = config_lib.base_config()
+  c.schedule.name = "step"
+  c.schedule.boundaries = (0.75, 0.5)
+  with pytest.raises(ConfigError, match="schedule.boundaries"):
+    config_lib.validate(c)
+
+
+def test_missing_key_is_named():
+  c = config_lib.base_config()
+  del c["seed"]
+  with pytest.raises(ConfigError, match="'seed' is missing"):
+    config_lib.validate(c)
+
+
+def test_flatten_roundtrip_through_json():
+  c = config_lib.base_config()
+  flat = config_lib.flatten(config_lib.to_dict(c))
+  assert flat["optimizer.learning_rate"] == c.optimizer.learning_rate
+  assert flat["schedule.boundaries"] == list(c.schedule.boundaries)
+  assert config_lib.flatten(config_lib.from_dict(config_lib.to_dict(c))) == flat
