@@ -1,0 +1,108 @@
+"""Building blocks shared by the jcompress models.
+
+Conventions every model follows (see `jcompress/models/__init__.py` for the full contract):
+
+* Convolutions use torchvision's initialisation, He (kaiming) normal with fan_out:
+  `w ~ N(0, 2 / (k_h * k_w * C_out))` (untruncated), and no bias when a BatchNorm follows.
+* Convolution padding is explicit and symmetric, `(k - 1) // 2` on each side, as in PyTorch
+  (`padding=k // 2`), not XLA's "SAME". For a stride-2 convolution on an even input the two
+  differ by where the extra row/column of zeros sits; matching PyTorch keeps imported
+  torchvision weights exact.
+* Parameters are float32 (`param_dtype`); activations are computed in the module's `dtype`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcompress.errors import ConfigError
+
+# He / kaiming normal, fan_out mode, untruncated (torchvision's `kaiming_normal_(mode="fan_out")`).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """Rounds a channel count to the nearest multiple of `divisor` (MobileNet's `_make_divisible`).
+
+  The result is at least `min_value` (default `divisor`) and never more than 10% below `value`.
+  """
+  if min_value is None:
+    min_value = divisor
+  new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if new_value < 0.9 * value:
+    new_value += divisor
+  return int(new_value)
+
+
+def scale_channels(channels: int, width: float) -> int:
+  """`round(channels * width)`, at least 1: the width rule for ResNets and the small CNN."""
+  return max(1, int(round(channels * width)))
+
+
+def check_width(width: Any, model: str) -> None:
+  """Raises `ConfigError` unless `width` is a real number > 0."""
+  if isinstance(width, bool) or not isinstance(width, numbers.Real) or not width > 0:
+    raise ConfigError(f"model {model!r}: `width` must be a number > 0, got {width!r}")
+
+
+def conv(
+    module: nn.Module,
+    features: int,
+    kernel_size: int,
+    strides: int = 1,
+    groups: int = 1,
+    name: str | None = None,
+) -> nn.Conv:
+  """A bias-free square convolution with PyTorch padding and He fan_out init.
+
+  Must be called inside a `@nn.compact` method of `module`, which provides `dtype`.
+  `groups == features == C_in` gives a depthwise convolution (`feature_group_count`).
+  """
+  pad = (kernel_size - 1) // 2
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)),
+      feature_group_count=groups,
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=module.dtype,
+      param_dtype=jnp.float32,
+      name=name,
+  )
+
+
+def batch_norm(
+    module: nn.Module, train: bool, name: str | None = None, zero_init: bool = False
+) -> nn.BatchNorm:
+  """BatchNorm over the channel axis with the module's momentum, epsilon and dtype.
+
+  In train mode it normalises with the batch statistics and updates the running averages in the
+  `batch_stats` collection (`ra = momentum * ra + (1 - momentum) * batch_stat`, with the biased
+  batch variance); in eval mode it uses the running averages and writes nothing.
+  `zero_init=True` starts gamma at 0 (the last BN of a residual block, "zero_init_residual").
+  """
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=module.bn_momentum,
+      epsilon=module.bn_epsilon,
+      dtype=module.dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+      name=name,
+  )
+
+
+def head(module: nn.Module, num_classes: int) -> nn.Dense:
+  """The classifier, always named `head` (compression code excludes it by this name)."""
+  return nn.Dense(num_classes, dtype=module.dtype, param_dtype=jnp.float32, name="head")
+
+
+def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over the spatial axes of an NHWC tensor: (N, H, W, C) -> (N, C)."""
+  return jnp.mean(x, axis=(1, 2))
