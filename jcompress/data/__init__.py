@@ -1,0 +1,25 @@
+"""TFDS input pipelines (deterministic, resumable tf.data) and the offline `digits` builder.
+
+Importing this package registers the `digits` TFDS builder and hides accelerators from
+TensorFlow.
+"""
+
+from jcompress.data.digits import Digits
+from jcompress.data.pipeline import (
+    DATASET_DEFAULTS,
+    DatasetDefaults,
+    DatasetInfo,
+    dataset_info,
+    eval_iterator,
+    train_iterator,
+)
+
+__all__ = [
+    "DATASET_DEFAULTS",
+    "DatasetDefaults",
+    "DatasetInfo",
+    "Digits",
+    "dataset_info",
+    "eval_iterator",
+    "train_iterator",
+]
