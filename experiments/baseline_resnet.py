@@ -1,0 +1,38 @@
+r"""Float baseline: a CIFAR ResNet trained from scratch with the standard recipe.
+
+  python launch.py --config=experiments/baseline_resnet.py --workdir=runs/base        # CIFAR-10
+  python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/digits
+
+CIFAR-10 (default): ResNet-20, SGD momentum 0.9 with nesterov, lr 0.1 cosine, weight decay 5e-4 on
+kernels, batch 128, 64k steps (~164 epochs), pad-4 random crop and flip (He et al. 2016).
+`model=resnet18_cifar` gives ResNet-18 with a CIFAR stem.
+
+`data=digits`: the offline digits (1,437 train / 360 test, resized to 32x32x3) with the same
+model and recipe, shortened to 500 steps (batch 64, lr 0.05): a few minutes on a 2-core CPU. `runlocal`: a tiny smoke run.
+"""
+
+from jcompress import config as config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", runlocal=False)
+  c = config_lib.base_config()
+  c.data = arg.data
+  c.model = arg.model
+  c.optimizer.nesterov = True
+  if arg.data == "digits":
+    c.image_size = 32
+    c.batch_size = 64
+    c.total_steps = 500            # ~22 epochs of the 1,437 training images
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.log_every = 25
+    c.optimizer.learning_rate = 0.05
+    c.schedule.warmup_steps = 25
+  if arg.runlocal:
+    c.total_steps = 20
+    c.eval_every = 10
+    c.checkpoint_every = 10
+    c.log_every = 5
+    c.schedule.warmup_steps = 0
+  return c

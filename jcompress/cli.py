@@ -1,0 +1,106 @@
+"""What `launch.py` does once its flags are parsed: dispatch on --mode, report errors.
+
+Kept free of jax and TensorFlow imports at module level, so that bad flags are
+reported in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import logging
+
+from jcompress.errors import JCompressError
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  """The innermost exception of a chain (config_flags wraps and re-raises)."""
+  seen = set()
+  while id(e) not in seen:
+    seen.add(id(e))
+    nxt = e.__cause__ or e.__context__
+    if nxt is None:
+      break
+    e = nxt
+  return e
+
+
+def _config_arg(argv) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def describe_flag_error(e: BaseException, argv) -> str:
+  """One sentence for a failure while parsing flags (config file loading included)."""
+  root = _root_cause(e)
+  config = _config_arg(argv)
+  if isinstance(root, JCompressError):
+    return str(root)
+  if isinstance(root, SyntaxError):
+    return (f"config file '{root.filename}' line {root.lineno}: {root.msg} "
+            f"({(root.text or '').strip()!r})")
+  if isinstance(root, (AttributeError, KeyError)):
+    key = str(root).strip("\"'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
+    if overrides:
+      return (f"unknown config key '{key}' in {overrides[0]}: the config of "
+              f"{config.split(':')[0]} has no such key")
+  if isinstance(root, (ImportError, NameError, TypeError, AttributeError)) and config != "?":
+    return f"config file '{config.split(':')[0]}' failed to load: {type(root).__name__}: {root}"
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _config_value(config_flag):
+  """The parsed ConfigDict; a config file that could not be found becomes a JCompressError."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  value = config_flag.value
+  if value is None:
+    return None
+  try:
+    value.keys()
+  except OSError as e:
+    from absl import flags  # noqa: PLC0415
+    path = config_flags.get_config_filename(flags.FLAGS[config_flag.name])
+    import os  # noqa: PLC0415
+    if not os.path.exists(path):
+      raise JCompressError(f"config file '{path}' does not exist") from None
+    reason = str(_root_cause(e)).strip().splitlines()[-1]
+    raise JCompressError(f"config file '{path}' could not be loaded: {reason}") from None
+  return value
+
+
+class _QuietLibraries:
+  """Drops INFO records of orbax and jax internals (per-save chatter); warnings stay."""
+
+  _NOISY = ("/orbax/", "/jax/_src/", "/etils/", "/tensorflow_datasets/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(p in record.pathname for p in self._NOISY)
+
+
+def run(config_flag, workdir: str, mode: str) -> int:
+  """Runs `mode` on `workdir`; a JCompressError becomes one line on stderr and status 2."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    config = _config_value(config_flag)
+    from jcompress import train  # noqa: PLC0415
+    if mode == "train":
+      if config is None:
+        raise JCompressError("--config is required for --mode=train "
+                             "(e.g. --config=experiments/baseline_resnet.py:data=digits)")
+      results = train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+      results = train.evaluate(config, workdir)
+    else:
+      raise JCompressError(f"unknown --mode={mode}")
+  except JCompressError as e:
+    print(f"jcompress: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(results, indent=2, sort_keys=True))
+  return 0

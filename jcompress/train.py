@@ -1,0 +1,643 @@
+"""Training: TrainState, the train and eval steps, the loop, checkpoints, metrics.
+
+One train step serves every experiment (DESIGN.md, "The core idea"):
+
+  eff = transform.apply(state.params, state.compression)
+  (logits, feats), stats = model.apply({"params": eff, "batch_stats": ...}, images, train=True)
+  loss = task_loss (+ the losses later methods add)
+  params <- optimizer step on the latent params;  params, compression <- transform.update(...)
+
+`train_and_evaluate(config, workdir)` runs a whole experiment: it checks the
+config and the workdir before anything is compiled, resumes from the latest
+checkpoint in `DIR/checkpoints`, writes `DIR/metrics.jsonl`, TensorBoard events
+in `DIR/tensorboard`, and `DIR/results.json` at the end. SIGTERM saves a
+checkpoint and returns; rerunning the same command resumes.
+
+Data parallelism: a `jax.sharding.Mesh` over the devices with one axis, `data`;
+batches are split along it, the state is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from jcompress import config as config_lib
+from jcompress import data as data_lib
+from jcompress import models as models_lib
+from jcompress import transforms as transforms_lib
+from jcompress.errors import ConfigError, WorkdirError
+
+PyTree = Any
+
+#: Config keys that may change between a run and its resumption in the same workdir.
+RESUMABLE_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "eval_batch_size", "data_dir", "num_devices", "distributed")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue, and nothing else (it is checkpointed)."""
+  step: jax.Array             # int32 scalar: optimizer steps taken
+  params: PyTree              # latent float params (what the optimizer moves)
+  batch_stats: PyTree         # BatchNorm running statistics
+  opt_state: PyTree
+  compression: PyTree         # the ParamTransform's state (masks, codebooks, ...)
+  rng: jax.Array              # uint32[2] key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning-rate schedule of `config.schedule` over `config.total_steps`."""
+  s, lr, total = config.schedule, config.optimizer.learning_rate, config.total_steps
+  warmup = s.warmup_steps
+  if s.name == "constant":
+    main = optax.constant_schedule(lr)
+  elif s.name == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(total - warmup, 1),
+                                       alpha=s.end_value / lr)
+  elif s.name == "step":
+    bounds = {int(b * total) - warmup: s.decay_factor for b in s.boundaries}
+    main = optax.piecewise_constant_schedule(lr, bounds)
+  else:
+    raise ConfigError(f"config key 'schedule.name': unknown schedule '{s.name}'")
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  return main
+
+
+def weight_decay_mask(params: PyTree, decay_norm_and_bias: bool = False) -> PyTree:
+  """True for the leaves weight decay applies to: kernels (ndim >= 2) unless told otherwise."""
+  return jax.tree.map(lambda x: decay_norm_and_bias or x.ndim >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """sgd (momentum), adam or adamw from `config.optimizer`, weight decay masked to kernels."""
+  o = config.optimizer
+  mask = functools.partial(weight_decay_mask, decay_norm_and_bias=o.decay_norm_and_bias)
+  parts = []
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  if o.name == "sgd":
+    if o.weight_decay:
+      parts.append(optax.add_decayed_weights(o.weight_decay, mask))
+    parts.append(optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+  elif o.name == "adam":
+    if o.weight_decay:   # L2 on the gradient, as torch.optim.Adam's weight_decay
+      parts.append(optax.add_decayed_weights(o.weight_decay, mask))
+    parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2))
+  elif o.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask))
+  else:
+    raise ConfigError(f"config key 'optimizer.name': unknown optimizer '{o.name}'")
+  return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy against integer labels, optionally smoothed."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    transform: transforms_lib.ParamTransform,
+                    schedule: optax.Schedule, label_smoothing: float = 0.0) -> Callable:
+  """`train_step(state, batch) -> (state, metrics)`, to be jit-compiled."""
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      eff = transform.apply(params, state.compression)
+      (logits, _), mutated = model.apply(
+          {"params": eff, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": step_rng})
+      loss = cross_entropy(logits, batch["label"], label_smoothing)
+      return loss, (logits, mutated["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params, compression = transform.update(params, state.compression, state.step + 1)
+    metrics = {
+        "train_loss": loss,
+        "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, compression=compression)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, transform: transforms_lib.ParamTransform) -> Callable:
+  """`eval_step(state, batch) -> sums` of loss, correct predictions and examples (masked)."""
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    eff = transform.apply(state.params, state.compression)
+    logits, _ = model.apply({"params": eff, "batch_stats": state.batch_stats}, batch["image"],
+                            train=False)
+    mask = batch["mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                             batch["label"])
+    return {
+        "loss": jnp.sum(losses * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "count": jnp.sum(mask),
+    }
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a config turns into before anything is compiled."""
+  config: ml_collections.ConfigDict
+  info: Any                       # data.DatasetInfo
+  model: Any                      # flax.linen.Module
+  transform: transforms_lib.ParamTransform
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState      # shapes, dtypes and shardings of the state
+  init_variables: Callable        # rng -> (params, batch_stats) of a fresh model
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  @property
+  def data_sharding(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D mesh, axis `data`, over the first `num_devices` devices (0: all of them)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ConfigError(f"config key 'num_devices': {num_devices} asked for, "
+                        f"but jax sees {len(devices)} device(s)")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ConfigError("config key 'num_devices': must be 0 (all devices) with several hosts")
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def image_size_arg(config) -> int | None:
+  return config.image_size or None
+
+
+def build_transform(config, params) -> transforms_lib.ParamTransform:
+  """The compression transform a config asks for (identity for a float run)."""
+  del config, params
+  return transforms_lib.identity()
+
+
+def build_model(config, num_classes: int):
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  return models_lib.get_model(config.model, num_classes, width=config.width, dtype=dtype)
+
+
+def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Validates `config` and builds model, optimizer and abstract state. Compiles nothing."""
+  config_lib.validate(config)
+  mesh = make_mesh(config.num_devices)
+  n_dev = mesh.devices.size
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % n_dev:
+      raise ConfigError(f"config key '{key}': {config[key]} is not divisible by the "
+                        f"{n_dev} devices of the mesh")
+    if config[key] % jax.process_count():
+      raise ConfigError(f"config key '{key}': {config[key]} is not divisible by the "
+                        f"{jax.process_count()} processes")
+  info = data_lib.dataset_info(config.data, image_size=image_size_arg(config),
+                               data_dir=config.data_dir or None)
+  model = build_model(config, info.num_classes)
+  schedule = make_schedule(config)
+  tx = make_optimizer(config, schedule)
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+  abstract_params, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
+  transform = build_transform(config, abstract_params)
+  exp = Experiment(config, info, model, transform, schedule, tx, mesh, None, init)
+  abstract = jax.eval_shape(functools.partial(init_state, exp), jax.random.PRNGKey(config.seed))
+  exp.abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated), abstract)
+  return exp
+
+
+def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
+  init_rng, comp_rng, step_rng = jax.random.split(rng, 3)
+  params, batch_stats = exp.init_variables(init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=exp.tx.init(params),
+                    compression=exp.transform.init(params, comp_rng), rng=step_rng)
+
+
+def create_state(exp: Experiment) -> TrainState:
+  """A fresh TrainState from `config.seed`, replicated over the mesh."""
+  fn = jax.jit(functools.partial(init_state, exp), out_shardings=exp.replicated)
+  return fn(jax.random.PRNGKey(exp.config.seed))
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Refuses a workdir that holds a run of another config. Returns True if one exists."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      old = config_lib.flatten(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirError(f"{path} cannot be read ({e}); refusing to reuse this workdir") from e
+  new = config_lib.flatten(config)
+  keys = sorted(set(old) | set(new))
+  differ = [k for k in keys if k.split(".")[0] not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+  if differ:
+    shown = "; ".join(f"{k}: {old.get(k, '<absent>')!r} in the workdir, "
+                      f"{new.get(k, '<absent>')!r} now" for k in differ[:6])
+    raise WorkdirError(
+        f"workdir {workdir} holds a run of a different config ({shown}). "
+        f"Use another --workdir, or the config of {path} to resume it.")
+  return True
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's run was started with (for --mode=eval without --config)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise WorkdirError(f"{path} does not exist: {workdir} holds no run (give --config)")
+  with open(path) as f:
+    return config_lib.from_dict(json.load(f))
+
+
+def checkpoint_manager(workdir: str, config, create: bool = True) -> ocp.CheckpointManager:
+  """Orbax manager of DIR/checkpoints: async saves, the last `keep_checkpoints` kept."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=create, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def check_checkpoint_tree(mngr: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """Refuses a checkpoint whose tree does not match the model, naming the first bad leaf."""
+  where = os.path.join(str(mngr.directory), str(step))
+  try:
+    meta = mngr.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkdirError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e})") from e
+  meta_tree = getattr(meta, "tree", meta)
+  have = {transforms_lib.path_str(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
+  want = {transforms_lib.path_str(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  for path, spec in want.items():
+    if path not in have:
+      raise WorkdirError(f"checkpoint {where} has no '{path}' (expected shape {spec.shape}): "
+                         "it was written by a different model or method")
+    shape = tuple(getattr(have[path], "shape", ()) or ())
+    if shape != tuple(spec.shape):
+      raise WorkdirError(f"checkpoint {where}: '{path}' has shape {shape}, the model expects "
+                         f"{tuple(spec.shape)}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise WorkdirError(f"checkpoint {where} holds '{extra[0]}', which the model does not have")
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, exp: Experiment) -> tuple[TrainState, dict]:
+  check_checkpoint_tree(mngr, step, exp.abstract_state)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))
+  return restored["state"], dict(restored["meta"] or {})
+
+
+def save_state(mngr: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
+  step = int(jax.device_get(state.step))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to metrics.jsonl, mirrors to TensorBoard.
+
+  On a resumed run, lines of steps after the restored checkpoint (steps that
+  will be run again) are dropped at the first write, so the file reads as the
+  uninterrupted run's would.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._resume_step = resume_step
+    self._tb = None
+    if enabled:
+      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate(self):
+    if self._resume_step is None or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= self._resume_step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    self._resume_step = None
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self._truncate()
+    record = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.scalar(k, v, step)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def _to_py(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def write_json(path: str, data: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def tree_bytes(tree: PyTree) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                 for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class _Progress:
+  """tqdm on a terminal; plain log lines with steps/s and ETA otherwise."""
+
+  def __init__(self, start: int, total: int, enabled: bool):
+    self.total, self.enabled = total, enabled
+    self.tty = enabled and sys.stderr.isatty()
+    self._bar = None
+    if self.tty:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self._t0, self._s0 = time.time(), start
+
+  def update(self, step: int, metrics: dict | None = None):
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if metrics:
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
+                               if isinstance(v, float)}, refresh=False)
+    elif self.enabled and metrics is not None:
+      rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+      logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self.total, shown, rate,
+                   time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 1e7 else "?")
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:   # not the main thread: leave signals alone
+      self._old = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate_state(exp: Experiment, eval_step: Callable, state: TrainState) -> dict:
+  """Accuracy and loss over the whole eval split of the experiment's dataset."""
+  c = exp.config
+  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  per_process = c.eval_batch_size // jax.process_count()
+  for batch in data_lib.eval_iterator(
+      c.data, batch_size=per_process, image_size=image_size_arg(c),
+      data_dir=c.data_dir or None, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    out = eval_step(state, shard_batch(exp, batch))
+    for k, v in jax.device_get(out).items():
+      totals[k] += float(v)
+  n = max(totals["count"], 1.0)
+  return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss"] / n,
+          "eval_examples": int(totals["count"])}
+
+
+def shard_batch(exp: Experiment, batch: dict) -> dict:
+  """The process-local numpy batch as global arrays split along the mesh's `data` axis."""
+  return {k: jax.make_array_from_process_local_data(exp.data_sharding, v)
+          for k, v in batch.items()}
+
+
+def compile_steps(exp: Experiment) -> tuple[Callable, Callable]:
+  train_step = jax.jit(
+      make_train_step(exp.model, exp.tx, exp.transform, exp.schedule,
+                      exp.config.label_smoothing),
+      donate_argnums=(0,), out_shardings=(exp.replicated, exp.replicated))
+  eval_step = jax.jit(make_eval_step(exp.model, exp.transform), out_shardings=exp.replicated)
+  return train_step, eval_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the experiment of `config` in `workdir`; returns results.json's data.
+
+  Everything that can be wrong with the config, the data or the workdir is
+  checked before the first compile, and a failed start changes nothing in an
+  existing workdir.
+  """
+  t_start = time.time()
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  exp = make_experiment(config)
+  c = exp.config
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  had_run = check_workdir_config(c, workdir)
+
+  mngr = checkpoint_manager(workdir, c)
+  latest = mngr.latest_step()
+  meta: dict = {}
+  if latest is not None:
+    state, meta = restore_state(mngr, latest, exp)
+    logging.info("Resumed from %s at step %d", mngr.directory, latest)
+  else:
+    if had_run:
+      logging.info("%s has a config.json but no checkpoint: starting from step 0", workdir)
+    state = create_state(exp)
+  if lead and not had_run:
+    write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(c))
+
+  start = int(jax.device_get(state.step))
+  wall_before = float(meta.get("wall_seconds", 0.0))
+  logging.info("%s on %s: %d train / %d eval examples, image %s, %d classes; mesh %s",
+               c.model, c.data, exp.info.train_size, exp.info.eval_size, exp.info.image_shape,
+               exp.info.num_classes, dict(exp.mesh.shape))
+
+  train_step, eval_step = compile_steps(exp)
+  writer = MetricWriter(workdir, resume_step=latest, enabled=lead)
+  progress = _Progress(start, c.total_steps, enabled=lead)
+  batches: Iterator[dict] = data_lib.train_iterator(
+      c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed, start_step=start,
+      image_size=image_size_arg(c), augment=c.augment, data_dir=c.data_dir or None,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  def meta_now(step):
+    return {"step": step, "wall_seconds": wall_before + time.time() - t_start}
+
+  pending: list[dict] = []
+  eval_metrics: dict = {}
+  step = start
+  interrupted = False
+  try:
+    with _Preemption() as preempt:
+      while step < c.total_steps:
+        state, metrics = train_step(state, shard_batch(exp, next(batches)))
+        step += 1
+        pending.append(metrics)
+        if step % c.log_every == 0 or step == c.total_steps:
+          stacked = jax.device_get(pending)
+          logged = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+          logged["learning_rate"] = float(stacked[-1]["learning_rate"])
+          pending = []
+          writer.write(step, logged)
+          progress.update(step, logged)
+        else:
+          progress.update(step)
+        if (c.eval_every and step % c.eval_every == 0) or step == c.total_steps:
+          eval_metrics = evaluate_state(exp, eval_step, state)
+          writer.write(step, eval_metrics)
+          logging.info("step %d: eval_accuracy %.4f, eval_loss %.4f", step,
+                       eval_metrics["eval_accuracy"], eval_metrics["eval_loss"])
+        if step % c.checkpoint_every == 0 or step == c.total_steps:
+          save_state(mngr, state, meta_now(step))
+        if preempt.requested and step < c.total_steps:
+          save_state(mngr, state, meta_now(step))
+          interrupted = True
+          logging.warning("SIGTERM: saved a checkpoint at step %d; rerun the same command "
+                          "to resume", step)
+          break
+  finally:
+    mngr.wait_until_finished()
+    progress.close()
+    writer.close()
+
+  if interrupted:
+    return {"interrupted_at_step": step}
+  if not eval_metrics:   # resumed at the end: nothing was trained in this process
+    eval_metrics = evaluate_state(exp, eval_step, state)
+  results = summarize(exp, state, eval_metrics, wall_before + time.time() - t_start)
+  if lead:
+    write_json(os.path.join(workdir, "results.json"), results)
+    logging.info("results: %s", json.dumps(results))
+  mngr.close()
+  return results
+
+
+def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: float) -> dict:
+  """results.json: accuracy, sizes in bytes and the compression ratio."""
+  params = jax.device_get(state.params)
+  n_params = models_lib.count_params(params)
+  float_bytes = 4 * n_params
+  model_bytes = tree_bytes(params)   # a float run stores its params as they are
+  return {
+      "test_accuracy": eval_metrics["eval_accuracy"],
+      "test_loss": eval_metrics["eval_loss"],
+      "test_examples": eval_metrics["eval_examples"],
+      "params": n_params,
+      "float_bytes": float_bytes,
+      "model_bytes": model_bytes,
+      "compression_ratio": float_bytes / model_bytes,
+      "wall_seconds": round(wall, 2),
+      "steps": int(jax.device_get(state.step)),
+      "model": exp.config.model,
+      "data": exp.config.data,
+  }
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict:
+  """Evaluates the latest checkpoint of `workdir` on the eval split (--mode=eval)."""
+  if config is None:
+    config = load_workdir_config(workdir)
+  exp = make_experiment(config)
+  if not check_workdir_config(exp.config, workdir) and not os.path.isdir(
+      os.path.join(workdir, "checkpoints")):
+    raise WorkdirError(f"{workdir} holds no run: no config.json and no checkpoints")
+  mngr = checkpoint_manager(workdir, exp.config, create=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise WorkdirError(f"{os.path.join(workdir, 'checkpoints')} holds no checkpoint to evaluate")
+  state, _ = restore_state(mngr, step, exp)
+  _, eval_step = compile_steps(exp)
+  metrics = evaluate_state(exp, eval_step, state)
+  metrics["step"] = step
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "eval.json"), metrics)
+  mngr.close()
+  return metrics

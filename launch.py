@@ -1,0 +1,42 @@
+"""jcompress launcher: parses flags and hands the config to jcompress.
+
+  python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/base
+  python launch.py --config=experiments/baseline_resnet.py --workdir=runs/base --config.seed=1
+  python launch.py --mode=eval --workdir=runs/base        # config read from the workdir
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/baseline_resnet.py:data=digits")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
+flags.mark_flag_as_required("workdir")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config-file failures reported as one line, not a traceback."""
+  from jcompress import cli  # noqa: PLC0415  (light: imports no jax or tf)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (every failure to parse becomes one clear line)
+    print(f"jcompress: error: {cli.describe_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jcompress import cli  # noqa: PLC0415  (imports jax/tf only after flag parsing)
+  return cli.run(_CONFIG, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,336 @@
+"""The training harness: loop, checkpoints, resumption, bad input, data parallelism."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jcompress import config as config_lib
+from jcompress import train
+from jcompress.errors import ConfigError, WorkdirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny experiment on the real digits data: small CNN on the native 8x8 images, seconds per run.
+EXPERIMENT = textwrap.dedent("""
+    from jcompress import config as config_lib
+
+    def get_config(arg=None):
+      arg = config_lib.parse_arg(arg, data_dir="", steps=200, width=0.5)
+      c = config_lib.base_config()
+      c.data = "digits"
+      c.data_dir = arg.data_dir
+      c.image_size = 0
+      c.model = "small_cnn"
+      c.width = arg.width
+      c.batch_size = 32
+      c.eval_batch_size = 128
+      c.total_steps = arg.steps
+      c.log_every = 1
+      c.eval_every = 100
+      c.checkpoint_every = 20
+      c.keep_checkpoints = 2
+      c.optimizer.learning_rate = 0.1
+      return c
+""")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def experiment_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("experiments") / "tiny.py"
+  path.write_text(EXPERIMENT)
+  return str(path)
+
+
+def tiny_config(experiment_file, data_dir, **overrides):
+  spec = {}
+  exec(compile(open(experiment_file).read(), experiment_file, "exec"), spec)  # noqa: S102
+  arg = ",".join([f"data_dir={data_dir}"] + [f"{k}={v}" for k, v in overrides.items()])
+  return spec["get_config"](arg)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir):
+  return {m["step"]: m["train_loss"] for m in read_metrics(workdir) if "train_loss" in m}
+
+
+def launch(args, env=None, **kwargs):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def snapshot(workdir):
+  """Path -> content hash of every file under workdir."""
+  out = {}
+  for dirpath, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(experiment_file, data_dir, tmp_path_factory):
+  """One uninterrupted in-process run of the tiny experiment."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  results = train.train_and_evaluate(tiny_config(experiment_file, data_dir), workdir)
+  return workdir, results
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_run_writes_metrics_results_and_checkpoints(reference_run):
+  workdir, results = reference_run
+  metrics = read_metrics(workdir)
+  steps = [m["step"] for m in metrics if "train_loss" in m]
+  assert steps == list(range(1, 201))
+  evals = [m for m in metrics if "eval_accuracy" in m]
+  assert [m["step"] for m in evals] == [100, 200]
+  assert evals[-1]["eval_examples"] == 360           # the whole digits test split, once
+  # 200 steps of SGD on real digits learn the task, far above chance (10%)
+  assert results["test_accuracy"] > 0.85
+  assert np.mean([m["train_loss"] for m in metrics[-10:] if "train_loss" in m]) < \
+      np.mean([m["train_loss"] for m in metrics[:10] if "train_loss" in m])
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  for key in ("test_accuracy", "params", "float_bytes", "model_bytes", "compression_ratio",
+              "wall_seconds"):
+    assert key in on_disk
+  assert on_disk["float_bytes"] == 4 * on_disk["params"] == on_disk["model_bytes"]
+  assert on_disk["compression_ratio"] == 1.0
+  # keep_checkpoints=2: steps 180 and 200 remain
+  kept = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert kept == [180, 200]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"] == "small_cnn"
+
+
+def test_rerun_of_a_finished_run_trains_nothing(reference_run, experiment_file, data_dir):
+  workdir, results = reference_run
+  before = len(read_metrics(workdir))
+  again = train.train_and_evaluate(tiny_config(experiment_file, data_dir), workdir)
+  assert again["steps"] == 200
+  assert again["test_accuracy"] == pytest.approx(results["test_accuracy"])
+  assert len(read_metrics(workdir)) == before
+
+
+def test_eval_mode_reads_config_from_workdir(reference_run):
+  workdir, results = reference_run
+  metrics = train.evaluate(None, workdir)
+  assert metrics["step"] == 200
+  assert metrics["eval_accuracy"] == pytest.approx(results["test_accuracy"])
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_losses(reference_run, experiment_file,
+                                                           data_dir, tmp_path):
+  """Killed with SIGKILL after a checkpoint, the rerun resumes and reproduces every loss."""
+  ref_workdir, _ = reference_run
+  workdir = str(tmp_path / "killed")
+  args = [f"--config={experiment_file}:data_dir={data_dir}", f"--workdir={workdir}"]
+  proc = launch(args)
+  first_checkpoint = os.path.join(workdir, "checkpoints", "20")   # renamed there once final
+  deadline = time.time() + 240
+  killed = False
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(first_checkpoint):
+      proc.send_signal(signal.SIGKILL)
+      killed = True
+      break
+    time.sleep(0.005)
+  proc.wait()
+  assert killed, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  done = [int(d) for d in os.listdir(os.path.dirname(first_checkpoint)) if d.isdigit()]
+  assert max(done) < 200
+
+  proc = launch(args)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "Resumed from" in err
+  losses, ref = train_losses(workdir), train_losses(ref_workdir)
+  assert sorted(losses) == list(range(1, 201))   # no step lost, none logged twice
+  np.testing.assert_allclose([losses[s] for s in range(1, 201)], [ref[s] for s in range(1, 201)],
+                             rtol=1e-5)
+  results = json.loads(out)
+  with open(os.path.join(ref_workdir, "results.json")) as f:
+    assert results["test_accuracy"] == pytest.approx(json.load(f)["test_accuracy"], abs=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(experiment_file, data_dir, tmp_path):
+  workdir = str(tmp_path / "term")
+  proc = launch([f"--config={experiment_file}:data_dir={data_dir},steps=100000",
+                 f"--workdir={workdir}"])
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics_path) and sum(1 for _ in open(metrics_path)) >= 5:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "SIGTERM: saved a checkpoint at step" in err
+  last = max(m["step"] for m in read_metrics(workdir))
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert max(saved) == last and last < 100000
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_workdir_of_another_config_is_refused_and_untouched(reference_run, experiment_file,
+                                                            data_dir):
+  workdir, _ = reference_run
+  before = snapshot(workdir)
+  with pytest.raises(WorkdirError, match=r"different config \(width: 0.5 in the workdir, 1.0 now"):
+    train.train_and_evaluate(tiny_config(experiment_file, data_dir, width=1.0), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_checkpoint_that_does_not_match_the_model_is_refused(reference_run, experiment_file,
+                                                             data_dir, tmp_path):
+  import shutil  # noqa: PLC0415
+  workdir = str(tmp_path / "mismatch")
+  shutil.copytree(os.path.join(reference_run[0], "checkpoints"),
+                  os.path.join(workdir, "checkpoints"))
+  before = snapshot(workdir)
+  with pytest.raises(WorkdirError, match=r"checkpoint .*/200: 'params/.*' has shape"):
+    train.train_and_evaluate(tiny_config(experiment_file, data_dir, width=1.0), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_eval_of_an_empty_workdir_is_refused(tmp_path):
+  with pytest.raises(WorkdirError, match="config.json does not exist"):
+    train.evaluate(None, str(tmp_path))
+
+
+def test_impossible_config_stops_before_compiling(experiment_file, data_dir, tmp_path):
+  c = tiny_config(experiment_file, data_dir)
+  c.batch_size = 0
+  with pytest.raises(ConfigError, match="config key 'batch_size'"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config=experiments/baseline_resnet.py:data=digits", "--config.no_such_key=1"],
+     "no_such_key"),
+    (["--config=experiments/does_not_exist.py"], "does_not_exist.py"),
+    (["--config=experiments/baseline_resnet.py:colour=red"], "unknown config arg 'colour'"),
+    (["--config=experiments/baseline_resnet.py:data=no_such_dataset"],
+     "`data`: unknown dataset 'no_such_dataset'"),
+    (["--config=experiments/baseline_resnet.py:data=digits", "--config.model=resnet9000"],
+     "resnet9000"),
+])
+def test_launcher_bad_input_is_one_clear_error(args, fragment, tmp_path):
+  proc = launch(args + [f"--workdir={tmp_path / 'w'}"])
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert fragment in err
+  assert "Traceback" not in err
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_launcher_malformed_config_file_names_the_file(tmp_path):
+  bad = tmp_path / "broken.py"
+  bad.write_text("def get_config(:\n")
+  proc = launch([f"--config={bad}", f"--workdir={tmp_path / 'w'}"])
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "broken.py" in err
+  assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    from jcompress import train
+    spec = {{}}
+    exec(open({experiment!r}).read(), spec)
+    out = {{"devices": jax.device_count()}}
+    for n in (1, 4):
+      c = spec["get_config"]("data_dir={data_dir},steps=8")
+      c.num_devices = n
+      c.eval_every = 0
+      workdir = {tmp!r} + f"/dev{{n}}"
+      train.train_and_evaluate(c, workdir)
+      out[n] = [json.loads(l)["train_loss"] for l in open(workdir + "/metrics.jsonl")
+                if "train_loss" in l]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_four_devices_follow_the_one_device_trajectory(experiment_file, data_dir, tmp_path):
+  script = SHARDING_SCRIPT.format(root=ROOT, experiment=experiment_file, data_dir=data_dir,
+                                  tmp=str(tmp_path))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT")[-1])
+  assert out["devices"] == 4
+  assert len(out["1"]) == len(out["4"]) == 8
+  np.testing.assert_allclose(out["4"], out["1"], rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_cosine_schedule_with_warmup_matches_closed_form():
+  c = config_lib.base_config()
+  c.total_steps, c.schedule.warmup_steps, c.optimizer.learning_rate = 110, 10, 0.2
+  s = train.make_schedule(c)
+  assert float(s(0)) == 0.0
+  assert float(s(5)) == pytest.approx(0.1)
+  for t in (10, 35, 60, 109):
+    expected = 0.2 * 0.5 * (1 + np.cos(np.pi * (t - 10) / 100))
+    assert float(s(t)) == pytest.approx(expected, rel=1e-5, abs=1e-7)   # float32 near 0
+
+
+def test_step_schedule_decays_at_the_boundaries():
+  c = config_lib.base_config()
+  c.total_steps, c.schedule.name, c.optimizer.learning_rate = 100, "step", 1.0
+  s = train.make_schedule(c)
+  assert [float(s(t)) for t in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+      [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_sgd_weight_decay_reaches_kernels_only():
+  c = config_lib.base_config()
+  c.schedule.name, c.optimizer.learning_rate = "constant", 0.1
+  c.optimizer.momentum, c.optimizer.weight_decay = 0.0, 0.5
+  tx = train.make_optimizer(c, train.make_schedule(c))
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["kernel"], 1.0 - 0.1 * 0.5)   # w - lr * wd * w
+  np.testing.assert_allclose(new["bias"], 1.0)
