@@ -1,0 +1,104 @@
+r"""Float train-step throughput and compile time of a model on the current device.
+
+  python benchmarks/train_step.py                        # ResNet-18, CIFAR stem, 32x32, batch 64
+  python benchmarks/train_step.py --model=resnet20 --batch_size=128 --json=out.json
+
+Uses jcompress's own train step (make_train_step: forward, backward, SGD-momentum update with
+weight decay, BatchNorm statistics) on a fixed synthetic batch, so the figure is the step alone,
+not the input pipeline. Prints images/s (median over --repeats timed blocks of --steps steps)
+and the compile time; --json also writes them.
+"""
+
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jcompress import config as config_lib  # noqa: E402
+from jcompress import models  # noqa: E402
+from jcompress import train  # noqa: E402
+from jcompress import transforms  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", "resnet18_cifar", "Registered model name.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_SIZE = flags.DEFINE_integer("image_size", 32, "Image height and width.")
+_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed block.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks (the median is reported).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  if d.platform == "cpu":
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+  return f"{d.platform} ({kind}) x{jax.device_count()}"
+
+
+def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
+                       dtype="float32", transform=None):
+  """Returns compile seconds and images/s of the float train step of `model_name`."""
+  config = config_lib.base_config()
+  config.model, config.dtype = model_name, dtype
+  model = train.build_model(config, num_classes)
+  schedule = train.make_schedule(config)
+  tx = train.make_optimizer(config, schedule)
+  transform = transform or transforms.identity()
+  rng = jax.random.PRNGKey(0)
+  x = jax.random.normal(rng, (batch_size, image_size, image_size, 3), jnp.float32)
+  y = jax.random.randint(rng, (batch_size,), 0, num_classes)
+  variables = model.init(rng, x[:1], train=False)
+  params = variables["params"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           batch_stats=variables.get("batch_stats", {}),
+                           opt_state=tx.init(params), compression=transform.init(params, rng),
+                           rng=rng)
+  batch = {"image": x, "label": y}
+  step_fn = jax.jit(train.make_train_step(model, tx, transform, schedule), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  state, m = compiled(state, batch)   # warm-up
+  jax.block_until_ready(m)
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, batch)
+    jax.block_until_ready((state, m))
+    rates.append(steps * batch_size / (time.perf_counter() - t0))
+  return {"model": model_name, "batch_size": batch_size, "image_size": image_size,
+          "dtype": dtype, "params": models.count_params(params),
+          "compile_seconds": round(compile_s, 2),
+          "images_per_second": round(float(np.median(rates)), 1),
+          "images_per_second_all": [round(r, 1) for r in rates],
+          "device": device_name(), "jax": jax.__version__}
+
+
+def main(argv):
+  del argv
+  r = measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value, _STEPS.value,
+                         _REPEATS.value, _DTYPE.value)
+  print(f"device: {r['device']}  jax {r['jax']}")
+  print(f"{r['model']} ({r['params']:,} params), {r['image_size']}x{r['image_size']}, "
+        f"batch {r['batch_size']}, {r['dtype']}:")
+  print(f"  compile time     {r['compile_seconds']:.2f} s")
+  print(f"  train step       {r['images_per_second']:.1f} images/s  "
+        f"(blocks: {r['images_per_second_all']})")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
