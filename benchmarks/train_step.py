@@ -16,16 +16,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jcompress import config as config_lib  # noqa: E402
-from jcompress import models  # noqa: E402
-from jcompress import train  # noqa: E402
-from jcompress import transforms  # noqa: E402
+from jcompress import config as config_lib
+from jcompress import models
+from jcompress import train
+from jcompress import transforms
 
 _MODEL = flags.DEFINE_string("model", "resnet18_cifar", "Registered model name.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")

@@ -8,7 +8,8 @@ kernels, batch 128, 64k steps (~164 epochs), pad-4 random crop and flip (He et a
 `model=resnet18_cifar` gives ResNet-18 with a CIFAR stem.
 
 `data=digits`: the offline digits (1,437 train / 360 test, resized to 32x32x3) with the same
-model and recipe, shortened to 500 steps (batch 64, lr 0.05): a few minutes on a 2-core CPU. `runlocal`: a tiny smoke run.
+model and recipe, shortened to 500 steps (batch 64, lr 0.05): a few minutes on a 2-core CPU.
+`runlocal`: a tiny smoke run.
 """
 
 from jcompress import config as config_lib

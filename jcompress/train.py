@@ -26,7 +26,9 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
+from typing import Callable
+from typing import Iterator
 
 from absl import logging
 import flax
@@ -42,7 +44,8 @@ from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import models as models_lib
 from jcompress import transforms as transforms_lib
-from jcompress.errors import ConfigError, WorkdirError
+from jcompress.errors import ConfigError
+from jcompress.errors import WorkdirError
 
 PyTree = Any
 
@@ -340,7 +343,9 @@ def check_checkpoint_tree(mngr: ocp.CheckpointManager, step: int, abstract_state
     raise WorkdirError(f"checkpoint {where} holds '{extra[0]}', which the model does not have")
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, exp: Experiment) -> tuple[TrainState, dict]:
+def restore_state(mngr: ocp.CheckpointManager, step: int,
+                  exp: Experiment) -> tuple[TrainState, dict]:
+  """The state and meta of checkpoint `step`, after checking its tree against the model."""
   check_checkpoint_tree(mngr, step, exp.abstract_state)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))

@@ -28,7 +28,10 @@ default only kernels (ndim >= 2) are selected and the first convolution
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Sequence
 
 import jax
 

@@ -10,13 +10,14 @@ import socket
 
 import numpy as np
 import pytest
+from sklearn import datasets as sk_datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from sklearn import datasets as sk_datasets
 
 from jcompress import data
 from jcompress.data import pipeline
-from jcompress.errors import ConfigError, DataError
+from jcompress.errors import ConfigError
+from jcompress.errors import DataError
 
 _REAL_PROBE = pipeline._probe_download_host
 TRAIN_SIZE, TEST_SIZE = 1437, 360

@@ -14,17 +14,15 @@ import numpy as np
 import pytest
 
 from jcompress.errors import ConfigError
-from jcompress.models import (
-    MODELS,
-    BasicBlock,
-    Bottleneck,
-    InvertedResidual,
-    ShuffleUnit,
-    channel_shuffle,
-    count_params,
-    get_model,
-    make_divisible,
-)
+from jcompress.models import MODELS
+from jcompress.models import BasicBlock
+from jcompress.models import Bottleneck
+from jcompress.models import InvertedResidual
+from jcompress.models import ShuffleUnit
+from jcompress.models import channel_shuffle
+from jcompress.models import count_params
+from jcompress.models import get_model
+from jcompress.models import make_divisible
 from jcompress.models.common import conv
 
 # RngBitGenerator keys: initialising a model with them compiles several times faster on CPU

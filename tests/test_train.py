@@ -17,7 +17,8 @@ import pytest
 
 from jcompress import config as config_lib
 from jcompress import train
-from jcompress.errors import ConfigError, WorkdirError
+from jcompress.errors import ConfigError
+from jcompress.errors import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

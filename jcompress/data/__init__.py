@@ -5,14 +5,12 @@ TensorFlow.
 """
 
 from jcompress.data.digits import Digits
-from jcompress.data.pipeline import (
-    DATASET_DEFAULTS,
-    DatasetDefaults,
-    DatasetInfo,
-    dataset_info,
-    eval_iterator,
-    train_iterator,
-)
+from jcompress.data.pipeline import DATASET_DEFAULTS
+from jcompress.data.pipeline import DatasetDefaults
+from jcompress.data.pipeline import DatasetInfo
+from jcompress.data.pipeline import dataset_info
+from jcompress.data.pipeline import eval_iterator
+from jcompress.data.pipeline import train_iterator
 
 __all__ = [
     "DATASET_DEFAULTS",

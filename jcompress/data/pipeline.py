@@ -43,12 +43,13 @@ from TensorFlow.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Mapping
 import dataclasses
 import math
 import socket
 import threading
 import types
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jcompress.data import digits as _digits  # noqa: F401  (registers the `digits` builder)
-from jcompress.errors import ConfigError, DataError
+from jcompress.errors import ConfigError
+from jcompress.errors import DataError
 
 
 def _hide_accelerators_from_tensorflow() -> None:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -38,10 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import ConfigError
-from jcompress.models.common import check_width, make_divisible
-from jcompress.models.mobilenetv2 import InvertedResidual, MobileNetV2
-from jcompress.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
-from jcompress.models.shufflenetv2 import ShuffleNetV2, ShuffleUnit, channel_shuffle
+from jcompress.models.common import check_width
+from jcompress.models.common import make_divisible
+from jcompress.models.mobilenetv2 import InvertedResidual
+from jcompress.models.mobilenetv2 import MobileNetV2
+from jcompress.models.resnet import BasicBlock
+from jcompress.models.resnet import Bottleneck
+from jcompress.models.resnet import CifarResNet
+from jcompress.models.resnet import ResNet
+from jcompress.models.shufflenetv2 import ShuffleNetV2
+from jcompress.models.shufflenetv2 import ShuffleUnit
+from jcompress.models.shufflenetv2 import channel_shuffle
 from jcompress.models.small_cnn import SmallCNN
 
 _P = functools.partial

@@ -28,14 +28,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcompress.errors import ConfigError
-from jcompress.models.common import (
-    batch_norm,
-    check_width,
-    conv,
-    global_avg_pool,
-    head,
-    make_divisible,
-)
+from jcompress.models.common import batch_norm
+from jcompress.models.common import check_width
+from jcompress.models.common import conv
+from jcompress.models.common import global_avg_pool
+from jcompress.models.common import head
+from jcompress.models.common import make_divisible
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTING = (

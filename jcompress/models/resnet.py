@@ -25,20 +25,19 @@ Parameter names: `stem_conv`, `stem_bn`, `stage{s}_block{b}` (s from 1, b from 0
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jcompress.errors import ConfigError
-from jcompress.models.common import (
-    batch_norm,
-    check_width,
-    conv,
-    global_avg_pool,
-    head,
-    scale_channels,
-)
+from jcompress.models.common import batch_norm
+from jcompress.models.common import check_width
+from jcompress.models.common import conv
+from jcompress.models.common import global_avg_pool
+from jcompress.models.common import head
+from jcompress.models.common import scale_channels
 
 
 class BasicBlock(nn.Module):

@@ -36,7 +36,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcompress.errors import ConfigError
-from jcompress.models.common import batch_norm, check_width, conv, global_avg_pool, head
+from jcompress.models.common import batch_norm
+from jcompress.models.common import check_width
+from jcompress.models.common import conv
+from jcompress.models.common import global_avg_pool
+from jcompress.models.common import head
 
 STAGE_REPEATS = (4, 8, 4)
 # width -> (stage1, stage2, stage3, conv_last) channels; the stem always has 24.

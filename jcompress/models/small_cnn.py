@@ -14,14 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jcompress.models.common import (
-    batch_norm,
-    check_width,
-    conv,
-    global_avg_pool,
-    head,
-    scale_channels,
-)
+from jcompress.models.common import batch_norm
+from jcompress.models.common import check_width
+from jcompress.models.common import conv
+from jcompress.models.common import global_avg_pool
+from jcompress.models.common import head
+from jcompress.models.common import scale_channels
 
 
 class SmallCNN(nn.Module):
