@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = True
   c.model = "resnet20"
   c.width = 1.0                # width multiplier where the architecture has one
+  c.model_kwargs = ml_collections.ConfigDict()   # further model fields, e.g. num_bits
   c.dtype = "float32"          # compute dtype of the model (params stay float32)
   c.seed = 0
   c.batch_size = 128           # global batch, split over all devices

@@ -335,3 +335,48 @@ def test_sgd_weight_decay_reaches_kernels_only():
   new = optax.apply_updates(params, updates)
   np.testing.assert_allclose(new["kernel"], 1.0 - 0.1 * 0.5)   # w - lr * wd * w
   np.testing.assert_allclose(new["bias"], 1.0)
+
+
+# ----------------------------------------------------------------------------- compression wiring
+
+
+def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
+    experiment_file, data_dir, tmp_path):
+  import ml_collections  # noqa: PLC0415
+
+  from jcompress import transforms  # noqa: PLC0415
+  c = tiny_config(experiment_file, data_dir, steps=20)
+  c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (".*",),
+                                        "exclude": transforms.DEFAULT_EXCLUDE})
+  workdir = str(tmp_path / "binary")
+  results = train.train_and_evaluate(c, workdir)
+
+  exp = train.make_experiment(c)
+  mngr = train.checkpoint_manager(workdir, c)
+  state, _ = train.restore_state(mngr, mngr.latest_step(), exp)
+  selected = transforms.select(state.params)
+  eff = exp.transform.apply(state.params, state.compression)
+  expected_bytes = 0
+  for sel, latent, w in zip(jax.tree.leaves(selected), jax.tree.leaves(state.params),
+                            jax.tree.leaves(eff)):
+    if sel:   # binarized: the forward pass sees +-1, latents stay in [-1, 1]
+      assert set(np.unique(np.asarray(w)).tolist()) <= {-1.0, 1.0}
+      assert float(jnp.max(jnp.abs(latent))) <= 1.0
+      *_, c_in, c_out = latent.shape
+      kernel = int(np.prod(latent.shape[:-2]))
+      expected_bytes += kernel * -(-c_in // 32) * 4 * c_out   # uint32 words along C_in
+    else:     # stem, head, BatchNorm and biases stay float32
+      np.testing.assert_array_equal(w, latent)
+      expected_bytes += 4 * latent.size
+  assert any(jax.tree.leaves(selected))
+  assert results["model_bytes"] == expected_bytes
+  assert results["compression_ratio"] == pytest.approx(results["float_bytes"] / expected_bytes)
+  assert results["compression_ratio"] > 1.5
+
+
+def test_teacher_is_refused_until_distillation_exists(experiment_file, data_dir, tmp_path):
+  c = tiny_config(experiment_file, data_dir)
+  with c.unlocked():
+    c.teacher = "runs/some_teacher"
+  with pytest.raises(ConfigError, match="config key 'teacher'"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
