@@ -51,6 +51,7 @@ def test_registry_names():
       "resnet20", "resnet32", "resnet56", "resnet8x4", "resnet32x4", "resnet18", "resnet34",
       "resnet50", "resnet18_cifar", "resnet34_cifar", "resnet50_cifar", "mobilenetv2",
       "mobilenetv2_cifar", "shufflenetv2", "shufflenetv2_cifar", "small_cnn",
+      "bnn_resnet18_cifar", "bnn_resnet18", "bnn_resnet20",
   }
 
 

@@ -21,6 +21,9 @@ Contract shared by every model here:
 * Common fields: `num_classes`, `width` (width multiplier), `dtype` (compute dtype),
   `bn_momentum` (0.9), `bn_epsilon` (1e-5; set 1e-3 for Keras weights). ResNets add
   `zero_init_residual`; ImageNet-style models add `cifar_stem`.
+* Binary ResNets (`bnn_resnet18_cifar`, `bnn_resnet18`, `bnn_resnet20`, see `bnn_resnet.py`)
+  quantize the input of every conv but the stem to `num_bits` (1: sign); their conv kernels are
+  binarized outside the model, by the `binary_weights` ParamTransform.
 
 Use `get_model(name, num_classes, **kwargs)` with a name from `MODELS`.
 """
@@ -39,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.errors import ConfigError
+from jcompress.models.bnn_resnet import BinaryBasicBlock
+from jcompress.models.bnn_resnet import BNNResNet
 from jcompress.models.common import check_width
 from jcompress.models.common import make_divisible
 from jcompress.models.mobilenetv2 import InvertedResidual
@@ -76,6 +81,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenetv2": _P(ShuffleNetV2),
     "shufflenetv2_cifar": _P(ShuffleNetV2, cifar_stem=True),
     "small_cnn": _P(SmallCNN),
+    # Binary ResNets (seed 001): float stem/head, binary 3x3 blocks, `num_bits` activations.
+    "bnn_resnet18_cifar": _P(BNNResNet, stage_sizes=(2, 2, 2, 2), num_filters=64, cifar_stem=True),
+    "bnn_resnet18": _P(BNNResNet, stage_sizes=(2, 2, 2, 2), num_filters=64, cifar_stem=False),
+    "bnn_resnet20": _P(BNNResNet, stage_sizes=(3, 3, 3), num_filters=16, cifar_stem=True),
 }
 
 
@@ -143,7 +152,9 @@ def count_params(params: Any) -> int:
 
 __all__ = [
     "MODELS",
+    "BNNResNet",
     "BasicBlock",
+    "BinaryBasicBlock",
     "Bottleneck",
     "CifarResNet",
     "InvertedResidual",
