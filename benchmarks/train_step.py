@@ -2,6 +2,7 @@ r"""Float train-step throughput and compile time of a model on the current devic
 
   python benchmarks/train_step.py                        # ResNet-18, CIFAR stem, 32x32, batch 64
   python benchmarks/train_step.py --model=resnet20 --batch_size=128 --json=out.json
+  python benchmarks/train_step.py --binary_bits=1     # also bnn_resnet18_cifar W1A1, as a ratio
 
 Uses jcompress's own train step (make_train_step: forward, backward, SGD-momentum update with
 weight decay, BatchNorm statistics) on a fixed synthetic batch, so the figure is the step alone,
@@ -20,6 +21,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jcompress import config as config_lib
@@ -35,6 +37,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks (the median is reported).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+_BINARY = flags.DEFINE_integer(
+    "binary_bits", 0, "Also time the binary step: bnn_<model> with binary weights (binary_weights "
+    "transform) and activations of this many bits (1 = W1A1); 0: float only.")
 
 
 def device_name() -> str:
@@ -46,19 +51,28 @@ def device_name() -> str:
 
 
 def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
-                       dtype="float32", transform=None):
-  """Returns compile seconds and images/s of the float train step of `model_name`."""
+                       dtype="float32", binary_bits=0):
+  """Compile seconds and images/s of jcompress's train step of `model_name`.
+
+  With `binary_bits`, the step trains binary weights (the `binary` sub-config's transform) and
+  the model quantizes activations to that many bits.
+  """
   config = config_lib.base_config()
   config.model, config.dtype = model_name, dtype
+  if binary_bits:
+    config.model_kwargs.num_bits = binary_bits
   model = train.build_model(config, num_classes)
   schedule = train.make_schedule(config)
   tx = train.make_optimizer(config, schedule)
-  transform = transform or transforms.identity()
   rng = jax.random.PRNGKey(0)
   x = jax.random.normal(rng, (batch_size, image_size, image_size, 3), jnp.float32)
   y = jax.random.randint(rng, (batch_size,), 0, num_classes)
   variables = model.init(rng, x[:1], train=False)
   params = variables["params"]
+  if binary_bits:
+    config.binary = ml_collections.ConfigDict(
+        {"method": "ste_sign", "include": (".*",), "exclude": transforms.DEFAULT_EXCLUDE})
+  transform = train.build_transform(config, params)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=variables.get("batch_stats", {}),
                            opt_state=tx.init(params), compression=transform.init(params, rng),
@@ -78,7 +92,7 @@ def measure_train_step(model_name, batch_size, image_size, num_classes, steps, r
     jax.block_until_ready((state, m))
     rates.append(steps * batch_size / (time.perf_counter() - t0))
   return {"model": model_name, "batch_size": batch_size, "image_size": image_size,
-          "dtype": dtype, "params": models.count_params(params),
+          "dtype": dtype, "binary_bits": binary_bits, "params": models.count_params(params),
           "compile_seconds": round(compile_s, 2),
           "images_per_second": round(float(np.median(rates)), 1),
           "images_per_second_all": [round(r, 1) for r in rates],
@@ -87,17 +101,27 @@ def measure_train_step(model_name, batch_size, image_size, num_classes, steps, r
 
 def main(argv):
   del argv
-  r = measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value, _STEPS.value,
-                         _REPEATS.value, _DTYPE.value)
-  print(f"device: {r['device']}  jax {r['jax']}")
-  print(f"{r['model']} ({r['params']:,} params), {r['image_size']}x{r['image_size']}, "
-        f"batch {r['batch_size']}, {r['dtype']}:")
-  print(f"  compile time     {r['compile_seconds']:.2f} s")
-  print(f"  train step       {r['images_per_second']:.1f} images/s  "
-        f"(blocks: {r['images_per_second_all']})")
+  runs = [measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
+                             _STEPS.value, _REPEATS.value, _DTYPE.value)]
+  if _BINARY.value:
+    runs.append(measure_train_step(f"bnn_{_MODEL.value}", _BATCH.value, _SIZE.value,
+                                   _CLASSES.value, _STEPS.value, _REPEATS.value, _DTYPE.value,
+                                   binary_bits=_BINARY.value))
+    runs[1]["images_per_second_vs_float"] = round(
+        runs[1]["images_per_second"] / runs[0]["images_per_second"], 3)
+  print(f"device: {runs[0]['device']}  jax {runs[0]['jax']}")
+  for r in runs:
+    kind = f"W1A{r['binary_bits']}" if r["binary_bits"] else "float"
+    print(f"{r['model']} ({r['params']:,} params, {kind}), {r['image_size']}x{r['image_size']}, "
+          f"batch {r['batch_size']}, {r['dtype']}:")
+    print(f"  compile time     {r['compile_seconds']:.2f} s")
+    print(f"  train step       {r['images_per_second']:.1f} images/s  "
+          f"(blocks: {r['images_per_second_all']})")
+    if "images_per_second_vs_float" in r:
+      print(f"  vs float step    {r['images_per_second_vs_float']:.3f}x images/s")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump(r, f, indent=2)
+      json.dump(runs, f, indent=2)
 
 
 if __name__ == "__main__":
