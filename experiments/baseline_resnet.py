@@ -31,9 +31,5 @@ def get_config(arg=None):
     c.optimizer.learning_rate = 0.05
     c.schedule.warmup_steps = 25
   if arg.runlocal:
-    c.total_steps = 20
-    c.eval_every = 10
-    c.checkpoint_every = 10
-    c.log_every = 5
-    c.schedule.warmup_steps = 0
+    config_lib.make_runlocal(c)
   return c

@@ -119,6 +119,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def make_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a smoke run (20 steps, eval and checkpoint at 10): the `runlocal` arg."""
+  c.total_steps = 20
+  c.eval_every = 10
+  c.checkpoint_every = 10
+  c.log_every = 5
+  c.schedule.warmup_steps = 0
+  return c
+
+
 def _check(cond: bool, key: str, message: str) -> None:
   if not cond:
     raise ConfigError(f"config key '{key}': {message}")

@@ -69,3 +69,14 @@ def test_flatten_roundtrip_through_json():
   assert flat["optimizer.learning_rate"] == c.optimizer.learning_rate
   assert flat["schedule.boundaries"] == list(c.schedule.boundaries)
   assert config_lib.flatten(config_lib.from_dict(config_lib.to_dict(c))) == flat
+
+
+def test_runlocal_arg_shrinks_every_experiment_to_a_valid_smoke_run():
+  import importlib  # noqa: PLC0415
+  for name in ("baseline_resnet", "bnn_resnet"):
+    module = importlib.import_module(f"experiments.{name}")
+    full = module.get_config("data=digits")
+    small = module.get_config("data=digits,runlocal")
+    config_lib.validate(small)
+    assert small.total_steps == 20 < full.total_steps
+    assert small.checkpoint_every == small.eval_every == 10
