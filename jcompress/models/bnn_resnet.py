@@ -61,6 +61,7 @@ from jcompress.models.common import check_width
 from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
 from jcompress.models.common import head
+from jcompress.models.common import resnet_stem
 from jcompress.models.common import scale_channels
 
 
@@ -157,13 +158,7 @@ class BNNResNet(nn.Module):
     features = {}
     x = jnp.asarray(x, self.dtype)
     stem_channels = scale_channels(self.num_filters, self.width)
-    if self.cifar_stem:
-      x = conv(self, stem_channels, 3, name="stem_conv")(x)
-      x = nn.relu(batch_norm(self, train, "stem_bn")(x))
-    else:
-      x = conv(self, stem_channels, 7, strides=2, name="stem_conv")(x)
-      x = nn.relu(batch_norm(self, train, "stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = resnet_stem(self, x, stem_channels, self.cifar_stem, train)
     features["stem"] = x
     for s, blocks in enumerate(self.stage_sizes, start=1):
       channels = scale_channels(self.num_filters * 2 ** (s - 1), self.width)

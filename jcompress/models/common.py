@@ -98,6 +98,18 @@ def batch_norm(
   )
 
 
+def resnet_stem(module: nn.Module, x: jnp.ndarray, channels: int, cifar_stem: bool,
+                train: bool) -> jnp.ndarray:
+  """The ResNet stem, `stem_conv` + `stem_bn` + ReLU: 3x3 stride 1 (CIFAR), or 7x7 stride 2
+  followed by a 3x3 stride-2 max pool (ImageNet). Call inside `module`'s compact method."""
+  if cifar_stem:
+    x = conv(module, channels, 3, name="stem_conv")(x)
+    return nn.relu(batch_norm(module, train, "stem_bn")(x))
+  x = conv(module, channels, 7, strides=2, name="stem_conv")(x)
+  x = nn.relu(batch_norm(module, train, "stem_bn")(x))
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 def head(module: nn.Module, num_classes: int) -> nn.Dense:
   """The classifier, always named `head` (compression code excludes it by this name)."""
   return nn.Dense(num_classes, dtype=module.dtype, param_dtype=jnp.float32, name="head")

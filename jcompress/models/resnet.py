@@ -37,6 +37,7 @@ from jcompress.models.common import check_width
 from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
 from jcompress.models.common import head
+from jcompress.models.common import resnet_stem
 from jcompress.models.common import scale_channels
 
 
@@ -214,13 +215,7 @@ class ResNet(nn.Module):
     block_cls, blocks = IMAGENET_RESNET_SPECS[self.depth]
     x = jnp.asarray(x, self.dtype)
     stem_channels = scale_channels(64, self.width)
-    if self.cifar_stem:
-      x = conv(self, stem_channels, 3, name="stem_conv")(x)
-      x = nn.relu(batch_norm(self, train, "stem_bn")(x))
-    else:
-      x = conv(self, stem_channels, 7, strides=2, name="stem_conv")(x)
-      x = nn.relu(batch_norm(self, train, "stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = resnet_stem(self, x, stem_channels, self.cifar_stem, train)
     features["stem"] = x
     for s, (c, n, strides) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)), start=1):
       x = _stage(self, x, block_cls, s, scale_channels(c, self.width), n, strides, train)
