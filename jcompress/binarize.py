@@ -368,6 +368,14 @@ def binary_weights(params_like: PyTree,
   return transforms.ParamTransform(init, apply, update, export)
 
 
+def transform_from_config(cfg, params_like: PyTree, config=None) -> transforms.ParamTransform:
+  """The `binary` sub-config's transform (`train.build_transform`): `binary_weights` with
+  `cfg.method`, `cfg.include`, `cfg.exclude`."""
+  del config
+  return binary_weights(params_like, method=cfg.method, include=tuple(cfg.include),
+                        exclude=tuple(cfg.exclude), key="binary.include")
+
+
 def _is_packed(x) -> bool:
   return isinstance(x, dict) and "bits" in x and "shape" in x
 

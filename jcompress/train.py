@@ -219,19 +219,35 @@ def image_size_arg(config) -> int | None:
   return config.image_size or None
 
 
+#: Compression methods in the order their transforms are chained: a config sub-config of
+#: this name turns the method on, and `<module>.transform_from_config(sub_config, params,
+#: config)` builds its ParamTransform. Pruning comes first (later methods see the pruned
+#: weights, as Deep Compression's prune -> quantize pipeline), binarization last.
+TRANSFORM_METHODS = (
+    ("prune", "jcompress.prune"),
+    ("lowrank", "jcompress.lowrank"),
+    ("pq", "jcompress.pq"),
+    ("quant", "jcompress.quantize"),
+    ("binary", "jcompress.binarize"),
+)
+
+
 def build_transform(config, params) -> transforms_lib.ParamTransform:
   """The compression transform a config asks for, from its method sub-configs.
 
-  Each method present in the config (`binary`, ...) contributes a ParamTransform;
-  they are chained in a fixed order. A config with none trains a float model.
-  `params` may be abstract (shapes only): transforms select leaves by path and shape.
+  Each method present in the config (see `TRANSFORM_METHODS`) contributes a
+  ParamTransform; they are chained in that fixed order. A config with none trains a
+  float model. `params` may be abstract (shapes only): transforms select leaves by path
+  and shape. A sub-config may set `enabled = False` to keep its keys but turn it off.
   """
+  import importlib  # noqa: PLC0415
+
   parts = []
-  if "binary" in config:
-    from jcompress import binarize  # noqa: PLC0415  (only runs that binarize need it)
-    b = config.binary
-    parts.append(binarize.binary_weights(params, method=b.method, include=tuple(b.include),
-                                         exclude=tuple(b.exclude), key="binary.include"))
+  for key, module_name in TRANSFORM_METHODS:
+    if key not in config or not config[key].get("enabled", True):
+      continue
+    module = importlib.import_module(module_name)
+    parts.append(module.transform_from_config(config[key], params, config))
   return transforms_lib.chain(*parts) if parts else transforms_lib.identity()
 
 

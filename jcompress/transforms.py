@@ -14,6 +14,16 @@ like an optax `GradientTransformation`:
                                           # held at zero)
   artifact = t.export(params, state)      # the compressed artifact
 
+Two optional hooks (None when a method has no use for them):
+
+  params, state = t.calibrate(params, state, ctx)   # once, on a fresh run, after
+                                          # init and before step 0, with data: SNIP
+                                          # scores, Q-CNN's calibration batches,
+                                          # activation ranges (`CalibrationContext`)
+  figures = t.metrics(params, state)      # {name: scalar}: sparsity, bits, ...;
+                                          # logged with the train metrics and
+                                          # written into results.json at the end
+
 `update` returns the params as well as the state (DESIGN.md has it return the
 state alone) because several methods must project the latent weights after the
 optimizer has moved them, and one hook for both keeps the train step to one
@@ -43,12 +53,33 @@ PyTree = Any
 DEFAULT_EXCLUDE = (r"(^|/)stem_conv/", r"(^|/)head/")
 
 
+class CalibrationContext(NamedTuple):
+  """What `ParamTransform.calibrate` may use: the model, data and a loss.
+
+  - model: the Flax module; `model.apply({"params": p, "batch_stats": batch_stats},
+    images, train=False)` returns `(logits, features)`.
+  - batch_stats: the model's BatchNorm statistics at calibration time.
+  - batches: a list of training batches (dicts with "image" float32 NHWC and
+    "label" int32), `config.calibration_batches` of them.
+  - loss_fn: `loss_fn(params, batch) -> scalar` cross-entropy of the model with
+    `params` in train mode (for gradient-based scores: `jax.grad(loss_fn)`).
+  - config: the whole experiment config.
+  """
+  model: Any
+  batch_stats: PyTree
+  batches: list
+  loss_fn: Callable[[PyTree, dict], jax.Array]
+  config: Any
+
+
 class ParamTransform(NamedTuple):
   """A compression method over a parameter tree (see the module docstring)."""
   init: Callable[[PyTree, jax.Array], PyTree]
   apply: Callable[[PyTree, PyTree], PyTree]
   update: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
   export: Callable[[PyTree, PyTree], Any]
+  calibrate: Callable[[PyTree, PyTree, CalibrationContext], tuple[PyTree, PyTree]] | None = None
+  metrics: Callable[[PyTree, PyTree], dict] | None = None
 
 
 def identity() -> ParamTransform:
@@ -98,7 +129,27 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
       params = t.apply(params, s)
     return artifacts
 
-  return ParamTransform(init, apply, update, export)
+  def calibrate(params, state, ctx):
+    new_states = []
+    for t, s in zip(transforms, state):
+      if t.calibrate is not None:
+        params, s = t.calibrate(params, s, ctx)
+      new_states.append(s)
+    return params, tuple(new_states)
+
+  def metrics(params, state):
+    out = {}
+    for t, s in zip(transforms, state):
+      if t.metrics is not None:
+        out.update(t.metrics(params, s))
+      params = t.apply(params, s)
+    return out
+
+  has_calibrate = any(t.calibrate is not None for t in transforms)
+  has_metrics = any(t.metrics is not None for t in transforms)
+  return ParamTransform(init, apply, update, export,
+                        calibrate if has_calibrate else None,
+                        metrics if has_metrics else None)
 
 
 def path_str(path: Sequence[Any]) -> str:
