@@ -24,6 +24,7 @@ from jcompress.models import count_params
 from jcompress.models import get_model
 from jcompress.models import make_divisible
 from jcompress.models.common import conv
+from jcompress.transforms import leaf_paths
 
 # RngBitGenerator keys: initialising a model with them compiles several times faster on CPU
 # than with the default threefry keys, and the models do not care which PRNG they get.
@@ -539,3 +540,74 @@ def test_module_fields_are_documented_defaults():
     fields = {f.name: f.default for f in dataclasses.fields(ctor.func)}
     assert fields["width"] == 1.0 and fields["bn_momentum"] == 0.9, name
     assert fields["bn_epsilon"] == 1e-5 and fields["dtype"] == jnp.float32, name
+
+
+# ----------------------------------------------------------------------------- root fields
+
+
+def _conv_out_shapes(model, x):
+  """{conv path: output shape} of every nn.Conv call in `model.init`."""
+  shapes = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      shapes["/".join(context.module.scope.path)] = out.shape
+    return out
+
+  with nn.intercept_methods(record):
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  return shapes, variables
+
+
+def test_channels_override_shrinks_conv_bn_and_consumers():
+  x = jnp.zeros((1, 8, 8, 3))
+  model = get_model("resnet20", 10, width=0.5,
+                           channels={"stage1_block0/conv1": 3, "stage3_block2/conv1": 5})
+  shapes, variables = _conv_out_shapes(model, x)
+  p = variables["params"]
+  assert shapes["stage1_block0/conv1"][-1] == 3
+  assert p["stage1_block0"]["conv1"]["kernel"].shape == (3, 3, 8, 3)
+  assert p["stage1_block0"]["bn1"]["scale"].shape == (3,)
+  assert variables["batch_stats"]["stage1_block0"]["bn1"]["mean"].shape == (3,)
+  assert p["stage1_block0"]["conv2"]["kernel"].shape == (3, 3, 3, 8)   # its consumer
+  assert p["stage3_block2"]["conv2"]["kernel"].shape == (3, 3, 5, 32)
+  # Identity shortcuts stay identities: no projection appears where the widths still match.
+  assert "shortcut_conv" not in p["stage1_block1"]
+
+
+def test_channels_override_keeps_listed_projection_shortcut():
+  # A pruned model lists every conv; a listed shortcut_conv is kept even if widths coincide.
+  x = jnp.zeros((1, 8, 8, 3))
+  base = get_model("resnet20", 10, width=0.5)
+  params = base.init(jax.random.PRNGKey(0), x)["params"]
+  listed = {}
+  for path in leaf_paths(params):
+    if path.endswith("conv/kernel") or path.endswith("conv1/kernel") or path.endswith(
+        "conv2/kernel"):
+      listed[path[: -len("/kernel")]] = 4
+  model = get_model("resnet20", 10, width=0.5, channels=listed)
+  p = model.init(jax.random.PRNGKey(0), x)["params"]
+  assert "shortcut_conv" in p["stage2_block0"]       # stride 2: a projection in both
+  assert p["stage2_block0"]["shortcut_conv"]["kernel"].shape == (1, 1, 4, 4)
+  assert "shortcut_conv" not in p["stage2_block1"]
+
+
+def test_same_padding_puts_the_extra_zero_row_after():
+  # Stride-2 3x3 on an even input: torch pads (1, 1), TF/Keras "SAME" pads (0, 1).
+  x = jnp.zeros((1, 8, 8, 3))
+  for padding, want in (("torch", ((1, 1), (1, 1))), ("same", ((0, 1), (0, 1)))):
+    model = get_model("small_cnn", 10, width=0.25, padding=padding)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    jaxpr = jax.make_jaxpr(model.apply)(variables, x)
+    pads = [tuple(map(tuple, e.params["padding"])) for e in jaxpr.eqns
+            if e.primitive.name == "conv_general_dilated" and e.params["window_strides"] == (2, 2)]
+    assert pads and all(p == want for p in pads), (padding, pads)
+
+
+def test_stride_in_1x1_moves_the_bottleneck_stride():
+  x = jnp.zeros((1, 32, 32, 3))
+  v15, _ = _conv_out_shapes(get_model("resnet50", 10, width=0.125), x)
+  v1, _ = _conv_out_shapes(get_model("resnet50", 10, width=0.125, stride_in_1x1=True), x)
+  assert v15["stage2_block0/conv1"][1:3] == (8, 8) and v15["stage2_block0/conv2"][1:3] == (4, 4)
+  assert v1["stage2_block0/conv1"][1:3] == (4, 4) and v1["stage2_block0/conv2"][1:3] == (4, 4)

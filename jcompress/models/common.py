@@ -9,12 +9,26 @@ Conventions every model follows (see `jcompress/models/__init__.py` for the full
   differ by where the extra row/column of zeros sits; matching PyTorch keeps imported
   torchvision weights exact.
 * Parameters are float32 (`param_dtype`); activations are computed in the module's `dtype`.
+
+Three fields of the top-level (root) model reach every convolution built by `conv`, whatever
+block it sits in, so that compression code needs no per-architecture plumbing:
+
+* `channels`: `{conv path: output channels}` (paths like `stage1_block0/conv1`) overriding the
+  architecture's widths: a structurally pruned model is the same class with smaller convs.
+  A depthwise convolution (`groups == features`) always follows its input's channel count.
+* `act_quant`: an activation quantizer spec (`{"kind": ..., "bits": ...}`, see
+  `jcompress.actquant.make_quantizer`) applied to the input of every convolution except
+  `stem_conv` (quantization-aware training of activations). None or kind "none": off.
+* `padding`: "torch" (default, symmetric as above) or "same" (XLA/TF "SAME", as Keras's
+  `ZeroPadding2D(correct_pad)` + "valid" does for stride-2 convolutions; for imported Keras
+  weights).
 """
 
 from __future__ import annotations
 
 import numbers
 from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -49,6 +63,36 @@ def check_width(width: Any, model: str) -> None:
     raise ConfigError(f"model {model!r}: `width` must be a number > 0, got {width!r}")
 
 
+def root_field(module: nn.Module, name: str, default: Any = None) -> Any:
+  """Field `name` of the top-level model that `module` belongs to (`default` if it has none)."""
+  root = module
+  while isinstance(root.parent, nn.Module):
+    root = root.parent
+  value = getattr(root, name, None)
+  return default if value is None else value
+
+
+def module_path(module: nn.Module, name: str) -> str:
+  """The `/`-joined path of child `name` of `module`: `stage1_block0/conv1`."""
+  return "/".join((*module.scope.path, name))
+
+
+def out_channels(module: nn.Module, name: str, features: int) -> int:
+  """The output channels of conv `name` in `module`: the root's `channels` override, or
+  `features`."""
+  overrides = root_field(module, "channels")
+  if not overrides:
+    return features
+  return int(dict(overrides).get(module_path(module, name), features))
+
+
+def has_channel_override(module: nn.Module, name: str) -> bool:
+  """Whether the root's `channels` names conv `name` of `module` (a pruned model lists every
+  convolution it has, so this tells a kept projection shortcut from an identity one)."""
+  overrides = root_field(module, "channels")
+  return bool(overrides) and module_path(module, name) in dict(overrides)
+
+
 def conv(
     module: nn.Module,
     features: int,
@@ -56,25 +100,48 @@ def conv(
     strides: int = 1,
     groups: int = 1,
     name: str | None = None,
-) -> nn.Conv:
+) -> Callable:
   """A bias-free square convolution with PyTorch padding and He fan_out init.
 
   Must be called inside a `@nn.compact` method of `module`, which provides `dtype`.
   `groups == features == C_in` gives a depthwise convolution (`feature_group_count`).
+  Returns a function of the input; the root model's `channels`, `act_quant` and `padding`
+  fields act here (see the module docstring).
   """
-  pad = (kernel_size - 1) // 2
-  return nn.Conv(
-      features,
-      (kernel_size, kernel_size),
-      strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)),
-      feature_group_count=groups,
-      use_bias=False,
-      kernel_init=conv_kernel_init,
-      dtype=module.dtype,
-      param_dtype=jnp.float32,
-      name=name,
-  )
+  depthwise = groups > 1 and groups == features
+  if name is not None and not depthwise:
+    features = out_channels(module, name, features)
+  if root_field(module, "padding", "torch") == "same":
+    padding: Any = "SAME"
+  else:
+    pad = (kernel_size - 1) // 2
+    padding = ((pad, pad), (pad, pad))
+  spec = root_field(module, "act_quant")
+  quantizer = None
+  if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
+    from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)
+    quantizer = actquant.make_quantizer(dict(spec), name=f"{name}_act" if name else None)
+
+  def apply(x):
+    n_out, n_groups = features, groups
+    if depthwise:   # follows the input: a pruned expand conv shrinks its depthwise conv
+      n_out = n_groups = x.shape[-1]
+    if quantizer is not None:
+      x = quantizer(x)
+    return nn.Conv(
+        n_out,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        feature_group_count=n_groups,
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=module.dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )(x)
+
+  return apply
 
 
 def batch_norm(

@@ -36,8 +36,10 @@ from jcompress.models.common import batch_norm
 from jcompress.models.common import check_width
 from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
+from jcompress.models.common import has_channel_override
 from jcompress.models.common import head
 from jcompress.models.common import resnet_stem
+from jcompress.models.common import root_field
 from jcompress.models.common import scale_channels
 
 
@@ -64,7 +66,8 @@ class BasicBlock(nn.Module):
     y = conv(self, self.features, 3, name="conv2")(y)
     y = batch_norm(self, train, "bn2", zero_init=self.zero_init_residual)(y)
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.features:
+    if (self.strides != 1 or x.shape[-1] != y.shape[-1]
+        or has_channel_override(self, "shortcut_conv")):
       shortcut = conv(self, self.features, 1, self.strides, name="shortcut_conv")(x)
       shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
@@ -88,14 +91,17 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     out_features = self.features * self.expansion
-    y = conv(self, self.features, 1, name="conv1")(x)
+    # torchvision v1.5 strides the 3x3 conv; Keras's ResNet50 (v1) the first 1x1.
+    s1, s3 = (self.strides, 1) if root_field(self, "stride_in_1x1", False) else (1, self.strides)
+    y = conv(self, self.features, 1, s1, name="conv1")(x)
     y = nn.relu(batch_norm(self, train, "bn1")(y))
-    y = conv(self, self.features, 3, self.strides, name="conv2")(y)
+    y = conv(self, self.features, 3, s3, name="conv2")(y)
     y = nn.relu(batch_norm(self, train, "bn2")(y))
     y = conv(self, out_features, 1, name="conv3")(y)
     y = batch_norm(self, train, "bn3", zero_init=self.zero_init_residual)(y)
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_features:
+    if (self.strides != 1 or x.shape[-1] != y.shape[-1]
+        or has_channel_override(self, "shortcut_conv")):
       shortcut = conv(self, out_features, 1, self.strides, name="shortcut_conv")(x)
       shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
@@ -126,6 +132,8 @@ class CifarResNet(nn.Module):
     zero_init_residual: start the last BN gamma of every block at 0.
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+    channels, act_quant, padding: see `jcompress.models.common` (per-conv widths of a pruned
+      model, the activation quantizer of QAT, "torch" or "same" padding).
   """
 
   num_classes: int
@@ -136,6 +144,9 @@ class CifarResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  channels: Any = None
+  act_quant: Any = None
+  padding: str = "torch"
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
@@ -190,6 +201,10 @@ class ResNet(nn.Module):
     zero_init_residual: start the last BN gamma of every block at 0.
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+    stride_in_1x1: Bottleneck stride on the first 1x1 conv (Keras's ResNet50, v1) instead of
+      the 3x3 (torchvision, v1.5).
+    channels, act_quant, padding: see `jcompress.models.common` (per-conv widths of a pruned
+      model, the activation quantizer of QAT, "torch" or "same" padding).
   """
 
   num_classes: int
@@ -200,6 +215,10 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  stride_in_1x1: bool = False
+  channels: Any = None
+  act_quant: Any = None
+  padding: str = "torch"
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)

@@ -121,6 +121,9 @@ class ShuffleNetV2(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  channels: Any = None   # per-conv widths, QAT activation quantizer, padding: models/common.py
+  act_quant: Any = None
+  padding: str = "torch"
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
