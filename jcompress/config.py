@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model_kwargs = ml_collections.ConfigDict()   # further model fields, e.g. num_bits
   c.dtype = "float32"          # compute dtype of the model (params stay float32)
   c.seed = 0
+  c.init_from = ""             # start from these weights: another run's workdir (latest
+                               # checkpoint), "keras:ResNet50", or a .safetensors file
+  c.calibration_batches = 4    # training batches handed to a transform's calibrate hook
   c.batch_size = 128           # global batch, split over all devices
   c.eval_batch_size = 256
   c.total_steps = 64_000
@@ -146,7 +149,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
   _check(config.eval_batch_size > 0, "eval_batch_size",
          f"must be > 0, got {config.eval_batch_size}")
-  _check(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
+  if config.init_from:
+    _check(config.total_steps >= 0, "total_steps",
+           f"must be >= 0 (0: evaluate the compressed init_from model, e.g. PTQ), "
+           f"got {config.total_steps}")
+  else:
+    _check(config.total_steps > 0, "total_steps",
+           f"must be > 0 (0 only with init_from), got {config.total_steps}")
+  _check(config.calibration_batches >= 1, "calibration_batches",
+         f"must be >= 1, got {config.calibration_batches}")
   for key in ("log_every", "checkpoint_every"):
     _check(config[key] > 0, key, f"must be > 0, got {config[key]}")
   _check(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
@@ -169,7 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   sched = config.schedule
   _check(sched.name in SCHEDULES, "schedule.name",
          f"must be one of {SCHEDULES}, got '{sched.name}'")
-  _check(0 <= sched.warmup_steps < config.total_steps, "schedule.warmup_steps",
+  _check(0 <= sched.warmup_steps < max(config.total_steps, 1), "schedule.warmup_steps",
          f"must be in [0, total_steps={config.total_steps}), got {sched.warmup_steps}")
   if sched.name == "step":
     bounds = tuple(sched.boundaries)

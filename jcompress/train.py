@@ -259,7 +259,7 @@ def build_model(config, num_classes: int):
                               **kwargs)
 
 
-def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True) -> Experiment:
   """Validates `config` and builds model, optimizer and abstract state. Compiles nothing."""
   config_lib.validate(config)
   if config.get("teacher"):
@@ -305,6 +305,103 @@ def create_state(exp: Experiment) -> TrainState:
   """A fresh TrainState from `config.seed`, replicated over the mesh."""
   fn = jax.jit(functools.partial(init_state, exp), out_shardings=exp.replicated)
   return fn(jax.random.PRNGKey(exp.config.seed))
+
+
+def state_from_variables(exp: Experiment, params: PyTree, batch_stats: PyTree) -> TrainState:
+  """A step-0 TrainState starting from given weights (`init_from`): the optimizer and the
+  compression transform are initialised on them, with the rngs `create_state` would use."""
+
+  def build(params, batch_stats, rng):
+    _, comp_rng, step_rng = jax.random.split(rng, 3)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=exp.tx.init(params),
+                      compression=exp.transform.init(params, comp_rng), rng=step_rng)
+
+  fn = jax.jit(build, out_shardings=exp.replicated)
+  return fn(params, batch_stats, jax.random.PRNGKey(exp.config.seed))
+
+
+def restore_run(workdir: str, key: str) -> tuple[Experiment, TrainState]:
+  """The experiment and latest state of another run's workdir (an `init_from` or a teacher).
+
+  Errors name the config `key` that pointed here and the path."""
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"config key '{key}': {workdir} is not a directory (expected the "
+                      "workdir of a run" + (", 'keras:<Application>' or a .safetensors file)"
+                                            if key == "init_from" else ")"))
+  try:
+    config = load_workdir_config(workdir)
+  except WorkdirError as e:
+    raise ConfigError(f"config key '{key}': {e}") from e
+  exp = make_experiment(config, load_teacher=False)
+  mngr = checkpoint_manager(workdir, config, create=False)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise ConfigError(f"config key '{key}': {os.path.join(workdir, 'checkpoints')} holds no "
+                        "checkpoint (has that run saved one?)")
+    try:
+      state, _ = restore_state(mngr, step, exp)
+    except WorkdirError as e:
+      raise ConfigError(f"config key '{key}': {e}") from e
+  finally:
+    mngr.close()
+  return exp, state
+
+
+def check_same_shapes(want: PyTree, have: PyTree, key: str, what: str) -> None:
+  """ConfigError naming the first leaf of `have` missing from, or shaped unlike, `want`."""
+  w = dict(zip(transforms_lib.leaf_paths(want), (x.shape for x in jax.tree.leaves(want))))
+  h = dict(zip(transforms_lib.leaf_paths(have), (np.shape(x) for x in jax.tree.leaves(have))))
+  for path, shape in w.items():
+    if path not in h:
+      raise ConfigError(f"config key '{key}': the {what} have no '{path}' (the model expects "
+                        f"shape {tuple(shape)}); it is a different architecture")
+    if tuple(h[path]) != tuple(shape):
+      raise ConfigError(f"config key '{key}': '{path}' has shape {tuple(h[path])} in the "
+                        f"{what}, the model expects {tuple(shape)}")
+  extra = sorted(set(h) - set(w))
+  if extra:
+    raise ConfigError(f"config key '{key}': the {what} hold '{extra[0]}', which the model "
+                      "does not have")
+
+
+def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
+  """(params, batch_stats, message) of `config.init_from`: a workdir's latest checkpoint (the
+  latent params and BatchNorm statistics of that run), or pretrained weights
+  (`jcompress.pretrained.load_pretrained`: "keras:ResNet50", a .safetensors file)."""
+  spec = exp.config.init_from
+  if not (spec.startswith("keras:") or spec.endswith(".safetensors")):
+    src, state = restore_run(spec, "init_from")
+    params, batch_stats = jax.device_get((state.params, state.batch_stats))
+    message = f"init_from: weights of {spec} at step {int(state.step)} ({src.config.model})"
+  else:
+    from jcompress import pretrained  # noqa: PLC0415
+    params, batch_stats, message = pretrained.load_pretrained(
+        spec, exp.model, exp.info.num_classes, jax.random.PRNGKey(exp.config.seed))
+  check_same_shapes(exp.abstract_state.params, params, "init_from", "init_from params")
+  check_same_shapes(exp.abstract_state.batch_stats, batch_stats, "init_from",
+                    "init_from batch_stats")
+  return params, batch_stats, message
+
+
+def calibration_context(exp: Experiment, state: TrainState) -> transforms_lib.CalibrationContext:
+  """Training batches and a loss for `ParamTransform.calibrate` (see transforms.py)."""
+  c = exp.config
+  it = data_lib.train_iterator(
+      c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed + 7919, start_step=0,
+      image_size=image_size_arg(c), augment=False, data_dir=c.data_dir or None,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = [shard_batch(exp, next(it)) for _ in range(c.calibration_batches)]
+  model = exp.model
+
+  def loss_fn(params, batch):
+    (logits, _), _ = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                 batch["image"], train=True, mutable=["batch_stats"])
+    return cross_entropy(logits, batch["label"])
+
+  return transforms_lib.CalibrationContext(model=model, batch_stats=state.batch_stats,
+                                           batches=batches, loss_fn=loss_fn, config=c)
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -557,6 +654,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp = make_experiment(config)
   c = exp.config
   lead = jax.process_index() == 0
+  init_vars = None
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if c.init_from and not (os.path.isdir(ckpt_dir) and any(d.isdigit()
+                                                           for d in os.listdir(ckpt_dir))):
+    init_vars = load_init_variables(exp)   # bad init_from: stop before touching the workdir
   os.makedirs(workdir, exist_ok=True)
   had_run = check_workdir_config(c, workdir)
 
@@ -569,7 +671,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     if had_run:
       logging.info("%s has a config.json but no checkpoint: starting from step 0", workdir)
-    state = create_state(exp)
+    if c.init_from:
+      params, batch_stats, message = init_vars or load_init_variables(exp)
+      logging.info("%s", message)
+      state = state_from_variables(exp, params, batch_stats)
+      float_eval = evaluate_state(exp, jax.jit(make_eval_step(exp.model, transforms_lib.identity()),
+                                               out_shardings=exp.replicated), state)
+      meta["float_test_accuracy"] = float_eval["eval_accuracy"]
+      logging.info("init_from model before compression: eval_accuracy %.4f",
+                   float_eval["eval_accuracy"])
+    else:
+      state = create_state(exp)
+    if exp.transform.calibrate is not None:
+      t0 = time.time()
+      params, compression = exp.transform.calibrate(state.params, state.compression,
+                                                    calibration_context(exp, state))
+      state = jax.device_put(state.replace(params=params, compression=compression),
+                             exp.replicated)
+      logging.info("calibrated the compression transform in %.1f s", time.time() - t0)
   if lead and not had_run:
     write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(c))
 
@@ -588,7 +707,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count())
 
   def meta_now(step):
-    return {"step": step, "wall_seconds": wall_before + time.time() - t_start}
+    return {**meta, "step": step, "wall_seconds": wall_before + time.time() - t_start}
+
+  transform_metrics = (jax.jit(exp.transform.metrics) if exp.transform.metrics is not None
+                       else None)
 
   pending: list[dict] = []
   eval_metrics: dict = {}
@@ -604,6 +726,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           stacked = jax.device_get(pending)
           logged = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
           logged["learning_rate"] = float(stacked[-1]["learning_rate"])
+          if transform_metrics is not None:
+            logged.update({k: float(v) for k, v in jax.device_get(
+                transform_metrics(state.params, state.compression)).items()})
           pending = []
           writer.write(step, logged)
           progress.update(step, logged)
@@ -629,9 +754,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if interrupted:
     return {"interrupted_at_step": step}
-  if not eval_metrics:   # resumed at the end: nothing was trained in this process
+  if not eval_metrics:   # resumed at the end, or total_steps 0: nothing was trained here
     eval_metrics = evaluate_state(exp, eval_step, state)
+    if latest is None and c.total_steps == 0:   # PTQ: keep the compressed state for analysis
+      save_state(mngr, state, meta_now(step))
+      mngr.wait_until_finished()
   results = summarize(exp, state, eval_metrics, wall_before + time.time() - t_start)
+  if "float_test_accuracy" in meta:
+    results["float_test_accuracy"] = meta["float_test_accuracy"]
   if lead:
     write_json(os.path.join(workdir, "results.json"), results)
     logging.info("results: %s", json.dumps(results))
@@ -646,7 +776,12 @@ def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: floa
   float_bytes = 4 * n_params
   # What the compression transform stores (packed bits, codes, ...); a float run: its params.
   model_bytes = tree_bytes(jax.device_get(exp.transform.export(state.params, state.compression)))
+  figures = {}
+  if exp.transform.metrics is not None:
+    figures = {k: _to_py(v) for k, v in jax.device_get(
+        exp.transform.metrics(state.params, state.compression)).items()}
   return {
+      **figures,
       "test_accuracy": eval_metrics["eval_accuracy"],
       "test_loss": eval_metrics["eval_loss"],
       "test_examples": eval_metrics["eval_examples"],

@@ -380,3 +380,105 @@ def test_teacher_is_refused_until_distillation_exists(experiment_file, data_dir,
     c.teacher = "runs/some_teacher"
   with pytest.raises(ConfigError, match="config key 'teacher'"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def _scaling_method_module():
+  """A registered compression method for the wiring tests: the forward pass sees the kernels
+  times `state["scale"]`; `calibrate` sets the scale to 1 and records the batches' loss;
+  `metrics` reports both."""
+  import types  # noqa: PLC0415
+
+  from jcompress import transforms  # noqa: PLC0415
+
+  def transform_from_config(cfg, params_like, config):
+    mask = transforms.select(params_like)
+
+    def apply(params, state):
+      return jax.tree.map(lambda m, w: w * state["scale"] if m else w, mask, params)
+
+    def calibrate(params, state, ctx):
+      assert len(ctx.batches) == config.calibration_batches
+      loss = jnp.mean(jnp.stack([ctx.loss_fn(params, b) for b in ctx.batches]))
+      return params, {"scale": jnp.ones(()), "calib_loss": loss}
+
+    return transforms.ParamTransform(
+        init=lambda params, rng: {"scale": jnp.full((), cfg.init_scale),
+                                  "calib_loss": jnp.zeros(())},
+        apply=apply,
+        update=lambda params, state, step: (params, state),
+        export=lambda params, state: {"params": params},
+        calibrate=calibrate if cfg.calibrate else None,
+        metrics=lambda params, state: {"scale": state["scale"],
+                                       "calib_loss": state["calib_loss"]})
+
+  module = types.ModuleType("jc_test_scaling")
+  module.transform_from_config = transform_from_config
+  return module
+
+
+@pytest.fixture
+def scaling_method(monkeypatch):
+  monkeypatch.setitem(sys.modules, "jc_test_scaling", _scaling_method_module())
+  monkeypatch.setattr(train, "TRANSFORM_METHODS",
+                      train.TRANSFORM_METHODS + (("scaling", "jc_test_scaling"),))
+
+
+def test_init_from_calibrate_and_metrics_with_zero_steps(reference_run, experiment_file, data_dir,
+                                                         tmp_path, scaling_method):
+  import ml_collections  # noqa: PLC0415
+  source, source_results = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=0)
+  c.init_from = source
+  c.calibration_batches = 2
+  c.scaling = ml_collections.ConfigDict({"init_scale": 0.0, "calibrate": True})
+  workdir = str(tmp_path / "ptq")
+  results = train.train_and_evaluate(c, workdir)
+  # The float model is the source run's; calibration turned the scale 0 -> 1, so the
+  # "compressed" model is that float model again, and the metrics say so.
+  assert results["float_test_accuracy"] == pytest.approx(source_results["test_accuracy"])
+  assert results["test_accuracy"] == pytest.approx(source_results["test_accuracy"])
+  assert results["scale"] == 1.0 and 0.0 < results["calib_loss"] < 1.0
+  assert results["steps"] == 0
+  # The zero-step run keeps a checkpoint whose params are the source's latest.
+  exp = train.make_experiment(c)
+  mngr = train.checkpoint_manager(workdir, c, create=False)
+  assert mngr.latest_step() == 0
+  state, meta = train.restore_state(mngr, 0, exp)
+  _, src_state = train.restore_run(source, "init_from")
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(src_state.params)):
+    np.testing.assert_array_equal(a, b)
+  assert meta["float_test_accuracy"] == results["float_test_accuracy"]
+
+
+def test_init_from_trains_on_and_logs_transform_metrics(reference_run, experiment_file, data_dir,
+                                                        tmp_path, scaling_method):
+  import ml_collections  # noqa: PLC0415
+  source, _ = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=10)
+  c.init_from = source
+  c.scaling = ml_collections.ConfigDict({"init_scale": 0.5, "calibrate": False})
+  workdir = str(tmp_path / "ft")
+  results = train.train_and_evaluate(c, workdir)
+  logged = [m for m in read_metrics(workdir) if "train_loss" in m]
+  assert [m["scale"] for m in logged] == [0.5] * 10
+  assert results["scale"] == 0.5 and "float_test_accuracy" in results
+  # Starting from a trained model, the first loss is far below a fresh model's (~2.3).
+  assert logged[0]["train_loss"] < 1.0
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda c, src, tmp: setattr(c, "init_from", str(tmp / "nowhere")), "is not a directory"),
+    (lambda c, src, tmp: (setattr(c, "init_from", src), setattr(c, "width", 0.25)),
+     "has shape"),
+    (lambda c, src, tmp: (os.makedirs(tmp / "empty", exist_ok=True),
+                          setattr(c, "init_from", str(tmp / "empty"))), "config.json"),
+])
+def test_init_from_bad_input_names_the_key(reference_run, experiment_file, data_dir, tmp_path,
+                                           mutate, fragment):
+  source, _ = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=5)
+  mutate(c, source, tmp_path)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match="config key 'init_from'.*" + fragment):
+    train.train_and_evaluate(c, workdir)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
