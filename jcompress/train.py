@@ -63,6 +63,10 @@ class TrainState:
   opt_state: PyTree
   compression: PyTree         # the ParamTransform's state (masks, codebooks, ...)
   rng: jax.Array              # uint32[2] key; step keys are fold_in(rng, step)
+  # Trained parameters of the loss that are not the model's (FitNets' regressor), and their
+  # optimizer state; {} when the loss has none. Not exported with the model.
+  aux: PyTree = dataclasses.field(default_factory=dict)
+  aux_opt_state: PyTree = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -128,31 +132,56 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def make_train_step(model, tx: optax.GradientTransformation,
                     transform: transforms_lib.ParamTransform,
-                    schedule: optax.Schedule, label_smoothing: float = 0.0) -> Callable:
-  """`train_step(state, batch) -> (state, metrics)`, to be jit-compiled."""
+                    schedule: optax.Schedule, label_smoothing: float = 0.0,
+                    distill: Distillation | None = None) -> Callable:
+  """`train_step(state, batch, teacher_variables=None) -> (state, metrics)`, to be jit-compiled.
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  With `distill`, the frozen teachers run forward (eval mode, outside the differentiated
+  function, so no backward pass of theirs is computed) on the same augmented batch, and the
+  loss is `distill.loss_fn`'s mixture of the hard-label and distillation terms.
+  `teacher_variables` is the list of the teachers' `{"params", "batch_stats"}`.
+  """
+
+  def train_step(state: TrainState, batch: dict,
+                 teacher_variables: list | None = None) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
+    teacher_out = None
+    if distill is not None:
+      outs = [m.apply(v, batch["image"], train=False)
+              for m, v in zip(distill.models, teacher_variables)]
+      t_logits = sum(o[0] for o in outs) / len(outs)    # several teachers: mean logits
+      teacher_out = jax.lax.stop_gradient((t_logits, outs[0][1]))
 
-    def loss_fn(params):
+    def loss_fn(params, aux):
       eff = transform.apply(params, state.compression)
-      (logits, _), mutated = model.apply(
+      (logits, feats), mutated = model.apply(
           {"params": eff, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": step_rng})
-      loss = cross_entropy(logits, batch["label"], label_smoothing)
-      return loss, (logits, mutated["batch_stats"])
+      if teacher_out is None:
+        loss, parts = cross_entropy(logits, batch["label"], label_smoothing), {}
+      else:
+        loss, parts = distill.loss_fn(logits, feats, *teacher_out, batch["label"], aux,
+                                      state.step)
+      return loss, (logits, mutated["batch_stats"], parts)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, parts)), (grads, aux_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.aux)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    aux, aux_opt_state = state.aux, state.aux_opt_state
+    if jax.tree.leaves(aux):
+      aux_updates, aux_opt_state = tx.update(aux_grads, aux_opt_state, aux)
+      aux = optax.apply_updates(aux, aux_updates)
     params, compression = transform.update(params, state.compression, state.step + 1)
     metrics = {
         "train_loss": loss,
         "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "learning_rate": schedule(state.step),
+        **parts,
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, compression=compression)
+                              opt_state=opt_state, compression=compression, aux=aux,
+                              aux_opt_state=aux_opt_state)
     return new_state, metrics
 
   return train_step
@@ -181,6 +210,16 @@ def make_eval_step(model, transform: transforms_lib.ParamTransform) -> Callable:
 
 
 @dataclasses.dataclass
+class Distillation:
+  """Offline distillation: the frozen teachers of `config.teacher` and the student's loss."""
+  workdirs: tuple            # the teachers' workdirs (`teacher` may list several, comma-separated)
+  experiments: list          # each teacher's Experiment, from its workdir's config.json
+  models: list               # their Flax modules
+  loss_fn: Callable          # distill.make_distill_loss(config.distill)
+  init_aux: Callable         # rng -> the loss's trained params ({} for most losses)
+
+
+@dataclasses.dataclass
 class Experiment:
   """What a config turns into before anything is compiled."""
   config: ml_collections.ConfigDict
@@ -192,6 +231,7 @@ class Experiment:
   mesh: jax.sharding.Mesh
   abstract_state: TrainState      # shapes, dtypes and shardings of the state
   init_variables: Callable        # rng -> (params, batch_stats) of a fresh model
+  distill: Distillation | None = None
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -262,10 +302,6 @@ def build_model(config, num_classes: int):
 def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True) -> Experiment:
   """Validates `config` and builds model, optimizer and abstract state. Compiles nothing."""
   config_lib.validate(config)
-  if config.get("teacher"):
-    raise ConfigError(
-        f"config key 'teacher': distillation from {config.teacher!r} is not implemented yet "
-        "(issue 6); set --config.teacher= to train without a teacher")
   mesh = make_mesh(config.num_devices)
   n_dev = mesh.devices.size
   for key in ("batch_size", "eval_batch_size"):
@@ -286,19 +322,88 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
 
   abstract_params, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
   transform = build_transform(config, abstract_params)
-  exp = Experiment(config, info, model, transform, schedule, tx, mesh, None, init)
+  distill = None
+  if load_teacher and config.get("teacher"):
+    distill = make_distillation(config, info, model, init)
+  exp = Experiment(config, info, model, transform, schedule, tx, mesh, None, init, distill)
   abstract = jax.eval_shape(functools.partial(init_state, exp), jax.random.PRNGKey(config.seed))
   exp.abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated), abstract)
   return exp
 
 
+def make_distillation(config, info, model, init) -> Distillation:
+  """The teachers named by `config.teacher` (workdirs, comma-separated) and the `distill` loss.
+
+  Reads each teacher's config.json and builds its model; checks classes, input shapes and
+  the feature names the loss needs. Weights are restored later (`load_teacher_variables`).
+  """
+  from jcompress import distill as distill_lib  # noqa: PLC0415
+  cfg = distill_lib.default_config()
+  if "distill" in config:
+    cfg.update(dict(config.distill))
+  workdirs = tuple(w.strip() for w in str(config.teacher).split(",") if w.strip())
+  experiments = []
+  for w in workdirs:
+    if not os.path.isdir(w):
+      raise ConfigError(f"config key 'teacher': {w} is not a directory (the workdir of the "
+                        "teacher's run is expected)")
+    try:
+      tconfig = load_workdir_config(w)
+    except WorkdirError as e:
+      raise ConfigError(f"config key 'teacher': {e}") from e
+    texp = make_experiment(tconfig, load_teacher=False)
+    if tuple(texp.info.image_shape) != tuple(info.image_shape):
+      raise ConfigError(f"config key 'teacher': the teacher in {w} takes images of shape "
+                        f"{tuple(texp.info.image_shape)}, the student "
+                        f"{tuple(info.image_shape)} (set image_size alike)")
+    experiments.append(texp)
+
+  x = jnp.zeros((1, *info.image_shape), jnp.float32)
+  s_feats = jax.eval_shape(lambda r: model.apply({"params": init(r)[0], "batch_stats": init(r)[1]},
+                                                 x, train=False)[1], jax.random.PRNGKey(0))
+  t0 = experiments[0]
+  t_feats = jax.eval_shape(
+      lambda r: t0.model.apply({"params": t0.init_variables(r)[0],
+                                "batch_stats": t0.init_variables(r)[1]}, x, train=False)[1],
+      jax.random.PRNGKey(0))
+  for texp in experiments:
+    distill_lib.validate_distill(cfg, list(s_feats), list(t_feats), info.num_classes,
+                                 texp.info.num_classes)
+  return Distillation(
+      workdirs=workdirs, experiments=experiments, models=[t.model for t in experiments],
+      loss_fn=distill_lib.make_distill_loss(cfg, config.label_smoothing),
+      init_aux=lambda rng: distill_lib.init_aux(cfg, s_feats, t_feats, rng))
+
+
+def load_teacher_variables(exp: Experiment) -> list:
+  """The teachers' frozen `{"params", "batch_stats"}` (the weights their forward pass saw:
+  a compressed teacher's transform applied), replicated; errors name `teacher` and the path."""
+  out = []
+  for w, texp in zip(exp.distill.workdirs, exp.distill.experiments):
+    _, state = restore_run(w, "teacher")
+    eff = jax.jit(texp.transform.apply)(state.params, state.compression)
+    out.append(jax.device_put({"params": eff, "batch_stats": state.batch_stats},
+                              exp.replicated))
+  return out
+
+
+def init_aux(exp: Experiment, rng: jax.Array) -> tuple[PyTree, PyTree]:
+  """(aux params, their optimizer state) of the loss: FitNets' regressor, or ({}, {})."""
+  if exp.distill is None:
+    return {}, {}
+  aux = exp.distill.init_aux(jax.random.fold_in(rng, 0x6b64))
+  return aux, (exp.tx.init(aux) if jax.tree.leaves(aux) else {})
+
+
 def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
   init_rng, comp_rng, step_rng = jax.random.split(rng, 3)
   params, batch_stats = exp.init_variables(init_rng)
+  aux, aux_opt_state = init_aux(exp, rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=exp.tx.init(params),
-                    compression=exp.transform.init(params, comp_rng), rng=step_rng)
+                    compression=exp.transform.init(params, comp_rng), rng=step_rng,
+                    aux=aux, aux_opt_state=aux_opt_state)
 
 
 def create_state(exp: Experiment) -> TrainState:
@@ -313,9 +418,11 @@ def state_from_variables(exp: Experiment, params: PyTree, batch_stats: PyTree) -
 
   def build(params, batch_stats, rng):
     _, comp_rng, step_rng = jax.random.split(rng, 3)
+    aux, aux_opt_state = init_aux(exp, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=exp.tx.init(params),
-                      compression=exp.transform.init(params, comp_rng), rng=step_rng)
+                      compression=exp.transform.init(params, comp_rng), rng=step_rng,
+                      aux=aux, aux_opt_state=aux_opt_state)
 
   fn = jax.jit(build, out_shardings=exp.replicated)
   return fn(params, batch_stats, jax.random.PRNGKey(exp.config.seed))
@@ -635,7 +742,7 @@ def shard_batch(exp: Experiment, batch: dict) -> dict:
 def compile_steps(exp: Experiment) -> tuple[Callable, Callable]:
   train_step = jax.jit(
       make_train_step(exp.model, exp.tx, exp.transform, exp.schedule,
-                      exp.config.label_smoothing),
+                      exp.config.label_smoothing, exp.distill),
       donate_argnums=(0,), out_shardings=(exp.replicated, exp.replicated))
   eval_step = jax.jit(make_eval_step(exp.model, exp.transform), out_shardings=exp.replicated)
   return train_step, eval_step
@@ -659,6 +766,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if c.init_from and not (os.path.isdir(ckpt_dir) and any(d.isdigit()
                                                            for d in os.listdir(ckpt_dir))):
     init_vars = load_init_variables(exp)   # bad init_from: stop before touching the workdir
+  teacher_variables = load_teacher_variables(exp) if exp.distill is not None else None
   os.makedirs(workdir, exist_ok=True)
   had_run = check_workdir_config(c, workdir)
 
@@ -719,7 +827,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     with _Preemption() as preempt:
       while step < c.total_steps:
-        state, metrics = train_step(state, shard_batch(exp, next(batches)))
+        state, metrics = train_step(state, shard_batch(exp, next(batches)), teacher_variables)
         step += 1
         pending.append(metrics)
         if step % c.log_every == 0 or step == c.total_steps:

@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -374,12 +375,84 @@ def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
   assert results["compression_ratio"] > 1.5
 
 
-def test_teacher_is_refused_until_distillation_exists(experiment_file, data_dir, tmp_path):
+def _count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive `name` in `jaxpr` and every sub-jaxpr (pjit, custom_vjp, ...)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_primitive(inner, name)
+  return count
+
+
+@pytest.fixture(scope="module")
+def student_runs(reference_run, experiment_file, data_dir, tmp_path_factory):
+  """The tiny student trained 30 steps alone, and with the reference run as KD teacher at
+  alpha 0 (the distillation term weighted out) and at alpha 0.9."""
+  teacher, _ = reference_run
+  runs = {}
+  for name, alpha in (("alone", None), ("alpha0", 0.0), ("kd", 0.9)):
+    c = tiny_config(experiment_file, data_dir, steps=30, width=0.25)
+    if alpha is not None:
+      c.teacher = teacher
+      c.distill = ml_collections.ConfigDict({"loss": "kd", "temperature": 4.0, "alpha": alpha})
+    workdir = str(tmp_path_factory.mktemp(name))
+    runs[name] = (workdir, train.train_and_evaluate(c, workdir), c)
+  return runs
+
+
+def test_kd_with_alpha_zero_follows_the_hard_label_trajectory(student_runs):
+  alone = train_losses(student_runs["alone"][0])
+  alpha0 = train_losses(student_runs["alpha0"][0])
+  assert alone.keys() == alpha0.keys()
+  np.testing.assert_allclose([alpha0[k] for k in alone], [alone[k] for k in alone], rtol=1e-5)
+
+
+def test_kd_logs_its_terms_and_changes_the_trajectory(student_runs):
+  logged = [m for m in read_metrics(student_runs["kd"][0]) if "train_loss" in m]
+  assert all({"ce_loss", "kd_loss", "distill_loss"} <= m.keys() for m in logged)
+  for m in logged:   # train_loss is the mixture the loss function reports
+    assert m["train_loss"] == pytest.approx(0.1 * m["ce_loss"] + 0.9 * m["kd_loss"], rel=1e-4)
+  alone = train_losses(student_runs["alone"][0])
+  assert abs(logged[-1]["ce_loss"] - alone[30]) > 1e-4
+  results = student_runs["kd"][1]
+  assert results["test_accuracy"] > 0.3 and results["params"] == student_runs["alone"][1]["params"]
+
+
+def test_offline_teacher_runs_forward_only(student_runs):
+  _, _, c = student_runs["kd"]
+  exp = train.make_experiment(c)
+  state = train.create_state(exp)
+  tvars = train.load_teacher_variables(exp)
+  batch = {"image": jnp.zeros((c.batch_size, *exp.info.image_shape)),
+           "label": jnp.zeros((c.batch_size,), jnp.int32)}
+  with_teacher = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform,
+                                                      exp.schedule, 0.0, exp.distill))
+  alone = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform, exp.schedule))
+  n_with = _count_primitive(with_teacher(state, batch, tvars).jaxpr, "conv_general_dilated")
+  n_alone = _count_primitive(alone(state, batch).jaxpr, "conv_general_dilated")
+  # small_cnn has 3 convolutions: the student's forward + backward are in both steps; the
+  # teacher adds its 3 forward convolutions and no gradient convolution.
+  assert n_alone == 3 + 3 + 2
+  assert n_with == n_alone + 3
+
+
+def test_teacher_without_checkpoint_stops_before_compiling(experiment_file, data_dir, tmp_path):
+  teacher = tmp_path / "teacher"
+  teacher.mkdir()
   c = tiny_config(experiment_file, data_dir)
-  with c.unlocked():
-    c.teacher = "runs/some_teacher"
-  with pytest.raises(ConfigError, match="config key 'teacher'"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+  (teacher / "config.json").write_text(json.dumps(config_lib.to_dict(c)))
+  c.teacher = str(teacher)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(ConfigError, match="config key 'teacher'.*holds no checkpoint"):
+    train.train_and_evaluate(c, workdir)
+  assert not os.path.exists(workdir)
+  c.teacher = str(tmp_path / "nowhere")
+  with pytest.raises(ConfigError, match="config key 'teacher'.*is not a directory"):
+    train.train_and_evaluate(c, workdir)
 
 
 def _scaling_method_module():
