@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ""             # start from these weights: another run's workdir (latest
                                # checkpoint), "keras:ResNet50", or a .safetensors file
+  c.train_examples = 0         # > 0: train on the first N training examples only
   c.calibration_batches = 4    # training batches handed to a transform's calibrate hook
   c.batch_size = 128           # global batch, split over all devices
   c.eval_batch_size = 256
@@ -156,6 +157,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     _check(config.total_steps > 0, "total_steps",
            f"must be > 0 (0 only with init_from), got {config.total_steps}")
+  _check(config.train_examples >= 0, "train_examples",
+         f"must be >= 0 (0: the whole train split), got {config.train_examples}")
   _check(config.calibration_batches >= 1, "calibration_batches",
          f"must be >= 1, got {config.calibration_batches}")
   for key in ("log_every", "checkpoint_every"):

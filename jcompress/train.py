@@ -498,7 +498,8 @@ def calibration_context(exp: Experiment, state: TrainState) -> transforms_lib.Ca
   it = data_lib.train_iterator(
       c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed + 7919, start_step=0,
       image_size=image_size_arg(c), augment=False, data_dir=c.data_dir or None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      train_examples=c.train_examples)
   batches = [shard_batch(exp, next(it)) for _ in range(c.calibration_batches)]
   model = exp.model
 
@@ -812,7 +813,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches: Iterator[dict] = data_lib.train_iterator(
       c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed, start_step=start,
       image_size=image_size_arg(c), augment=c.augment, data_dir=c.data_dir or None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      train_examples=c.train_examples)
 
   def meta_now(step):
     return {**meta, "step": step, "wall_seconds": wall_before + time.time() - t_start}

@@ -123,6 +123,19 @@ def test_resume_with_uneven_epochs_and_32x32_variant(ddir):
     np.testing.assert_array_equal(batch["label"], ref[step]["label"])
 
 
+def test_train_examples_restricts_every_epoch_to_the_first_examples(ddir):
+  train_images, _ = _split_arrays(ddir, "train")
+  first = sorted(img.tobytes() for img in train_images[:200])
+  it = data.train_iterator("digits", batch_size=50, seed=0, augment=False, data_dir=ddir,
+                           train_examples=200)
+  for _ in range(2):   # two epochs of 4 batches, each the same 200 images reshuffled
+    imgs = np.concatenate([b["image"] for b in _take(it, 4)])
+    assert sorted(img.tobytes() for img in _to_uint8(imgs, "digits")) == first
+  with pytest.raises(ConfigError, match="train_examples"):
+    next(data.train_iterator("digits", batch_size=50, seed=0, data_dir=ddir,
+                             train_examples=5000))
+
+
 def test_epochs_are_permutations_and_seeds_change_order(ddir):
   train_images, _ = _split_arrays(ddir, "train")
   train_keys = sorted(img.tobytes() for img in train_images)

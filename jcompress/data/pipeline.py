@@ -496,7 +496,8 @@ def _base_key(seed: int, process_index: int) -> tf.Tensor:
 def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0,
                    image_size: int | None = None, augment: bool = True,
                    data_dir: str | None = None, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                   process_count: int = 1,
+                   train_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator over training batches; batch `s` depends only on (seed, s, settings).
 
   Args:
@@ -512,6 +513,8 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
     data_dir: TFDS data_dir (None: TFDS's default).
     process_index: this process's index (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
+    train_examples: > 0: train on the first `train_examples` examples of the train split only
+      (a small labelled subset, as in Hinton et al.'s distillation experiments); 0: all.
 
   Yields:
     {"image": float32 [batch_size, H, W, C] normalised, "label": int32 [batch_size]}. Epochs
@@ -529,9 +532,17 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
     raise ConfigError(f"Config key `seed` must be an integer, got {seed!r}.")
   process_index, process_count = _check_process(process_index, process_count)
   builder = _builder(name, data_dir)
+  train_split = spec.train_split
+  train_examples = _check_int("train_examples", train_examples, 0)
+  if train_examples:
+    available = _split_size(builder, spec.train_split)
+    if train_examples > available:
+      raise ConfigError(f"Config key `train_examples` ({train_examples}) exceeds the "
+                        f"{available} examples of {name!r}'s train split.")
+    train_split = f"{spec.train_split}[:{train_examples}]"
 
   split = tfds.split_for_jax_process(
-      spec.train_split, process_index=process_index, process_count=process_count,
+      train_split, process_index=process_index, process_count=process_count,
       drop_remainder=True)
   records = _read(builder, split, spec)
   n = _split_size(builder, split)
