@@ -1,0 +1,595 @@
+"""Frozen, bit-packed binary ResNets and the inference function that runs them.
+
+After training, `freeze` turns a BNN ResNet (`jcompress.models.bnn_resnet`, weights binarized by
+`binarize.binary_weights`) into an artifact that holds:
+
+* every binary kernel (`conv1`, `conv2`, `shortcut_conv` of each block) as its signs only,
+  permanently: bit 1 for +1 (w >= 0, so sign(0) = +1) and bit 0 for -1 (`binarize.pack_signs`'s
+  convention), packed 32 to a uint32 word *over the flattened fan-in of each output channel*:
+  the kernel W (kh, kw, C_in, C_out) is read as a (K = kh kw C_in, C_out) matrix in (kh, kw, C_in)
+  order and stored as `bits` of shape (C_out, ceil(K / 32)), row o holding output channel o's K
+  signs (bit i of word j is fan-in element 32 j + i; the K..32 ceil(K / 32) tail bits are 0). A
+  3x3 kernel over 16 channels (K = 144) takes 5 words = 160 bits, 1.11 bits a weight (28.8x
+  smaller than float32); K a multiple of 32 (C_in a multiple of 32) gives exactly 1 bit a weight
+  (32x). Each row is word-aligned, so an XNOR-popcount kernel reads it as it is. With
+  `method="xnor"` the artifact adds `scale`, XNOR-Net's alpha = mean |w| per output channel.
+* every BatchNorm folded into per-channel terms. A BatchNorm in eval mode (flax's formula) is the
+  affine map
+
+      bn(x) = (x - mean) * mul + bias,  mul = scale / sqrt(var + eps),
+            = A x + B,                  A = mul, B = bias - mean * mul,
+
+  and where a quantizer Q follows it the pair becomes:
+
+      num_bits = 1:   sign(A x + B) = +1  iff  d x >= d t,   d = sign(A), t = -B / A
+                      (A = 0: a constant, t = -inf for B >= 0, +inf otherwise; d = 1).
+                      When x is an integer accumulator (the output of a binary conv) the
+                      threshold is an integer too: d x >= ceil(d t) (clipped to +-2^30).
+      num_bits = k:   Q(y) = q / m with the integer code q = round(clip(y m, -m, m)),
+                      m = 2^(k-1) - 1, so q = round(clip(A' x + B', -m, m)) with A' = A m,
+                      B' = B m (the symmetric grid of `binarize.quantize_activation`).
+
+  The stem's BatchNorm folds into the float stem kernel and a bias (K' = K A, relu(conv(x, K')
+  + B)); `final_bn` into an affine map before the ReLU and the pooling.
+
+Binary convolutions are then exact integer arithmetic: the codes (+-1, or q in -m..m) and the
++-1 weights give an integer sum |acc| <= K m <= 9 * 512 * 127 < 2^24, computed as int8 x int8 ->
+int32 (`compute="int8"`, the default: the fastest on the CPU this was written on, see
+benchmarks/bnn_inference.py), bf16 x bf16 -> f32 or f32 x f32 (both exact: the integers fit the
+significand) or, for num_bits = 1, XNOR + popcount on packed words (`compute="xnor"`):
+
+    sum_i a_i w_i = K - 2 popcount(bits(a) xor bits(w))  over the K fan-in signs,
+
+where the zero padding of the convolution (which adds nothing in the latent model, but reads as
+-1 in a sign bit) is put back by adding P[p, o] = sum of w over the taps of output position p
+that fall into the padding. The accumulator stands for `acc * s`, s = alpha / m (1 for sign
+weights and 1-bit activations), which folds into the next BatchNorm or scales the conv2 /
+shortcut output into the float residual stream.
+
+Usage:
+
+    frozen = freeze(params, batch_stats, model)            # the stored artifact (packed bits)
+    logits = packed_apply(frozen, images)                   # unpacks inside the jitted graph
+    runtime = load(frozen, model)                           # checks shapes, unpacks once
+    logits = packed_apply(runtime, images)                  # the fast path
+    sizes = artifact_nbytes(frozen)                         # bytes per leaf, binary-layer ratio
+
+The artifact is a plain nested dict: `meta` (JSON-able Python values: format, num_bits, method,
+stem kind, block list, kernel shapes, compute kind) and the array leaves; `model_bytes` of it is
+`artifact_nbytes(frozen)["total"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from typing import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress import binarize
+from jcompress import transforms
+from jcompress.errors import ConfigError
+
+PyTree = Any
+
+#: The artifact's format tag (meta["format"]).
+FORMAT = "jcompress.bnn_infer/1"
+
+#: How binary convolutions are computed (meta["compute"]).
+COMPUTE = ("int8", "bf16", "f32", "xnor")
+
+#: Weight binarizers whose frozen form this module knows (config key `binary.method`).
+METHODS = ("ste_sign", "approx_sign", "swish_sign", "xnor")
+
+_BINARY_CONVS = ("conv1", "conv2", "shortcut_conv")
+_INT_LIMIT = 2 ** 30
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_kernel(w: jax.Array) -> jax.Array:
+  """Signs of a conv kernel (kh, kw, C_in, C_out) as uint32 (C_out, ceil(kh kw C_in / 32)).
+
+  Row o packs output channel o's flattened fan-in (in (kh, kw, C_in) order), 32 signs a word,
+  bit 1 for w >= 0 (`binarize.pack_signs`), tail bits 0.
+  """
+  w = jnp.asarray(w)
+  k = int(np.prod(w.shape[:-1]))
+  return binarize.pack_signs(w.reshape(k, w.shape[-1]).T, axis=-1)
+
+
+def unpack_kernel(bits: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Inverse of `pack_kernel`: the +1/-1 kernel of `shape` (kh, kw, C_in, C_out) in `dtype`."""
+  shape = tuple(int(s) for s in shape)
+  k = int(np.prod(shape[:-1]))
+  w = binarize.unpack_signs(bits, k, axis=-1, dtype=dtype)       # (C_out, K)
+  return w.T.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def _check_model(model) -> None:
+  from jcompress.models.bnn_resnet import BNNResNet  # noqa: PLC0415  (models import binarize)
+  if not isinstance(model, BNNResNet):
+    raise ConfigError(f"config key 'model': packed inference needs a BNN ResNet "
+                      f"(bnn_resnet20, bnn_resnet18_cifar, bnn_resnet18), got "
+                      f"{type(model).__name__}")
+
+
+def _abstract_variables(model, in_channels: int) -> dict:
+  x = jax.ShapeDtypeStruct((1, 32, 32, in_channels), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def _compare_trees(found: PyTree, expected: PyTree, what: str) -> None:
+  """ConfigError naming the first leaf whose path, shape or dtype differs."""
+  exp = {transforms.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {transforms.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(found)[0]}
+  for path, x in exp.items():
+    if path not in got:
+      raise ConfigError(f"{what} leaf '{path}' is missing (expected shape {tuple(x.shape)})")
+    y = got[path]
+    if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):
+      raise ConfigError(f"{what} leaf '{path}': expected shape {tuple(x.shape)}, found "
+                        f"{tuple(getattr(y, 'shape', ()))}")
+    if np.dtype(y.dtype) != np.dtype(x.dtype):
+      raise ConfigError(f"{what} leaf '{path}': expected dtype {np.dtype(x.dtype)}, found "
+                        f"{np.dtype(y.dtype)}")
+  extra = sorted(set(got) - set(exp))
+  if extra:
+    raise ConfigError(f"{what} leaf '{extra[0]}' is not in the model "
+                      f"({len(extra)} unexpected leaves)")
+
+
+def _spec(model, params_like: PyTree, method: str, compute: str) -> dict:
+  """The artifact's `meta`: everything static that `packed_apply` needs."""
+  stem = params_like["stem_conv"]["kernel"].shape
+  blocks, kernels = [], {}
+  for name in sorted((k for k in params_like if re.fullmatch(r"stage\d+_block\d+", k)),
+                     key=lambda k: tuple(int(n) for n in re.findall(r"\d+", k))):
+    s, b = (int(n) for n in re.findall(r"\d+", name))
+    block = params_like[name]
+    blocks.append([name, 2 if (s > 1 and b == 0) else 1, "shortcut_conv" in block])
+    for conv in _BINARY_CONVS:
+      if conv in block:
+        kernels[f"{name}/{conv}"] = [int(d) for d in block[conv]["kernel"].shape]
+  return {
+      "format": FORMAT,
+      "num_bits": int(model.num_bits),
+      "method": method,
+      "cifar_stem": bool(model.cifar_stem),
+      "compute": compute,
+      "stem_kernel": [int(d) for d in stem],
+      "num_classes": int(params_like["head"]["kernel"].shape[-1]),
+      "blocks": blocks,
+      "kernels": kernels,
+  }
+
+
+def _bn_affine(p: dict, s: dict, eps: float) -> tuple[jax.Array, jax.Array]:
+  """(A, B) with bn(x) = A x + B in eval mode: A = scale / sqrt(var + eps), B = bias - mean A."""
+  a = jnp.asarray(p["scale"], jnp.float32) * lax.rsqrt(jnp.asarray(s["var"], jnp.float32) + eps)
+  return a, jnp.asarray(p["bias"], jnp.float32) - jnp.asarray(s["mean"], jnp.float32) * a
+
+
+def _quant_terms(a: jax.Array, b: jax.Array, num_bits: int, integer: bool) -> dict:
+  """Folded BN + quantizer terms for an input `x` that feeds `a x + b` (module docstring)."""
+  if num_bits >= 2:
+    m = 2.0 ** (num_bits - 1) - 1
+    return {"scale": a * m, "bias": b * m}
+  d = jnp.where(a < 0, -1.0, 1.0)
+  safe = jnp.where(a == 0, 1.0, a)
+  t = jnp.where(a == 0, jnp.where(b >= 0, -jnp.inf, jnp.inf), -b / safe)
+  if integer:
+    dt = jnp.clip(jnp.ceil(d * t), -_INT_LIMIT, _INT_LIMIT).astype(jnp.int32)
+    return {"sign": d.astype(jnp.int8), "threshold": dt}
+  return {"sign": d.astype(jnp.int8), "threshold": (d * t).astype(jnp.float32)}
+
+
+def _freeze_arrays(params: PyTree, batch_stats: PyTree, meta: dict, eps: float) -> dict:
+  """The artifact's arrays (pure jnp: `jax.eval_shape` of it gives the expected shapes)."""
+  nb = meta["num_bits"]
+  m = 1.0 if nb == 1 else 2.0 ** (nb - 1) - 1
+  xnor = meta["method"] == "xnor"
+  out = {}
+  a, b = _bn_affine(params["stem_bn"], batch_stats["stem_bn"], eps)
+  out["stem"] = {"kernel": jnp.asarray(params["stem_conv"]["kernel"], jnp.float32) * a,
+                 "bias": b}
+
+  def binary(w):
+    entry = {"bits": pack_kernel(w)}
+    if xnor:
+      entry["scale"] = binarize.xnor_scale(jnp.asarray(w, jnp.float32))
+    return entry
+
+  def out_scale(w):   # acc * s is the latent conv's output
+    s = binarize.xnor_scale(jnp.asarray(w, jnp.float32)) if xnor else jnp.ones(w.shape[-1])
+    return s / m
+
+  for name, _, has_short in meta["blocks"]:
+    p, s = params[name], batch_stats[name]
+    blk = {}
+    blk["bn1"] = _quant_terms(*_bn_affine(p["bn1"], s["bn1"], eps), nb, integer=False)
+    blk["conv1"] = binary(p["conv1"]["kernel"])
+    a2, b2 = _bn_affine(p["bn2"], s["bn2"], eps)
+    blk["bn2"] = _quant_terms(a2 * out_scale(p["conv1"]["kernel"]), b2, nb, integer=True)
+    blk["conv2"] = binary(p["conv2"]["kernel"])
+    if has_short:
+      blk["shortcut_bn"] = _quant_terms(*_bn_affine(p["shortcut_bn"], s["shortcut_bn"], eps),
+                                        nb, integer=False)
+      blk["shortcut_conv"] = binary(p["shortcut_conv"]["kernel"])
+    out[name] = blk
+  a, b = _bn_affine(params["final_bn"], batch_stats["final_bn"], eps)
+  out["final"] = {"scale": a, "bias": b}
+  out["head"] = {"kernel": jnp.asarray(params["head"]["kernel"], jnp.float32),
+                 "bias": jnp.asarray(params["head"]["bias"], jnp.float32)}
+  return out
+
+
+def freeze(params: PyTree, batch_stats: PyTree, model, *, method: str = "ste_sign",
+           include: str | Sequence[str] = (r".*",),
+           exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
+           compute: str = "int8") -> dict:
+  """The packed artifact of a trained BNN ResNet (see the module docstring).
+
+  Args:
+    params, batch_stats: the trained model's latent float params and BatchNorm statistics
+      (not modified).
+    model: the `BNNResNet` they belong to (gives num_bits, the stem kind, bn_epsilon).
+    method: the `binary.method` the weights were trained with ("xnor" stores alpha).
+    include, exclude: the `binary.include` / `binary.exclude` patterns of the training run;
+      they must select exactly the block convolutions (conv1, conv2, shortcut_conv).
+    compute: how `packed_apply` computes binary convolutions (`COMPUTE`).
+
+  Returns:
+    {"meta": {...}, "stem": ..., "stage1_block0": {"bn1", "conv1": {"bits"}, ...}, ...,
+     "final": ..., "head": ...}.
+
+  Raises:
+    ConfigError: not a BNN ResNet, params of another shape (naming the leaf), a method or
+      compute kind that is unknown, or a binary selection other than the block convolutions.
+  """
+  _check_model(model)
+  if method not in METHODS:
+    raise ConfigError(f"config key 'binary.method': packed inference knows {METHODS}, "
+                      f"got {method!r}")
+  if compute not in COMPUTE:
+    raise ConfigError(f"`compute` must be one of {COMPUTE}, got {compute!r}")
+  if compute == "xnor" and int(model.num_bits) != 1:
+    raise ConfigError(f"`compute`='xnor' needs 1-bit activations (num_bits=1), "
+                      f"got num_bits={model.num_bits}")
+  try:
+    in_ch = int(params["stem_conv"]["kernel"].shape[2])
+  except (KeyError, TypeError, AttributeError, IndexError):
+    raise ConfigError("params leaf 'stem_conv/kernel' is missing: not a BNN ResNet's "
+                      "params") from None
+  abstract = _abstract_variables(model, in_ch)
+  _compare_trees(params, abstract["params"], "params")
+  _compare_trees(batch_stats, abstract["batch_stats"], "batch_stats")
+  mask = transforms.select(params, include, exclude, kernels_only=True, key="binary.include")
+  for path, selected in zip(transforms.leaf_paths(params), jax.tree.leaves(mask)):
+    is_block_conv = path.split("/")[-2] in _BINARY_CONVS if "/" in path else False
+    if bool(selected) != is_block_conv:
+      raise ConfigError(f"config key 'binary.include': packed inference binarizes exactly the "
+                        f"block convolutions {_BINARY_CONVS}; leaf '{path}' is "
+                        f"{'selected' if selected else 'not selected'}")
+  meta = _spec(model, params, method, compute)
+  arrays = jax.jit(_freeze_arrays, static_argnums=(2, 3))(
+      params, batch_stats, _Static(meta), float(model.bn_epsilon))
+  return {"meta": meta, **jax.device_get(arrays)}
+
+
+class _Static:
+  """Hashable wrapper of a JSON-able dict, for jit's static arguments."""
+
+  def __init__(self, value: dict):
+    self.value = value
+    self.key = json.dumps(value, sort_keys=True)
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self.key == other.key
+
+  def __getitem__(self, k):
+    return self.value[k]
+
+
+def _arrays(frozen: dict) -> dict:
+  return {k: v for k, v in frozen.items() if k != "meta"}
+
+
+def _meta(frozen: Any) -> dict:
+  if not isinstance(frozen, dict) or not isinstance(frozen.get("meta"), dict) \
+      or frozen["meta"].get("format") != FORMAT:
+    raise ConfigError(f"not a packed BNN artifact: expected a dict with meta.format {FORMAT!r}")
+  return frozen["meta"]
+
+
+def expected_arrays(model, meta: dict) -> tuple[dict, PyTree]:
+  """(meta, `jax.ShapeDtypeStruct`s of the arrays) that `model` gives under `meta`'s settings
+  (method, compute kind, input channels)."""
+  _check_model(model)
+  abstract = _abstract_variables(model, int(meta["stem_kernel"][2]))
+  spec = _spec(model, abstract["params"], meta["method"], meta["compute"])
+  shapes = jax.eval_shape(lambda p, s: _freeze_arrays(p, s, spec, float(model.bn_epsilon)),
+                          abstract["params"], abstract["batch_stats"])
+  return spec, shapes
+
+
+def abstract_artifact(model, *, method: str = "ste_sign", in_channels: int = 3,
+                      compute: str = "int8") -> dict:
+  """The artifact `freeze` would give for `model`, with `jax.ShapeDtypeStruct` leaves.
+
+  No params needed and nothing computed: `artifact_nbytes(abstract_artifact(model))` sizes a
+  model's packed artifact (e.g. BNN ResNet-18's) before or without training it.
+  """
+  _check_model(model)
+  abstract = _abstract_variables(model, in_channels)
+  meta = _spec(model, abstract["params"], method, compute)
+  return {"meta": meta, **expected_arrays(model, meta)[1]}
+
+
+def check_artifact(frozen: dict, model) -> None:
+  """Raises ConfigError unless `frozen` (packed, or `load`ed) fits `model` leaf for leaf.
+
+  The message names the leaf (e.g. `stage1_block0/conv1/bits`) and the expected and found
+  shapes, or the meta key (`num_bits`, `cifar_stem`, a `kernels` entry) that differs.
+  """
+  meta = _meta(frozen)
+  _check_model(model)
+  for key, want in (("num_bits", int(model.num_bits)), ("cifar_stem", bool(model.cifar_stem))):
+    if meta.get(key) != want:
+      raise ConfigError(f"artifact meta '{key}' is {meta.get(key)!r}, the model has {want!r}")
+  spec, expected = expected_arrays(model, meta)
+  for path, shape in spec["kernels"].items():
+    found = meta["kernels"].get(path)
+    if found is None or list(found) != list(shape):
+      raise ConfigError(f"artifact leaf '{path}' (meta 'kernels'): expected kernel shape "
+                        f"{tuple(shape)}, found {None if found is None else tuple(found)}")
+  if meta["blocks"] != spec["blocks"] or len(meta["kernels"]) != len(spec["kernels"]):
+    raise ConfigError(f"artifact meta 'blocks' {meta['blocks']} differs from the model's "
+                      f"{spec['blocks']}")
+  found = _arrays(frozen)
+  if _is_loaded(meta):   # `load` replaced bits by unpacked kernels: compare the source shapes
+    found = _repacked_shapes(found, meta)
+  _compare_trees(found, expected, "artifact")
+
+
+def _is_loaded(meta: dict) -> bool:
+  return bool(meta.get("loaded", False))
+
+
+def _repacked_shapes(arrays: dict, meta: dict) -> dict:
+  """The packed shapes that a `load`ed artifact's unpacked kernels come from."""
+
+  def conv_entry(path, entry):
+    entry = dict(entry)
+    if "w" in entry:
+      w = entry.pop("w")
+      shape = meta["kernels"][path]
+      if tuple(w.shape) != tuple(shape):
+        raise ConfigError(f"artifact leaf '{path}/w': expected shape {tuple(shape)}, found "
+                          f"{tuple(w.shape)}")
+      entry["bits"] = jax.ShapeDtypeStruct((shape[-1], binarize.num_words(
+          int(np.prod(shape[:-1])))), jnp.uint32)
+    return entry
+
+  out = {}
+  for name, blk in arrays.items():
+    if isinstance(blk, dict) and name.startswith("stage"):
+      out[name] = {k: conv_entry(f"{name}/{k}", v) if k in _BINARY_CONVS else v
+                   for k, v in blk.items()}
+    else:
+      out[name] = blk
+  return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(frozen: dict, model=None, compute: str | None = None) -> dict:
+  """Checks `frozen` against `model` (if given) and unpacks its bits once for fast inference.
+
+  Returns the artifact with every binary conv's `bits` replaced by its +1/-1 kernel `w` in the
+  compute dtype (int8 / bf16 / f32; `compute="xnor"` keeps the bits). The stored artifact is
+  `frozen`; the result is a runtime form for `packed_apply`. `frozen` is not modified.
+  """
+  meta = dict(_meta(frozen))
+  if model is not None:
+    check_artifact(frozen, model)
+  if _is_loaded(meta):
+    raise ConfigError("artifact is already loaded (its bits are unpacked); load the packed one")
+  compute = meta["compute"] if compute is None else compute
+  if compute not in COMPUTE:
+    raise ConfigError(f"`compute` must be one of {COMPUTE}, got {compute!r}")
+  if compute == "xnor" and meta["num_bits"] != 1:
+    raise ConfigError(f"`compute`='xnor' needs num_bits=1, the artifact has "
+                      f"num_bits={meta['num_bits']}")
+  meta["compute"] = compute
+  if compute == "xnor":
+    return {"meta": meta, **_arrays(frozen)}
+  meta["loaded"] = True
+  dtype = _compute_dtype(compute)
+  out = {"meta": meta}
+  for name, blk in _arrays(frozen).items():
+    if name.startswith("stage"):
+      blk = dict(blk)
+      for conv in _BINARY_CONVS:
+        if conv in blk:
+          entry = dict(blk[conv])
+          entry["w"] = jax.device_put(unpack_kernel(entry.pop("bits"),
+                                                    meta["kernels"][f"{name}/{conv}"], dtype))
+          blk[conv] = entry
+    out[name] = blk
+  return out
+
+
+def _compute_dtype(compute: str):
+  return {"int8": jnp.int8, "bf16": jnp.bfloat16, "f32": jnp.float32, "xnor": jnp.int8}[compute]
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _pad(k: int):
+  p = (k - 1) // 2
+  return ((p, p), (p, p))
+
+
+def _quantize(x: jax.Array, terms: dict, num_bits: int, dtype) -> jax.Array:
+  """Codes of Q(bn(x)) in `dtype`: +-1 (num_bits 1) or round(clip(A' x + B', -m, m))."""
+  if num_bits == 1:
+    sign = terms["sign"].astype(x.dtype)
+    one = jnp.ones((), dtype)
+    return jnp.where(x * sign >= terms["threshold"].astype(x.dtype), one, -one)
+  m = 2.0 ** (num_bits - 1) - 1
+  y = x.astype(jnp.float32) * terms["scale"] + terms["bias"]
+  return jnp.round(jnp.clip(y, -m, m)).astype(dtype)
+
+
+def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+  """im2col: (N, Ho, Wo, kh kw C) in (kh, kw, C) order, zero (False) padding."""
+  (pt, pb), (pl, pr) = _pad(kh)[0], _pad(kw)[1]
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho = (x.shape[1] + pt + pb - kh) // stride + 1
+  wo = (x.shape[2] + pl + pr - kw) // stride + 1
+  cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def _xnor_conv(a: jax.Array, bits: jax.Array, shape: Sequence[int], stride: int) -> jax.Array:
+  """int32 conv of +-1 activations `a` with packed kernel rows `bits`, by XNOR + popcount.
+
+  sum = K - 2 popcount(a_bits xor w_bits) + P, P[p, o] = sum of w over the taps of output
+  position p that lie in the zero padding (read as -1 by the sign bits, 0 in the latent conv).
+  The stored tail bits past K are masked off, so they need not be 0.
+  """
+  kh, kw, cin, cout = shape
+  k = kh * kw * cin
+  if k % binarize.WORD_BITS:   # tail bits past K: 0 in the activations, forced to 0 here too
+    tail = jnp.full((bits.shape[-1],), 0xFFFFFFFF, jnp.uint32).at[-1].set(
+        (1 << (k % binarize.WORD_BITS)) - 1)
+    bits = bits & tail
+  cols = _patches(a >= 0, kh, kw, stride)                          # (N, Ho, Wo, K) bool
+  words = binarize.pack_signs(jnp.where(cols, 1, -1).astype(jnp.int8), axis=-1)
+  pc = jnp.zeros(words.shape[:-1] + (cout,), jnp.int32)
+  for j in range(words.shape[-1]):    # one word at a time: no (N, Ho, Wo, C_out, words) temp
+    pc = pc + lax.population_count(words[..., j:j + 1] ^ bits[:, j]).astype(jnp.int32)
+  w = unpack_kernel(bits, shape, jnp.float32)
+  ones = jnp.ones((1,) + a.shape[1:3] + (cin,), jnp.float32)
+  valid = lax.conv_general_dilated(ones, w, (stride, stride), _pad(kh), dimension_numbers=_DN)
+  pad_sum = (jnp.sum(w, axis=(0, 1, 2)) - valid).astype(jnp.int32)  # exact integers
+  return k - 2 * pc + pad_sum
+
+
+def _binary_conv(codes: jax.Array, entry: dict, shape: Sequence[int], stride: int,
+                 compute: str) -> jax.Array:
+  """The integer accumulator (int32, or exact integers in f32) of a binary conv."""
+  if compute == "xnor":
+    return _xnor_conv(codes, entry["bits"], shape, stride)
+  dtype = _compute_dtype(compute)
+  w = entry["w"] if "w" in entry else unpack_kernel(entry["bits"], shape, dtype)
+  acc = jnp.int32 if compute == "int8" else jnp.float32
+  return lax.conv_general_dilated(codes.astype(dtype), w.astype(dtype), (stride, stride),
+                                  _pad(shape[0]), dimension_numbers=_DN,
+                                  preferred_element_type=acc)
+
+
+def _to_float(acc: jax.Array, entry: dict, num_bits: int) -> jax.Array:
+  """acc * s: the latent conv's float output (s = alpha / m)."""
+  y = acc.astype(jnp.float32)
+  m = 1.0 if num_bits == 1 else 2.0 ** (num_bits - 1) - 1
+  if "scale" in entry:
+    return y * (entry["scale"] / m)
+  return y if m == 1.0 else y / m
+
+
+def _forward(arrays: dict, images: jax.Array, meta: _Static) -> jax.Array:
+  nb, compute = meta["num_bits"], meta["compute"]
+  code_dtype = _compute_dtype(compute)
+  stem = arrays["stem"]
+  x = jnp.asarray(images, jnp.float32)
+  k = stem["kernel"]
+  if meta["cifar_stem"]:
+    x = lax.conv_general_dilated(x, k, (1, 1), _pad(k.shape[0]), dimension_numbers=_DN)
+    x = jax.nn.relu(x + stem["bias"])
+  else:
+    x = lax.conv_general_dilated(x, k, (2, 2), _pad(k.shape[0]), dimension_numbers=_DN)
+    x = jax.nn.relu(x + stem["bias"])
+    x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                          ((0, 0), (1, 1), (1, 1), (0, 0)))
+  for name, stride, has_short in meta["blocks"]:
+    blk = arrays[name]
+    shapes = {c: meta["kernels"].get(f"{name}/{c}") for c in _BINARY_CONVS}
+    a = _quantize(x, blk["bn1"], nb, code_dtype)
+    acc = _binary_conv(a, blk["conv1"], shapes["conv1"], stride, compute)
+    a = _quantize(acc, blk["bn2"], nb, code_dtype)
+    y = _to_float(_binary_conv(a, blk["conv2"], shapes["conv2"], 1, compute), blk["conv2"], nb)
+    if has_short:
+      a = _quantize(x, blk["shortcut_bn"], nb, code_dtype)
+      acc = _binary_conv(a, blk["shortcut_conv"], shapes["shortcut_conv"], stride, compute)
+      x = y + _to_float(acc, blk["shortcut_conv"], nb)
+    else:
+      x = y + x
+  x = jax.nn.relu(x * arrays["final"]["scale"] + arrays["final"]["bias"])
+  x = jnp.mean(x, axis=(1, 2))
+  return x @ arrays["head"]["kernel"] + arrays["head"]["bias"]
+
+
+_forward_jit = jax.jit(_forward, static_argnums=(2,))
+
+
+def packed_apply(frozen: dict, images: jax.Array) -> jax.Array:
+  """Logits (N, num_classes) float32 of the frozen network on NHWC `images` (jit-compiled).
+
+  `frozen` is the packed artifact (`freeze`; the bits are unpacked inside the compiled graph)
+  or its `load`ed form (unpacked once). Compiles once per meta and input shape.
+  """
+  meta = _meta(frozen)
+  images = jnp.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != meta["stem_kernel"][2]:
+    raise ConfigError(f"images must be NHWC with {meta['stem_kernel'][2]} channels "
+                      f"(stem_conv/kernel {tuple(meta['stem_kernel'])}), got shape "
+                      f"{tuple(images.shape)}")
+  return _forward_jit(_arrays(frozen), images, _Static(meta))
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def artifact_nbytes(frozen: dict) -> dict:
+  """Bytes of the packed artifact: per leaf, in total, and for the binary layers alone.
+
+  Returns {"per_leaf": {path: bytes}, "total": bytes of every array leaf,
+  "binary_bytes": bytes of the binary convs' bits (and XNOR scales),
+  "binary_float32_bytes": 4 x their weight count, "binary_ratio": the quotient,
+  "binary_bits_per_weight": 8 x binary_bytes / weight count}.
+  """
+  meta = _meta(frozen)
+  if _is_loaded(meta):
+    raise ConfigError("artifact_nbytes sizes the packed artifact, not a `load`ed one")
+  per_leaf = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(_arrays(frozen))[0]:
+    per_leaf[transforms.path_str(path)] = int(np.dtype(x.dtype).itemsize * np.prod(x.shape))
+  conv_paths = set(meta["kernels"])
+  binary = sum(v for p, v in per_leaf.items() if p.rsplit("/", 1)[0] in conv_paths)
+  weights = sum(int(np.prod(s)) for s in meta["kernels"].values())
+  return {
+      "per_leaf": per_leaf,
+      "total": int(sum(per_leaf.values())),
+      "binary_bytes": int(binary),
+      "binary_float32_bytes": 4 * weights,
+      "binary_ratio": 4 * weights / binary,
+      "binary_bits_per_weight": 8 * binary / weights,
+  }
