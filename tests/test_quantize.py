@@ -377,3 +377,197 @@ def test_qtensor_nbytes():
   assert packing.qtensor_nbytes(q) == -(-x.size * 3 // 8) + 4 + 1
   k = Q.kmeans_quantize(x, 4)
   assert packing.qtensor_nbytes(k) == x.size // 2 + 16 * 4
+
+
+# ----------------------------------------------------------------------------- the quant transform
+
+
+def _tree_bytes(tree):   # as train.tree_bytes: array leaves only
+  return sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+             for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _cfg(**kw):
+  import ml_collections  # noqa: PLC0415
+  return ml_collections.ConfigDict(kw)
+
+
+def test_uniform_qat_value_is_the_stored_quantizer_with_a_straight_through_gradient():
+  t = Q.quant_weights(PARAMS, bits=4)
+  state = t.init(PARAMS, jax.random.key(0))
+  assert state == {}
+  eff = jax.jit(t.apply)(PARAMS, state)
+  w = PARAMS["block"]["conv"]["kernel"]
+  q = Q.quantize(w, 4, per_channel=True, narrow_range=True)
+  np.testing.assert_array_equal(np.asarray(eff["block"]["conv"]["kernel"]),
+                                np.asarray(Q.dequantize(q)))
+  assert len(np.unique(np.asarray(q.codes))) <= 15
+  np.testing.assert_array_equal(eff["head"]["kernel"], PARAMS["head"]["kernel"])
+  np.testing.assert_array_equal(eff["stem_conv"]["kernel"], PARAMS["stem_conv"]["kernel"])
+  u = jax.tree.map(lambda x: np.random.default_rng(x.size).standard_normal(x.shape)
+                   .astype(np.float32), PARAMS)
+  grads = jax.grad(lambda p: sum(jnp.sum(a * b) for a, b in
+                                 zip(jax.tree.leaves(t.apply(p, state)), jax.tree.leaves(u))))(
+                                     PARAMS)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(u)):   # minmax: nothing is clipped
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_uniform_qat_matches_tensorflow_per_channel_fake_quant(tf):
+  w = PARAMS["block"]["conv"]["kernel"]
+  eff = Q.fake_quant_weight(jnp.asarray(w), 4, per_channel=True)
+  m = np.abs(w).max(axis=(0, 1, 2))
+  expected = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+      w, -m, m, num_bits=4, narrow_range=True).numpy()
+  np.testing.assert_allclose(np.asarray(eff), expected, atol=1e-6)
+
+
+def test_uniform_qat_gradient_is_zero_where_the_percentile_range_clips():
+  w = np.random.default_rng(2).laplace(size=(64, 4)).astype(np.float32)
+  g = np.asarray(jax.grad(lambda w: jnp.sum(Q.fake_quant_weight(
+      w, 3, per_channel=False, range_method="percentile", percentile=90.0)))(w))
+  m = np.percentile(np.abs(w), 90.0)
+  s = m / 3
+  np.testing.assert_array_equal(g, (np.abs(w) <= 3.5 * s).astype(np.float32))
+  assert 0 < (g == 0).sum() < w.size
+
+
+@pytest.mark.parametrize("method,bits", [("uniform", 4), ("uniform", 3), ("kmeans", 2),
+                                         ("pow2", 4)])
+def test_export_holds_packed_codes_and_dequantizes_to_apply(method, bits):
+  before = jax.tree.map(np.copy, PARAMS)
+  t = Q.quant_weights(PARAMS, method=method, bits=bits)
+  state = t.init(PARAMS, jax.random.key(0))
+  eff = t.apply(PARAMS, state)
+  art = t.export(PARAMS, state)
+  back = Q.dequantize_export(art)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(eff)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # bit for bit
+  conv = art["params"]["block"]["conv"]["kernel"]
+  assert conv["codes"].dtype == np.uint8 and conv["codes"].size == -(-576 * bits // 8)
+  # Exact stored bytes: packed codes + per-channel scales (or a per-tensor codebook) + floats.
+  per_leaf = {"uniform": lambda n, c: -(-n * bits // 8) + 4 * c,
+              "pow2": lambda n, c: -(-n * bits // 8) + 4 * c,
+              "kmeans": lambda n, c: -(-n * bits // 8) + 4 * 2 ** bits}[method]
+  floats = sum(x.nbytes for x in (PARAMS["stem_conv"]["kernel"], PARAMS["head"]["kernel"],
+                                  PARAMS["head"]["bias"], PARAMS["dense"]["bias"],
+                                  PARAMS["block"]["bn"]["scale"], PARAMS["block"]["bn"]["bias"]))
+  assert _tree_bytes(art) == floats + per_leaf(576, 8) + per_leaf(128, 16)
+  m = t.metrics(PARAMS, state)
+  assert float(m["weight_bits"]) == bits and int(m["quantized_weights"]) == 704
+  assert float(m["weight_storage_bits"]) == pytest.approx(
+      8 * (per_leaf(576, 8) + per_leaf(128, 16)) / 704)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(PARAMS)):
+    np.testing.assert_array_equal(a, b)                     # the input is untouched
+
+
+def test_asymmetric_export_stores_uint8_zero_points():
+  t = Q.quant_weights(PARAMS, bits=4, symmetric=False)
+  art = t.export(PARAMS, {})
+  conv = art["params"]["block"]["conv"]["kernel"]
+  assert conv["zero_point"].dtype == np.uint8 and conv["zero_point"].shape == (8,)
+  assert _tree_bytes(conv) == 288 + 4 * 8 + 8
+  np.testing.assert_array_equal(np.asarray(Q.dequantize_export(art)["block"]["conv"]["kernel"]),
+                                np.asarray(t.apply(PARAMS, {})["block"]["conv"]["kernel"]))
+
+
+@pytest.mark.parametrize("grad_mode", ["sum", "mean"])
+def test_kmeans_centroids_train_as_deep_compression_under_sgd(grad_mode):
+  rng = np.random.default_rng(3)
+  params = {"layer": {"kernel": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)},
+            "head": {"kernel": rng.standard_normal((8, 4)).astype(np.float32)}}
+  target = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+  weight = rng.uniform(0.5, 2.0, (3, 3, 8, 8)).astype(np.float32)
+  loss = lambda w: jnp.sum(weight * (w - target) ** 2)
+  t = Q.quant_weights(params, method="kmeans", bits=2, kmeans_grad=grad_mode)
+  state = t.init(params, jax.random.key(0))
+  params, state = t.calibrate(params, state, None)
+  cb = np.asarray(state["layer"]["kernel"]["codebook"])
+  codes = np.asarray(state["layer"]["kernel"]["codes"]).astype(np.int32)
+  np.testing.assert_array_equal(params["layer"]["kernel"], cb[codes])   # latent = C[codes]
+  lr = 1e-3
+  tx = __import__("optax").sgd(lr)
+  opt = tx.init(params)
+  for step in range(2):
+    grads = jax.grad(lambda p, s=state: loss(t.apply(p, s)["layer"]["kernel"]))(params)
+    updates, opt = tx.update(grads, opt, params)
+    moved = jax.tree.map(lambda a, b: a + b, params, updates)
+    params, state = jax.jit(t.update)(moved, state, step + 1)
+    g_c = np.asarray(jax.grad(lambda c: loss(c[codes]))(jnp.asarray(cb)))
+    if grad_mode == "mean":
+      g_c = g_c / np.bincount(codes.reshape(-1), minlength=4)
+    expected = cb - lr * g_c
+    new_cb = np.asarray(state["layer"]["kernel"]["codebook"])
+    np.testing.assert_allclose(new_cb, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state["layer"]["kernel"]["codes"]), codes)
+    np.testing.assert_array_equal(np.asarray(params["layer"]["kernel"]), new_cb[codes])
+    assert np.abs(new_cb - cb).max() > 1e-4
+    cb = new_cb
+
+
+def test_kmeans_ptq_keeps_the_codebook_and_per_channel_codebooks():
+  t = Q.quant_weights(PARAMS, method="kmeans", bits=2, per_channel=True, mode="ptq")
+  state = t.init(PARAMS, jax.random.key(0))
+  assert state["block"]["conv"]["kernel"]["codebook"].shape == (8, 4)
+  moved = jax.tree.map(lambda x: x + 1.0, PARAMS)
+  params, new_state = t.update(moved, state, 1)
+  assert params is moved and new_state is state
+  eff = np.asarray(t.apply(PARAMS, state)["dense"]["kernel"])
+  cb = np.asarray(state["dense"]["kernel"]["codebook"])
+  for c in range(16):
+    assert set(np.unique(eff[:, c])) <= set(cb[c].tolist())
+
+
+def test_bits_by_path_mixes_bit_widths_first_match_wins():
+  t = Q.transform_from_config(
+      _cfg(bits=8, bits_by_path=("block/conv=2", ("conv", 4), ("dense", 3))), PARAMS)
+  eff = t.apply(PARAMS, {})
+  codes = np.asarray(Q.quantize(PARAMS["block"]["conv"]["kernel"], 2, per_channel=True).codes)
+  assert set(np.unique(codes)) <= {-1, 0, 1}
+  np.testing.assert_array_equal(
+      np.asarray(eff["block"]["conv"]["kernel"]),
+      np.asarray(Q.dequantize(Q.quantize(PARAMS["block"]["conv"]["kernel"], 2,
+                                         per_channel=True, narrow_range=True))))
+  assert float(t.metrics(PARAMS, {})["weight_bits"]) == pytest.approx((2 * 576 + 3 * 128) / 704)
+  art = t.export(PARAMS, {})
+  assert art["params"]["dense"]["kernel"]["bits"] == 3
+  with pytest.raises(ConfigError, match=r"quant\.bits_by_path.*'nothing'"):
+    Q.transform_from_config(_cfg(bits_by_path=("nothing=4",)), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.bits_by_path"):
+    Q.transform_from_config(_cfg(bits_by_path=("conv=9",)), PARAMS)
+
+
+def test_transform_config_errors_name_the_key_or_leaf():
+  with pytest.raises(ConfigError, match=r"quant\.bits.*2\.\.8"):
+    Q.transform_from_config(_cfg(bits=1), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.bits"):
+    Q.transform_from_config(_cfg(bits=9, method="kmeans"), PARAMS)
+  Q.transform_from_config(_cfg(bits=1, method="kmeans"), PARAMS)        # 2 centroids: fine
+  with pytest.raises(ConfigError, match=r"'dense/kernel'.*codebook of 256"):
+    Q.transform_from_config(_cfg(bits=8, method="kmeans"), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.include"):
+    Q.transform_from_config(_cfg(include=("nothing",)), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.bitz"):
+    Q.transform_from_config(_cfg(bitz=4), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.mode"):
+    Q.transform_from_config(_cfg(mode="int8"), PARAMS)
+  with pytest.raises(ConfigError, match=r"quant\.method.*uniform"):
+    Q.transform_from_config(_cfg(method="apot"), PARAMS)
+  bad = jax.tree.map(np.copy, PARAMS)
+  bad["block"]["conv"]["kernel"][0, 0, 0, 0] = np.inf
+  with pytest.raises(ConfigError, match=r"'block/conv/kernel'.*NaN or Inf"):
+    Q.transform_from_config(_cfg(bits=4), bad)
+  t = Q.transform_from_config(_cfg(bits=4, method="kmeans"), PARAMS)
+  with pytest.raises(ConfigError, match=r"'block/conv/kernel'.*NaN or Inf"):
+    t.calibrate(bad, t.init(PARAMS, jax.random.key(0)), None)
+
+
+def test_transform_state_shapes_follow_from_abstract_params():
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
+  t = Q.transform_from_config(_cfg(method="kmeans", bits=3), abstract)
+  shapes = jax.eval_shape(t.init, abstract, jax.random.key(0))
+  assert shapes["block"]["conv"]["kernel"]["codebook"].shape == (8,)
+  assert shapes["block"]["conv"]["kernel"]["codes"].shape == (3, 3, 8, 8)
+  assert "head" not in shapes and "stem_conv" not in shapes
+  real = t.init(PARAMS, jax.random.key(0))
+  assert jax.tree.structure(real) == jax.tree.structure(shapes)
