@@ -565,6 +565,46 @@ def packed_apply(frozen: dict, images: jax.Array) -> jax.Array:
   return _forward_jit(_arrays(frozen), images, _Static(meta))
 
 
+# ----------------------------------------------------------------------------- files
+
+
+def save(frozen: dict, path: str) -> int:
+  """Writes the packed artifact to `path` (an uncompressed .npz) and returns its size in bytes.
+
+  Each array is stored under its `/`-joined leaf path; `meta` as JSON text in the uint8 array
+  `__meta__`. `restore(path)` gives the artifact back.
+  """
+  import os  # noqa: PLC0415
+
+  meta = _meta(frozen)
+  if _is_loaded(meta):
+    raise ConfigError("save writes the packed artifact, not a `load`ed one")
+  arrays = {transforms.path_str(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(_arrays(frozen))[0]}
+  arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return os.path.getsize(path)
+
+
+def restore(path: str) -> dict:
+  """The artifact that `save` wrote to `path`."""
+  with np.load(path, allow_pickle=False) as data:
+    if "__meta__" not in data.files:
+      raise ConfigError(f"{path}: not a packed BNN artifact (no __meta__ entry)")
+    out = {"meta": json.loads(bytes(data["__meta__"]).decode())}
+    for key in data.files:
+      if key == "__meta__":
+        continue
+      node = out
+      *parents, leaf = key.split("/")
+      for name in parents:
+        node = node.setdefault(name, {})
+      node[leaf] = data[key]
+  _meta(out)
+  return out
+
+
 # ----------------------------------------------------------------------------- sizes
 
 

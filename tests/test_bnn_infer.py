@@ -226,6 +226,22 @@ def test_freeze_does_not_modify_its_inputs(images):
   jax.tree.map(np.testing.assert_array_equal, (params, stats), before)
 
 
+def test_save_restore_roundtrip(nets, images, tmp_path):
+  net = nets(1)
+  path = str(tmp_path / "bnn.npz")
+  nbytes = bnn_infer.save(net.frozen, path)
+  restored = bnn_infer.restore(path)
+  assert restored["meta"] == net.frozen["meta"]
+  jax.tree.map(np.testing.assert_array_equal, bnn_infer._arrays(restored),
+               bnn_infer._arrays(net.frozen))
+  np.testing.assert_array_equal(bnn_infer.packed_apply(restored, images),
+                                bnn_infer.packed_apply(net.frozen, images))
+  # The file is the arrays plus the npz headers and the JSON meta (a few hundred bytes a leaf).
+  total = bnn_infer.artifact_nbytes(net.frozen)["total"]
+  n_leaves = len(jax.tree.leaves(bnn_infer._arrays(net.frozen)))
+  assert total < nbytes < total + 400 * (n_leaves + 1) + 4096
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
