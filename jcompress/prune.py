@@ -78,6 +78,7 @@ state holds the masks (so they are checkpointed with the train state):
 from __future__ import annotations
 
 import fractions
+import functools
 import math
 import re
 from typing import Any
@@ -276,7 +277,21 @@ def _scores(criterion, leaves, grads, rng) -> list:
     return [jnp.abs(w * g) for w, g in zip(leaves, grads)]
   if rng is None:
     raise ConfigError("config key 'criterion': random pruning needs `rng`")
-  return [jax.random.uniform(jax.random.fold_in(rng, i), w.shape) for i, w in enumerate(leaves)]
+  # One draw for all leaves (one threefry program to compile), split in tree order.
+  u = jax.random.uniform(rng, (sum(math.prod(w.shape) for w in leaves),))
+  out, start = [], 0
+  for w in leaves:
+    n = math.prod(w.shape)
+    out.append(u[start:start + n].reshape(w.shape))
+    start += n
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("criterion", "counts", "scope", "n_m"))
+def _compute_masks(leaves, grads, rng, old, *, criterion, counts, scope, n_m):
+  """`prune_mask_tree`'s masks of the selected leaves, as one compiled program."""
+  counts = list(counts) if isinstance(counts, tuple) else counts
+  return _masks_from_scores(_scores(criterion, leaves, grads, rng), counts, scope, n_m, old)
 
 
 def _selected(tree, sel) -> list:
@@ -318,9 +333,15 @@ def prune_mask_tree(params: PyTree,
     _check_n_m_shapes(paths, shapes, n_m)
     sparsity = s_nm
   counts = _removal_counts(paths, shapes, sparsity, scope, n_m, erk_power)
+  counts = tuple(counts) if isinstance(counts, list) else counts
   g = None if grads is None else _selected(grads, sel)
+  if criterion in ("saliency", "snip") and g is None:
+    _scores(criterion, leaves, g, rng)   # raises ConfigError
+  if criterion == "random" and rng is None:
+    _scores(criterion, leaves, g, rng)   # raises ConfigError
   old = None if masks is None else [jnp.asarray(m, bool) for m in _selected(masks, sel)]
-  new = iter(_masks_from_scores(_scores(criterion, leaves, g, rng), counts, scope, n_m, old))
+  new = iter(_compute_masks(leaves, g, rng, old, criterion=criterion, counts=counts,
+                            scope=scope, n_m=n_m))
   return jax.tree.map(lambda s, w: next(new) if s else jnp.ones(jnp.shape(w), bool), sel, params)
 
 

@@ -360,7 +360,7 @@ def test_snip_calibration_prunes_by_mean_gradient_before_step_0():
   state = t.init(p0, jax.random.PRNGKey(0))
   params, state = t.calibrate(p0, state, ctx)
   grads = jax.tree.map(lambda *g: sum(g) / 3,
-                       *[jax.grad(ctx.loss_fn)(p0, b) for b in batches])
+                       *[jax.jit(jax.grad(ctx.loss_fn))(p0, b) for b in batches])
   want = prune.prune_mask_tree(p0, 0.8, criterion="saliency", grads=grads, exclude=())
   for a, b in zip(jax.tree.leaves(state["masks"]), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
@@ -499,3 +499,50 @@ def test_sensitivity_table_report_and_pick(tmp_path):
   assert "| block/conv1/kernel | 1152 | 95.00 | 90.00 | 82.01 |" in md
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(_params())):
     np.testing.assert_array_equal(a, b)   # the caller's params are untouched
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _digits_config(data_dir, **prune_keys):
+  c = config_lib.base_config()
+  c.data = "digits"
+  c.data_dir = data_dir
+  c.image_size = 0
+  c.model = "small_cnn"
+  c.width = 0.5
+  c.batch_size = 32
+  c.eval_batch_size = 360
+  c.total_steps = 300
+  c.log_every = 50
+  c.eval_every = 0
+  c.checkpoint_every = 300
+  c.optimizer.learning_rate = 0.05
+  c.schedule.warmup_steps = 10
+  c.prune = prune.default_config()
+  for k, v in prune_keys.items():
+    c.prune[k] = v
+  return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keys, floor", [
+    ({"sparsity": 0.8, "schedule": "gradual", "begin_step": 30, "end_step": 200,
+      "frequency": 10}, 0.9),
+    ({"sparsity": 0.5, "n_m": "2:4", "schedule": "oneshot", "begin_step": 50}, 0.9),
+], ids=["gradual80", "nm24"])
+def test_digits_training_reaches_accuracy_floor_at_exact_sparsity(tmp_path, keys, floor):
+  import json  # noqa: PLC0415
+  c = _digits_config(str(tmp_path / "tfds"), **keys)
+  results = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert results["test_accuracy"] >= floor, results
+  exp = train.make_experiment(c)
+  sizes = [x.size for x, s in zip(jax.tree.leaves(exp.abstract_state.params),
+                                  jax.tree.leaves(transforms.select(exp.abstract_state.params)))
+           if s]
+  want = sum(math.floor(round(keys["sparsity"] * 100) * n / 100) for n in sizes) / sum(sizes)
+  assert abs(results["sparsity"] - want) < 1e-6, results
+  assert results["model_bytes"] < results["float_bytes"]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = [json.loads(line) for line in f if "sparsity" in line]
+  assert logged[-1]["sparsity"] == pytest.approx(want)
