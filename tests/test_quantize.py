@@ -571,3 +571,83 @@ def test_transform_state_shapes_follow_from_abstract_params():
   assert "head" not in shapes and "stem_conv" not in shapes
   real = t.init(PARAMS, jax.random.key(0))
   assert jax.tree.structure(real) == jax.tree.structure(shapes)
+
+
+# ----------------------------------------------------------------------------- digits (slow)
+
+
+@pytest.mark.slow
+def test_ptq_on_a_trained_digits_cnn_keeps_accuracy(tmp_path):
+  import optax  # noqa: PLC0415
+
+  from jcompress import data as data_lib  # noqa: PLC0415
+  from jcompress import models  # noqa: PLC0415
+
+  data_dir = str(tmp_path)
+  model = models.get_model("small_cnn", 10, width=0.5)
+  it = data_lib.train_iterator("digits", batch_size=64, seed=0, data_dir=data_dir)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(
+      jax.random.key(0))
+  params, stats = variables["params"], variables["batch_stats"]
+  tx = optax.sgd(0.05, momentum=0.9)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt, batch):
+    def loss(p):
+      (logits, _), new = model.apply({"params": p, "batch_stats": stats}, batch["image"],
+                                     train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), new
+    (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), new["batch_stats"], opt
+
+  for _ in range(300):
+    params, stats, opt = step(params, stats, opt, next(it))
+  batches = list(data_lib.eval_iterator("digits", batch_size=360, data_dir=data_dir))
+
+  @jax.jit
+  def correct(p, b):
+    logits, _ = model.apply({"params": p, "batch_stats": stats}, b["image"], train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == b["label"]) * b["mask"])
+
+  acc = lambda p: sum(float(correct(p, b)) for b in batches) / 360
+  float_acc = acc(params)
+  assert float_acc >= 0.93
+  results = {}
+  for method, bits in [("uniform", 8), ("uniform", 2), ("kmeans", 2)]:
+    t = Q.quant_weights(params, method=method, bits=bits, mode="ptq")
+    p, st = t.calibrate(params, t.init(params, jax.random.key(0)), None)
+    results[(method, bits)] = acc(t.apply(p, st))
+  assert results[("uniform", 8)] >= float_acc - 0.005
+  assert results[("kmeans", 2)] >= results[("uniform", 2)]
+
+
+def test_quant_resnet_configs_build_their_transform_and_model():
+  import importlib.util  # noqa: PLC0415
+
+  from jcompress import config as config_lib  # noqa: PLC0415
+  from jcompress import models  # noqa: PLC0415
+  from jcompress import train  # noqa: PLC0415
+
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "quant_resnet.py")
+  spec = importlib.util.spec_from_file_location("quant_resnet", path)
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  c = exp.get_config("data=digits,method=kmeans,bits=4,abits=4,act=lsq")
+  config_lib.validate(c)
+  assert c.quant.method == "kmeans" and c.total_steps == 300 and c.optimizer.weight_decay == 0
+  model = models.get_model("resnet20", 10, width=0.25, **dict(c.model_kwargs))
+  abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)), train=False),
+                            jax.random.key(0))["params"]
+  assert "stage1_block0" in abstract and "conv1_act" in abstract["stage1_block0"]
+  t = train.build_transform(c, abstract)
+  st = jax.eval_shape(t.init, abstract, jax.random.key(0))
+  assert st["stage3_block2"]["conv2"]["kernel"]["codebook"].shape == (16,)
+  assert "stem_conv" not in st and "head" not in st
+  c = exp.get_config("data=digits,mode=ptq,bits=8,init_from=/x")
+  assert c.total_steps == 0 and c.quant.mode == "ptq" and "act_quant" not in c.model_kwargs
+  assert {(d["quant.method"], d["quant.bits"]) for d in exp.get_sweep()} == {
+      (m, b) for m in ("uniform", "kmeans") for b in (8, 4, 2)}
+  with pytest.raises(ConfigError, match="per_channel"):
+    exp.get_config("per_channel=maybe")
