@@ -476,7 +476,7 @@ def _as_raw_key(rng):
 
 
 def pruning(params_like: PyTree,
-            sparsity: float = 0.9,
+            sparsity: float | Mapping[str, float] = 0.9,
             *,
             criterion: str = "magnitude",
             scope: str = "layerwise",
@@ -497,6 +497,9 @@ def pruning(params_like: PyTree,
   `params_like` may be abstract (ShapeDtypeStructs): the selection, the event table (steps
   and exact per-layer removal counts of every event, computed here on the host) and the
   state's shapes follow from the shapes alone. Config keys in errors are `prefix + name`.
+  `sparsity` may be a mapping {path or regex: s_l} (scope "layerwise", e.g. from
+  `sensitivity.pick_sparsities`): the schedule then runs on max_l s_l and an event of target
+  s_j gives layer l the sparsity s_l s_j / max_l s_l (exactly s_l at the last event).
 
   State: {"masks": bool tree like params (selected leaves full-shaped, the others a scalar
   True), "next_event": int32, "target": float32 (the last event's target), "rng": uint32[2],
@@ -519,6 +522,14 @@ def pruning(params_like: PyTree,
     sparsity = s_nm
   if isinstance(rewind_step, bool) or int(rewind_step) != rewind_step:
     raise ConfigError(f"config key '{prefix}rewind_step': must be an integer, got {rewind_step!r}")
+  layer_map = None
+  if isinstance(sparsity, Mapping) and n_m is None:
+    # Per-layer targets: the schedule runs on the largest, each layer scaled along with it.
+    try:
+      layer_map = _layer_sparsities(paths, shapes, sparsity, scope, erk_power)
+    except ConfigError as e:
+      raise ConfigError(str(e).replace("config key '", f"config key '{prefix}")) from None
+    sparsity = max(layer_map)
   events = pruning_schedule(schedule, sparsity, begin_step=begin_step, end_step=end_step,
                             frequency=frequency, initial_sparsity=initial_sparsity,
                             rounds=rounds, prefix=prefix)
@@ -527,8 +538,12 @@ def pruning(params_like: PyTree,
                       f"pruning event (step {events[0][0]}); weights can only be rewound to "
                       "an earlier step")
   try:
-    table = [_removal_counts(paths, shapes, s, scope, n_m, erk_power, final_sparsity=sparsity)
-             for _, s in events]
+    if layer_map is not None:
+      table = [[_floor_count(ls if s >= sparsity else ls * s / sparsity, math.prod(x))
+                for ls, x in zip(layer_map, shapes)] for _, s in events]
+    else:
+      table = [_removal_counts(paths, shapes, s, scope, n_m, erk_power, final_sparsity=sparsity)
+               for _, s in events]
   except ConfigError as e:
     raise ConfigError(str(e).replace("config key '", f"config key '{prefix}")) from None
   table = np.maximum.accumulate(np.asarray(table, np.int32), axis=0)   # masks only tighten

@@ -546,3 +546,16 @@ def test_digits_training_reaches_accuracy_floor_at_exact_sparsity(tmp_path, keys
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f if "sparsity" in line]
   assert logged[-1]["sparsity"] == pytest.approx(want)
+
+
+def test_per_layer_sparsities_in_training():
+  p0 = _mlp_params()
+  t = prune.pruning(p0, {"l1": 0.5, "l2": 0.25}, schedule="iterative", begin_step=2,
+                    frequency=3, rounds=2, exclude=())
+  _, _, history = _train(t, optax.sgd(0.05), p0, 8)
+  first, last = history[2][1]["masks"], history[-1][1]["masks"]
+  s1 = 1 - math.sqrt(0.5)   # round 1 of 2 toward 0.5; l2 scaled by 0.25 / 0.5
+  assert int((~np.asarray(first["l1"]["kernel"])).sum()) == math.floor(s1 * 256)
+  assert int((~np.asarray(first["l2"]["kernel"])).sum()) == math.floor(s1 / 2 * 128)
+  assert int((~np.asarray(last["l1"]["kernel"])).sum()) == 128
+  assert int((~np.asarray(last["l2"]["kernel"])).sum()) == 32
