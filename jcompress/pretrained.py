@@ -434,14 +434,15 @@ def _convert(
       expected = _permute_shape(target.shape, _inverse(t.perm))
       names = [f"{layer}{fmt.sep}{s}" for s in t.suffixes]
       name = next((n for n in names if n in source), None)
+      if path == ("head",) and skip_head:
+        used.extend([name] if name is not None else [])
+        continue
       if name is None:
         raise ConfigError(
             f"{origin}: no tensor {names[0]!r} (expected shape {_shape_str(expected)}, for "
             f"{t.collection}/{where}/{t.leaf} of model {arch!r})"
         )
       used.append(name)
-      if path == ("head",) and skip_head:
-        continue
       array = source[name]
       if tuple(array.shape) != tuple(expected):
         raise ConfigError(
@@ -853,8 +854,8 @@ def load_pretrained(
   msg = f"init_from {what}: loaded {len(used)} tensors, {n:,} parameters"
   if reinit:
     params["head"] = _init_head(model, rng)
-    msg += (f"; head re-initialised: the source has {src_classes} classes, the model "
-            f"{num_classes}")
+    source_head = ("no classifier" if src_classes is None else f"{src_classes} classes")
+    msg += f"; head re-initialised: the source has {source_head}, the model {num_classes}"
   if getattr(model, "cifar_stem", False):
     msg += "; note: the model has cifar_stem=True (strides differ from the source's)"
   msg += f" ({time.perf_counter() - t0:.1f} s)"

@@ -191,6 +191,21 @@ def test_load_pretrained_keras(keras_mobilenetv2):
                                keras_weights=keras_mobilenetv2)
 
 
+def test_keras_headless_model(keras):
+  km = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
+  with pytest.raises(ConfigError, match="no classifier 'predictions/kernel'.*include_top=True"):
+    pretrained.from_keras("MobileNetV2", km)
+  # init_from re-initialises the head and loads everything else.
+  model = models.get_model("mobilenetv2", 4, **pretrained.model_fields("keras:MobileNetV2"))
+  rng = jax.random.PRNGKey(3)
+  params, _, msg = pretrained.load_pretrained("keras:MobileNetV2", model, 4, rng,
+                                              keras_weights=km)
+  assert "head re-initialised: the source has no classifier" in msg
+  np.testing.assert_array_equal(params["conv_last"]["kernel"],
+                                km.get_layer("Conv_1").get_weights()[0])
+  assert params["head"]["kernel"].shape == (1280, 4)
+
+
 # ------------------------------------------------------------------------------------------------
 # torchvision / safetensors without torch: the inverse mapping, round trips and errors.
 
