@@ -549,6 +549,8 @@ def pruning(params_like: PyTree,
   table = np.maximum.accumulate(np.asarray(table, np.int32), axis=0)   # masks only tighten
   steps = np.asarray([t for t, _ in events], np.int32)
   targets = np.asarray([s for _, s in events], np.float32)
+  if n_m is not None:   # what an N:M event reaches: k of every M removed
+    targets = (table / n_m[1]).astype(np.float32)
   num_events = len(events)
   use_scores = criterion in ("saliency", "snip")
 

@@ -559,3 +559,17 @@ def test_per_layer_sparsities_in_training():
   assert int((~np.asarray(first["l2"]["kernel"])).sum()) == math.floor(s1 / 2 * 128)
   assert int((~np.asarray(last["l1"]["kernel"])).sum()) == 128
   assert int((~np.asarray(last["l2"]["kernel"])).sum()) == 32
+
+
+def test_n_m_gradual_removes_whole_weights_per_group_and_reports_what_it_reached():
+  p0 = _mlp_params()
+  t = prune.pruning(p0, 0.5, n_m="2:4", schedule="gradual", begin_step=1, end_step=9,
+                    frequency=4, exclude=())
+  _, _, history = _train(t, optax.sgd(0.05), p0, 10)
+  # Events at 1, 5, 9: s = 0, 0.4375, 0.5 -> floor(s / 0.5 * 2) = 0, 1, 2 removed per group.
+  for step, per_group in ((1, 0), (5, 1), (9, 2)):
+    p, s = history[step - 1]
+    groups = np.asarray(s["masks"]["l1"]["kernel"]).reshape(2, 4, 32)
+    np.testing.assert_array_equal(groups.sum(1), 4 - per_group)
+    assert float(s["target"]) == per_group / 4
+    assert float(t.metrics(p, s)["sparsity"]) == per_group / 4
