@@ -3,11 +3,17 @@ r"""Float train-step throughput and compile time of a model on the current devic
   python benchmarks/train_step.py                        # ResNet-18, CIFAR stem, 32x32, batch 64
   python benchmarks/train_step.py --model=resnet20 --batch_size=128 --json=out.json
   python benchmarks/train_step.py --binary_bits=1     # also bnn_resnet18_cifar W1A1, as a ratio
+  python benchmarks/train_step.py --qat_bits=4        # also the W4A4 QAT step, as a ratio
 
 Uses jcompress's own train step (make_train_step: forward, backward, SGD-momentum update with
 weight decay, BatchNorm statistics) on a fixed synthetic batch, so the figure is the step alone,
 not the input pipeline. Prints images/s (median over --repeats timed blocks of --steps steps)
 and the compile time; --json also writes them.
+
+--qat_bits=k times the quantization-aware step of the same model beside the float one: k-bit
+uniform per-channel weight fake-quant (the `quant` transform, ranges from the current weights
+every step) and k-bit activations (`--qat_act`: pact, dorefa or lsq) at every conv input but
+the stem; it prints the QAT step time as a multiple of the float step's.
 """
 
 import json
@@ -40,6 +46,11 @@ _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON fil
 _BINARY = flags.DEFINE_integer(
     "binary_bits", 0, "Also time the binary step: bnn_<model> with binary weights (binary_weights "
     "transform) and activations of this many bits (1 = W1A1); 0: float only.")
+_QAT = flags.DEFINE_integer(
+    "qat_bits", 0, "Also time the QAT step of the same model: uniform per-channel weights and "
+    "activations (--qat_act) of this many bits (4 = W4A4); 0: no QAT step.")
+_QAT_ACT = flags.DEFINE_enum("qat_act", "pact", ["pact", "dorefa", "lsq"],
+                             "Activation quantizer of the QAT step.")
 
 
 def device_name() -> str:
@@ -51,16 +62,23 @@ def device_name() -> str:
 
 
 def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
-                       dtype="float32", binary_bits=0):
+                       dtype="float32", binary_bits=0, qat_bits=0, qat_act="pact"):
   """Compile seconds and images/s of jcompress's train step of `model_name`.
 
   With `binary_bits`, the step trains binary weights (the `binary` sub-config's transform) and
-  the model quantizes activations to that many bits.
+  the model quantizes activations to that many bits. With `qat_bits`, the step fake-quantizes
+  the weights (the `quant` sub-config's transform: uniform, per channel) and the model
+  quantizes every conv input but the stem with `qat_act`, both to that many bits.
   """
   config = config_lib.base_config()
   config.model, config.dtype = model_name, dtype
   if binary_bits:
     config.model_kwargs.num_bits = binary_bits
+  if qat_bits:
+    config.model_kwargs.act_quant = ml_collections.ConfigDict(
+        {"kind": qat_act, "bits": qat_bits})
+    config.quant = ml_collections.ConfigDict(
+        {"method": "uniform", "bits": qat_bits, "per_channel": True})
   model = train.build_model(config, num_classes)
   schedule = train.make_schedule(config)
   tx = train.make_optimizer(config, schedule)
@@ -92,7 +110,8 @@ def measure_train_step(model_name, batch_size, image_size, num_classes, steps, r
     jax.block_until_ready((state, m))
     rates.append(steps * batch_size / (time.perf_counter() - t0))
   return {"model": model_name, "batch_size": batch_size, "image_size": image_size,
-          "dtype": dtype, "binary_bits": binary_bits, "params": models.count_params(params),
+          "dtype": dtype, "binary_bits": binary_bits, "qat_bits": qat_bits,
+          "qat_act": qat_act if qat_bits else "", "params": models.count_params(params),
           "compile_seconds": round(compile_s, 2),
           "images_per_second": round(float(np.median(rates)), 1),
           "images_per_second_all": [round(r, 1) for r in rates],
@@ -107,11 +126,23 @@ def main(argv):
     runs.append(measure_train_step(f"bnn_{_MODEL.value}", _BATCH.value, _SIZE.value,
                                    _CLASSES.value, _STEPS.value, _REPEATS.value, _DTYPE.value,
                                    binary_bits=_BINARY.value))
-    runs[1]["images_per_second_vs_float"] = round(
-        runs[1]["images_per_second"] / runs[0]["images_per_second"], 3)
+    runs[-1]["images_per_second_vs_float"] = round(
+        runs[-1]["images_per_second"] / runs[0]["images_per_second"], 3)
+  if _QAT.value:
+    runs.append(measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
+                                   _STEPS.value, _REPEATS.value, _DTYPE.value,
+                                   qat_bits=_QAT.value, qat_act=_QAT_ACT.value))
+    runs[-1]["images_per_second_vs_float"] = round(
+        runs[-1]["images_per_second"] / runs[0]["images_per_second"], 3)
+    runs[-1]["step_time_vs_float"] = round(
+        runs[0]["images_per_second"] / runs[-1]["images_per_second"], 3)
   print(f"device: {runs[0]['device']}  jax {runs[0]['jax']}")
   for r in runs:
-    kind = f"W1A{r['binary_bits']}" if r["binary_bits"] else "float"
+    kind = "float"
+    if r["binary_bits"]:
+      kind = f"W1A{r['binary_bits']}"
+    elif r["qat_bits"]:
+      kind = f"QAT W{r['qat_bits']}A{r['qat_bits']} ({r['qat_act']})"
     print(f"{r['model']} ({r['params']:,} params, {kind}), {r['image_size']}x{r['image_size']}, "
           f"batch {r['batch_size']}, {r['dtype']}:")
     print(f"  compile time     {r['compile_seconds']:.2f} s")
@@ -119,6 +150,8 @@ def main(argv):
           f"(blocks: {r['images_per_second_all']})")
     if "images_per_second_vs_float" in r:
       print(f"  vs float step    {r['images_per_second_vs_float']:.3f}x images/s")
+    if "step_time_vs_float" in r:
+      print(f"  step time        {r['step_time_vs_float']:.3f}x the float step's")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(runs, f, indent=2)
