@@ -109,8 +109,9 @@ def unpack_kernel(bits: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> j
   """Inverse of `pack_kernel`: the +1/-1 kernel of `shape` (kh, kw, C_in, C_out) in `dtype`."""
   shape = tuple(int(s) for s in shape)
   k = int(np.prod(shape[:-1]))
-  w = binarize.unpack_signs(bits, k, axis=-1, dtype=dtype)       # (C_out, K)
-  return w.T.reshape(shape)
+  # Transpose the words (32x smaller than the signs), then unpack straight into (K, C_out).
+  w = binarize.unpack_signs(jnp.asarray(bits).T, k, axis=0, dtype=dtype)
+  return w.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- freezing

@@ -122,8 +122,10 @@ def test_pack_kernel_layout_and_roundtrip():
 # ----------------------------------------------------------------------------- equality
 
 
-@pytest.mark.parametrize("num_bits,method", [(1, "ste_sign"), (2, "ste_sign"), (1, "xnor"),
-                                             (2, "xnor")])
+@pytest.mark.parametrize("num_bits,method", [
+    (1, "ste_sign"), (2, "ste_sign"), (1, "xnor"),
+    pytest.param(2, "xnor", marks=pytest.mark.slow),
+])
 def test_packed_apply_matches_latent_model(nets, images, num_bits, method):
   net = nets(num_bits, method)
   # The random BN makes the network non-trivial: the images get different logits.
