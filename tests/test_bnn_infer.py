@@ -135,6 +135,20 @@ def test_packed_apply_matches_latent_model(nets, images, num_bits, method):
   assert_matches_latent(bnn_infer.packed_apply(runtime, images), net.latent)
 
 
+def test_imagenet_stem_bnn_resnet18_matches_latent_model():
+  """bnn_resnet18: 7x7/2 stem folded with its BN, then the 3x3/2 max pool; 4 stages."""
+  x = jax.random.normal(jax.random.key(4, impl="rbg"), (4, 32, 32, 3), jnp.float32)
+  model = get_model("bnn_resnet18", 10, width=0.0625, num_bits=1)
+  variables = jax.jit(model.init)(KEY, x[:1])
+  params, stats = random_bn(variables["params"], variables["batch_stats"], seed=7)
+  eff = binarize.binary_weights(params).apply(params, {})
+  latent = np.asarray(jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x,
+                                                          train=False)[0])(eff, stats, x))
+  frozen = bnn_infer.freeze(params, stats, model)
+  assert frozen["meta"]["cifar_stem"] is False and len(frozen["meta"]["blocks"]) == 8
+  assert_matches_latent(bnn_infer.packed_apply(frozen, x), latent)
+
+
 def test_packed_bits_give_the_same_logits_as_the_loaded_form(nets, images):
   """From the stored artifact alone (bits unpacked inside the graph): the very same logits."""
   net = nets(1)
