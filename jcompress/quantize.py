@@ -641,7 +641,8 @@ QUANT_DEFAULTS = {
     "include": (r".*",),
     "exclude": transforms.DEFAULT_EXCLUDE,
     "mode": "qat",                # qat (fine-tune through the quantizer) | ptq (no training)
-    "kmeans_iters": 20,
+    "kmeans_iters": 100,          # Lloyd iterations (20 left 4-bit ResNet-20 digits PTQ at 98.6%,
+                                  # 100 gives 99.4%: 1-D Lloyd converges slowly)
     "kmeans_grad": "sum",         # sum (Deep Compression) | mean of the members' changes
     "seed": 0,
 }
@@ -741,7 +742,7 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
                   range_method: str = "minmax", percentile: float = 99.99,
                   include: str | Sequence[str] = (r".*",),
                   exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
-                  mode: str = "qat", kmeans_iters: int = 20, kmeans_grad: str = "sum",
+                  mode: str = "qat", kmeans_iters: int = 100, kmeans_grad: str = "sum",
                   seed: int = 0, act_quant: Any = None,
                   prefix: str = "quant") -> transforms.ParamTransform:
   r"""Weight quantization as a ParamTransform: QAT (fine-tuning through the quantizer) or PTQ.
