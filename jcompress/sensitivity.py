@@ -73,16 +73,25 @@ def sensitivity(eval_fn: Callable[[PyTree], float],
 
 
 def pick_sparsities(table: Sequence[dict], max_drop: float) -> dict[str, float]:
-  """{layer: the largest tested sparsity with drop <= max_drop (0.0 if none)}."""
+  """{layer: the largest tested sparsity s with drop <= max_drop at s and at every smaller
+  tested sparsity (0.0 if the smallest already fails)}.
+
+  Requiring the whole prefix to pass keeps a lucky high-sparsity point behind a failing
+  lower one from being picked (single-layer curves on small eval sets are noisy).
+  """
   if max_drop < 0:
     raise ConfigError(f"config key 'max_drop': must be >= 0, got {max_drop}")
-  out: dict[str, float] = {}
+  per_layer: dict[str, list[tuple[float, float]]] = {}
   for row in table:
-    if row["layer"] == "dense":
-      continue
-    best = out.setdefault(row["layer"], 0.0)
-    if row["drop"] <= max_drop and row["sparsity"] > best:
-      out[row["layer"]] = row["sparsity"]
+    if row["layer"] != "dense":
+      per_layer.setdefault(row["layer"], []).append((row["sparsity"], row["drop"]))
+  out: dict[str, float] = {}
+  for layer, points in per_layer.items():
+    out[layer] = 0.0
+    for s, drop in sorted(points):
+      if drop > max_drop:
+        break
+      out[layer] = s
   return out
 
 

@@ -492,6 +492,10 @@ def test_sensitivity_table_report_and_pick(tmp_path):
     assert np.isclose(r["drop"], coef * frac, atol=1e-6)
   picked = sens_lib.pick_sparsities(rows, max_drop=0.06)
   assert picked == {"block/conv1/kernel": 0.25, "block/conv2/kernel": 0.9, "fc/kernel": 0.9}
+  noisy = [{"layer": "a", "sparsity": 0.5, "drop": 0.0}, {"layer": "a", "sparsity": 0.7,
+                                                         "drop": 0.2},
+           {"layer": "a", "sparsity": 0.9, "drop": 0.01}]
+  assert sens_lib.pick_sparsities(noisy, 0.05) == {"a": 0.5}   # 0.9 lies behind a failure
   masks = _by_path(prune.prune_mask_tree(p0, picked))
   assert (~np.asarray(masks["block/conv1/kernel"])).sum() == 288
   assert os.path.getsize(tmp_path / "sensitivity.png") > 1000
