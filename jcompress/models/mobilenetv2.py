@@ -56,6 +56,10 @@ class InvertedResidual(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  # Whether to add the input: None decides from the shapes (stride 1, equal channels);
+  # MobileNetV2 passes the decision of the unpruned architecture, so that a structurally
+  # pruned block (whose widths no longer equal `features`) keeps its residual connection.
+  residual: bool | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -69,7 +73,10 @@ class InvertedResidual(nn.Module):
     y = nn.relu6(batch_norm(self, train, "dw_bn")(y))
     y = conv(self, self.features, 1, name="project_conv")(y)
     y = batch_norm(self, train, "project_bn")(y)
-    if self.strides == 1 and in_features == self.features:
+    residual = self.residual
+    if residual is None:
+      residual = self.strides == 1 and in_features == self.features
+    if residual:
       y = y + x
     return y
 
@@ -112,20 +119,24 @@ class MobileNetV2(nn.Module):
              name="stem_conv")(x)
     x = nn.relu6(batch_norm(self, train, "stem_bn")(x))
     features["stem"] = x
+    nominal_in = make_divisible(32 * self.width)   # the unpruned widths decide the residuals
     for s, (t, c, n, stride) in enumerate(INVERTED_RESIDUAL_SETTING, start=1):
       if self.cifar_stem and s == 2:
         stride = 1
       out = make_divisible(c * self.width)
       for b in range(n):
+        block_stride = stride if b == 0 else 1
         x = InvertedResidual(
             features=out,
-            strides=stride if b == 0 else 1,
+            strides=block_stride,
             expansion=t,
+            residual=block_stride == 1 and nominal_in == out,
             dtype=self.dtype,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
             name=f"stage{s}_block{b}",
         )(x, train)
+        nominal_in = out
       features[f"stage{s}"] = x
     x = conv(self, make_divisible(1280 * max(1.0, self.width)), 1, name="conv_last")(x)
     x = nn.relu6(batch_norm(self, train, "bn_last")(x))
