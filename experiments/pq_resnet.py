@@ -19,6 +19,17 @@ Defaults: d = 4, 16 codewords (4-bit codes): 1 bit per weight for the codes, abo
 the codebooks, so ResNet-20's quantized convolutions are 14x smaller than float32
 (`pq_compression_ratio` in metrics.jsonl / results.json).
 
+Digits, ResNet-20 (float baseline 99.17%, `baseline_resnet.py:data=digits`), d = 4, 4-bit codes,
+convolutions 14.07x smaller (2.275 bits per weight), whole model 12.48x (results.json
+`compression_ratio`: stem, head and BatchNorm stay float32):
+
+  method  steps=0 (PTQ)  steps=300 (fine-tuned codebooks)
+  pq      9.72%          99.72%
+  qcnn    98.89%         99.44%
+
+(k-means PQ alone collapses before fine-tuning: the BatchNorm statistics no longer fit; Q-CNN,
+which matches each layer's output with error compensation, keeps 98.9% without any training.)
+
 Args: data (cifar10 | digits), model, method (pq | qcnn), subvector, bits, init_from (a float
 run's workdir; required for a meaningful run), steps (fine-tuning steps), lr, runlocal.
 """
