@@ -1001,7 +1001,7 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
                    batches: Iterable[dict] | None = None, graph: ChannelGraph | None = None,
                    input_shape: Sequence[int] | None = None, max_prune_ratio: float = 0.8,
                    scores: Mapping[str, np.ndarray] | None = None,
-                   keys: Mapping[str, str] | None = None) -> dict:
+                   keys: Mapping[str, str] | None = None, round_to: int = 1) -> dict:
   """Chooses the channels to keep so that MACs <= flops_target * the original MACs.
 
   `method="global"`: channels of all prunable groups are ranked together by `s_c / mean(s)` (the
@@ -1009,6 +1009,10 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   has lost `max_prune_ratio` of its channels (at least one channel always stays), until the
   target is met. `method="uniform"`: the same fraction p of every group is cut (its lowest
   scores), p the smallest that meets the target. Ties break by group then index.
+  `round_to=k > 1` rounds the kept channels of every pruned group up to a multiple of k (or
+  the whole group), inside the search: the global ranking is aimed at a lower target until the
+  rounded plan meets `flops_target`. CPU and
+  accelerator convolutions run markedly faster on channel counts that are multiples of 8.
 
   Returns {group: sorted kept indices} for `prune_channels`. `keys` maps "flops_target",
   "criterion", "method" to the config keys named in errors.
@@ -1034,10 +1038,38 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   limit = {n: min(g.size - 1, int(math.floor(max_prune_ratio * g.size))) for n, g in
            groups.items()}
   order = {n: np.argsort(np.asarray(scores[n]), kind="stable") for n in groups}
+  if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+    raise ConfigError(f"round_to must be an int >= 1, got {round_to!r}")
+
+  def rounded(removed):
+    if round_to == 1:
+      return removed
+    out = {}
+    for n, r in removed.items():
+      size = groups[n].size
+      if r == 0 or size <= round_to:
+        out[n] = 0 if size <= round_to else r   # a group narrower than k is kept whole
+        continue
+      kept = min(size, -(-(size - r) // round_to) * round_to)
+      out[n] = size - kept
+    return out
+
   if method == "uniform":
-    removed = _uniform(graph, groups, limit, goal)
+    removed = _uniform(graph, groups, limit, goal, rounded)
   else:
-    removed = _global(graph, groups, limit, goal, scores)
+    removed = rounded(_global(graph, groups, limit, goal, scores))
+    if round_to > 1 and graph.flops(removed) > goal:
+      # Rounding up kept channels adds FLOPs back: aim the ranking lower until it fits.
+      lo, hi = 0.0, goal
+      best = None
+      for _ in range(30):
+        mid = (lo + hi) / 2
+        trial = rounded(_global(graph, groups, limit, mid, scores))
+        if graph.flops(trial) <= goal:
+          best, lo = trial, mid
+        else:
+          hi = mid
+      removed = best if best is not None else removed
   if graph.flops(removed) > goal * (1 + 1e-9):
     raise ConfigError(
         f"config key '{keys['flops_target']}': {target} is out of reach; pruning at most "
@@ -1046,9 +1078,9 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   return {n: np.sort(order[n][removed.get(n, 0):]) for n in groups}
 
 
-def _uniform(graph, groups, limit, goal) -> dict:
+def _uniform(graph, groups, limit, goal, rounded) -> dict:
   def removed_at(p):
-    return {n: min(limit[n], int(math.floor(p * g.size))) for n, g in groups.items()}
+    return rounded({n: min(limit[n], int(math.floor(p * g.size))) for n, g in groups.items()})
   lo, hi = 0.0, 1.0
   if graph.flops(removed_at(hi)) > goal:
     return removed_at(hi)
@@ -1115,6 +1147,7 @@ def default_config():
   c.flops_target = 0.5        # fraction of the original MACs to keep, in (0, 1]
   c.method = "global"         # global | uniform
   c.max_prune_ratio = 0.8     # at most this fraction of one group is removed
+  c.round_to = 1              # keep a multiple of this many channels per group (8: faster)
   return c
 
 
@@ -1125,7 +1158,7 @@ def apply_to_config(config, params: PyTree, batch_stats: PyTree,
 
   Builds `config.model` (with `config.width` and `config.model_kwargs`) for `params`, plans the
   pruning (`plan_for_flops` with `config.structured.{criterion, flops_target, method,
-  max_prune_ratio}`; "taylor" uses `calibration_batches`, dicts with "image" and "label"),
+  max_prune_ratio, round_to}`; "taylor" uses `calibration_batches`, dicts with "image" and "label"),
   removes the channels, and returns
   `(config with model_kwargs.channels set, new_params, new_batch_stats, report)`. The returned
   config is a copy; `model_kwargs.channels` is a sorted tuple of (conv path, width) pairs (JSON:
@@ -1155,7 +1188,8 @@ def apply_to_config(config, params: PyTree, batch_stats: PyTree,
   keep = plan_for_flops(model, params, batch_stats, flops_target=s.get("flops_target", 0.5),
                         criterion=s.get("criterion", "l1"), method=s.get("method", "global"),
                         batches=calibration_batches, graph=graph,
-                        max_prune_ratio=s.get("max_prune_ratio", 0.8), keys=keys)
+                        max_prune_ratio=s.get("max_prune_ratio", 0.8), keys=keys,
+                        round_to=s.get("round_to", 1))
   override, new_params, new_stats = prune_channels(model, params, batch_stats, keep, graph=graph)
   flops_before = graph.flops()
   flops_after = count_flops(with_channels(model, override), input_shape, new_params, new_stats)
@@ -1167,6 +1201,7 @@ def apply_to_config(config, params: PyTree, batch_stats: PyTree,
       "criterion": s.get("criterion", "l1"),
       "method": s.get("method", "global"),
       "flops_target": float(s.get("flops_target", 0.5)),
+      "round_to": int(s.get("round_to", 1)),
       "flops_before": int(flops_before),
       "flops_after": int(flops_after),
       "flops_ratio": flops_after / flops_before,

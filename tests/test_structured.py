@@ -214,6 +214,11 @@ def test_plan_methods_and_targets(built):
       removed = {n: g.groups[n].size - k.size for n, k in keep.items()}
       assert g.flops(removed) <= target * g.flops()
       assert all(k.size >= 1 for k in keep.values())
+  for method in ("global", "uniform"):   # kept widths rounded up to multiples of 4
+    keep = st.plan_for_flops(model, v["params"], v["batch_stats"], flops_target=0.6,
+                             method=method, graph=g, round_to=4)
+    assert all(k.size % 4 == 0 or k.size == g.groups[n].size for n, k in keep.items())
+    assert g.flops({n: g.groups[n].size - k.size for n, k in keep.items()}) <= 0.6 * g.flops()
   keep = st.plan_for_flops(model, v["params"], v["batch_stats"], flops_target=1.0, graph=g)
   assert all(k.size == g.groups[n].size for n, k in keep.items())
   # The global ranking removes the lowest normalised L1 channels first.
