@@ -3,6 +3,7 @@
   python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/base
   python launch.py --config=experiments/baseline_resnet.py --workdir=runs/base --config.seed=1
   python launch.py --mode=eval --workdir=runs/base        # config read from the workdir
+  python launch.py --config=experiments/bnn_resnet.py     # workdir: runs/bnn_resnet
 """
 
 import os
@@ -16,9 +17,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/baseline_resnet.py:data=digits")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results; default for --mode=train: "
+    "runs/<experiment>[_<arg>], e.g. runs/baseline_resnet_data=digits.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
-flags.mark_flag_as_required("workdir")
 
 
 def _parse_flags(argv):

@@ -1,8 +1,16 @@
 r"""Binary ResNet: binary weights and `num_bits` activations (seed 001's BNN residual unit).
 
-  python launch.py --config=experiments/bnn_resnet.py --workdir=runs/bnn            # CIFAR-10
+  python launch.py --config=experiments/bnn_resnet.py                 # CIFAR-10, runs/bnn_resnet
   python launch.py --config=experiments/bnn_resnet.py:data=digits --workdir=runs/bnn_digits
   python launch.py --config=experiments/bnn_resnet.py:data=digits,num_bits=2 --workdir=...
+  python launch.py --config=experiments/bnn_resnet.py:data=digits,teacher= --workdir=...  # no KD
+
+Distillation (on by default): the float teacher is the run of `experiments/baseline_resnet.py`
+in `teacher` (CIFAR-10: ResNet-18 with a CIFAR stem in runs/baseline_resnet_model=resnet18_cifar;
+digits: ResNet-20 in runs/baseline_resnet_data=digits, the workdirs `launch.py` gives those
+configs by default). When that workdir holds no finished run, the teacher is trained there first
+(`teacher_config`), so the one command above does everything; a rerun resumes either run. The
+loss is Hinton's KD (`distill` sub-config: T 4, alpha 0.9 by default; `loss=dkd` etc.).
 
 Weights: every conv kernel except the float stem (`stem_conv`) and classifier (`head`) is
 binarized in the forward pass by the `binary` ParamTransform (latent float weights, sign with a
@@ -14,25 +22,50 @@ CIFAR-10 (default): BNN ResNet-18 with a CIFAR stem, batch 128, 64k steps, crop 
 `data=digits`: BNN ResNet-20 on the 32x32x3 digits, a few minutes on a CPU.
 
 Args: data, model, num_bits (activation bits, 1..8), method (ste_sign, approx_sign, swish_sign,
-xnor), width, teacher (a workdir to distil from; distillation is issue 6 and not available
-yet, so it must stay empty), runlocal.
+xnor), width, teacher (the teacher's workdir; empty: no distillation; "default": see above),
+loss, temperature, alpha (the `distill` sub-config), seed, runlocal.
 """
+
+import os
 
 import ml_collections
 
 from jcompress import config as config_lib
+from jcompress import distill
 from jcompress import transforms
+from jcompress.errors import ConfigError
+
+#: data -> the config that trains the default teacher; its workdir is the one launch.py gives
+#: that config by default (`config.default_workdir`), relative to the current directory.
+_BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline_resnet.py")
+TEACHERS = {
+    "cifar10": _BASELINE + ":model=resnet18_cifar",
+    "digits": _BASELINE + ":data=digits",
+}
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", num_bits=1, method="ste_sign",
-                             width=1.0, teacher="", runlocal=False)
+                             width=1.0, teacher="default", loss="kd", temperature=4.0,
+                             alpha=0.9, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   c.model = arg.model or ("bnn_resnet20" if arg.data == "digits" else "bnn_resnet18_cifar")
   c.width = arg.width
   c.model_kwargs.num_bits = arg.num_bits
-  c.teacher = arg.teacher
+  c.seed = arg.seed
+  c.teacher, c.teacher_config = arg.teacher, ""
+  if arg.teacher == "default":
+    if arg.data not in TEACHERS:
+      raise ConfigError(
+          f"config arg 'teacher': no default teacher for data={arg.data!r}; give teacher=<workdir> "
+          "or teacher= (none)")
+    c.teacher_config = TEACHERS[arg.data] + (",runlocal" if arg.runlocal else "")
+    c.teacher = config_lib.default_workdir(c.teacher_config)
+  c.distill = distill.default_config()
+  c.distill.loss = arg.loss
+  c.distill.temperature = arg.temperature
+  c.distill.alpha = arg.alpha
 
   c.binary = ml_collections.ConfigDict()
   c.binary.method = arg.method

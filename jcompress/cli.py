@@ -94,7 +94,13 @@ def run(config_flag, workdir: str, mode: str) -> int:
       if config is None:
         raise JCompressError("--config is required for --mode=train "
                              "(e.g. --config=experiments/baseline_resnet.py:data=digits)")
+      if not workdir:
+        from jcompress import config as config_lib  # noqa: PLC0415
+        workdir = config_lib.default_workdir(_config_arg(sys.argv))
+        logging.info("no --workdir: writing into %s", workdir)
       results = train.train_and_evaluate(config, workdir)
+    elif not workdir:
+      raise JCompressError(f"--workdir is required for --mode={mode}")
     elif mode == "eval":
       results = train.evaluate(config, workdir)
     else:

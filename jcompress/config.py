@@ -13,7 +13,10 @@ keys it does not declare.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 from typing import Any
 
 import ml_collections
@@ -74,6 +77,35 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       value = "true"
     result[key] = _convert(key, value.strip(), default)
   return result
+
+
+def load_config_file(spec: str, key: str = "config") -> ml_collections.ConfigDict:
+  """The config of `"path/to/experiment.py:arg"` (what --config takes), for configs that name
+  other runs' configs (`teacher_config`). Errors name `key` and the file."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config key '{key}': config file '{path}' does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      "jcompress_experiment_" + re.sub(r"\W", "_", path), path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  (any failure of the file is a config error)
+    raise ConfigError(f"config key '{key}': config file '{path}' failed to load: "
+                      f"{type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config key '{key}': '{path}' defines no get_config(arg)")
+  return module.get_config(arg or None)
+
+
+def default_workdir(spec: str) -> str:
+  """`runs/<experiment>[_<arg>]` for `--config=experiments/<experiment>.py[:<arg>]`: the
+  workdir of a run launched without --workdir (`runs/bnn_resnet`,
+  `runs/baseline_resnet_data=digits`)."""
+  path, _, arg = spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  slug = re.sub(r"[^A-Za-z0-9=.+-]+", "_", arg).strip("_")
+  return os.path.join("runs", f"{name}_{slug}" if slug else name)
 
 
 def base_config() -> ml_collections.ConfigDict:

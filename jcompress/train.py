@@ -51,7 +51,7 @@ PyTree = Any
 
 #: Config keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "eval_batch_size", "data_dir", "num_devices", "distributed")
+                  "eval_batch_size", "data_dir", "num_devices", "distributed", "teacher_config")
 
 
 @flax.struct.dataclass
@@ -374,6 +374,26 @@ def make_distillation(config, info, model, init) -> Distillation:
       workdirs=workdirs, experiments=experiments, models=[t.model for t in experiments],
       loss_fn=distill_lib.make_distill_loss(cfg, config.label_smoothing),
       init_aux=lambda rng: distill_lib.init_aux(cfg, s_feats, t_feats, rng))
+
+
+def train_missing_teacher(config) -> dict | None:
+  """Trains the teacher first when `teacher` names a workdir without a finished run and
+  `teacher_config` says how (`"experiments/baseline_resnet.py:model=resnet18_cifar"`), so that
+  a distillation experiment runs from one command. A rerun resumes the teacher where it
+  stopped."""
+  if not config.get("teacher") or not config.get("teacher_config"):
+    return None
+  workdirs = [w.strip() for w in str(config.teacher).split(",") if w.strip()]
+  if len(workdirs) != 1:
+    raise ConfigError("config key 'teacher_config': it trains one teacher; 'teacher' names "
+                      f"{len(workdirs)} ({config.teacher!r}); train them first, then set "
+                      "teacher_config to ''")
+  if os.path.exists(os.path.join(workdirs[0], "results.json")):
+    return None
+  tconfig = config_lib.load_config_file(config.teacher_config, key="teacher_config")
+  logging.warning("teacher %s has no finished run: training it first with %s", workdirs[0],
+                  config.teacher_config)
+  return train_and_evaluate(tconfig, workdirs[0])
 
 
 def load_teacher_variables(exp: Experiment) -> list:
@@ -759,6 +779,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   if config.get("distributed", False):
     jax.distributed.initialize()
+  teacher_results = train_missing_teacher(config)
+  if teacher_results and "interrupted_at_step" in teacher_results:
+    return {**teacher_results, "teacher": str(config.teacher)}   # SIGTERM while training it
   exp = make_experiment(config)
   c = exp.config
   lead = jax.process_index() == 0

@@ -1,0 +1,69 @@
+r"""Knowledge distillation: a ResNet teacher into a lightweight MobileNetV2 / ShuffleNetV2 student.
+
+  # 1. the teacher (a float baseline run)
+  python launch.py --config=experiments/baseline_resnet.py --workdir=runs/teacher
+  # 2. the student, distilled from it (CIFAR-10)
+  python launch.py --config=experiments/kd_mobilenet.py:teacher=runs/teacher --workdir=runs/kd
+  # offline digits, 200 labelled training images (Hinton et al.'s small-transfer-set regime)
+  python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/t_digits
+  python launch.py --config=experiments/kd_mobilenet.py:data=digits,teacher=runs/t_digits \
+      --workdir=runs/kd_digits
+  # the same student on hard labels alone: teacher= (empty)
+
+The teacher is restored frozen from its workdir's latest checkpoint and runs forward in the
+student's jit-compiled step on the same augmented batch (`train.make_train_step`). The loss is the
+`distill` sub-config's (`jcompress/distill.py`): kd (Hinton: (1 - alpha) CE + alpha T^2 KL),
+tf_kd (the seed's sigmoid CE + logit MSE), mse, fitnet (hints through a learned 1x1 regressor)
+or dkd (Decoupled KD). Several teachers: `teacher=dirA;dirB` (their logits are averaged).
+
+Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
+loss, temperature, alpha, beta, train_examples (0: all; digits default 200), seed, runlocal.
+"""
+
+from jcompress import config as config_lib
+from jcompress import distill
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, data="cifar10", model="mobilenetv2_cifar", width=1.0,
+                             teacher="", loss="kd", temperature=4.0, alpha=0.9, beta=8.0,
+                             train_examples=-1, seed=0, runlocal=False)
+  c = config_lib.base_config()
+  c.data = arg.data
+  c.model = arg.model
+  c.width = arg.width
+  c.seed = arg.seed
+  c.teacher = arg.teacher.replace(";", ",")
+  c.distill = distill.default_config()
+  c.distill.loss = arg.loss
+  c.distill.temperature = arg.temperature
+  c.distill.alpha = arg.alpha
+  c.distill.beta = arg.beta
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.nesterov = True
+  if arg.data == "digits":
+    c.image_size = 32
+    c.batch_size = 64
+    c.train_examples = 200 if arg.train_examples < 0 else arg.train_examples
+    c.total_steps = 300
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.log_every = 25
+    c.schedule.warmup_steps = 15
+  else:
+    c.train_examples = max(arg.train_examples, 0)
+  if arg.runlocal:
+    config_lib.make_runlocal(c)
+  return c
+
+
+def get_sweep(arg=None):
+  """Hard labels against each loss, over 3 seeds (run with the same `teacher`)."""
+  del arg
+  points = []
+  for seed in (0, 1, 2):
+    points.append({"seed": seed, "teacher": ""})
+    for loss in ("kd", "tf_kd", "dkd"):
+      points.append({"seed": seed, "distill.loss": loss})
+  return points
+
