@@ -13,7 +13,8 @@ and the compile time; --json also writes them.
 --qat_bits=k times the quantization-aware step of the same model beside the float one: k-bit
 uniform per-channel weight fake-quant (the `quant` transform, ranges from the current weights
 every step) and k-bit activations (`--qat_act`: pact, dorefa or lsq) at every conv input but
-the stem; it prints the QAT step time as a multiple of the float step's.
+the stem; it prints the QAT step time as a multiple of the float step's, timed in alternating
+blocks (float, QAT, float, ...) so that both see the same load on a shared machine.
 """
 
 import json
@@ -61,9 +62,9 @@ def device_name() -> str:
   return f"{d.platform} ({kind}) x{jax.device_count()}"
 
 
-def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
-                       dtype="float32", binary_bits=0, qat_bits=0, qat_act="pact"):
-  """Compile seconds and images/s of jcompress's train step of `model_name`.
+def make_runner(model_name, batch_size, image_size, num_classes, dtype="float32",
+                binary_bits=0, qat_bits=0, qat_act="pact"):
+  """(run_block(steps) -> seconds, info) for jcompress's train step of `model_name`, compiled.
 
   With `binary_bits`, the step trains binary weights (the `binary` sub-config's transform) and
   the model quantizes activations to that many bits. With `qat_bits`, the step fake-quantizes
@@ -91,51 +92,83 @@ def measure_train_step(model_name, batch_size, image_size, num_classes, steps, r
     config.binary = ml_collections.ConfigDict(
         {"method": "ste_sign", "include": (".*",), "exclude": transforms.DEFAULT_EXCLUDE})
   transform = train.build_transform(config, params)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables.get("batch_stats", {}),
-                           opt_state=tx.init(params), compression=transform.init(params, rng),
-                           rng=rng)
+  box = {"state": train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params), compression=transform.init(params, rng), rng=rng)}
   batch = {"image": x, "label": y}
   step_fn = jax.jit(train.make_train_step(model, tx, transform, schedule), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = step_fn.lower(box["state"], batch).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, batch)   # warm-up
-  jax.block_until_ready(m)
-  rates = []
-  for _ in range(repeats):
+
+  def run_block(steps):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, m = compiled(state, batch)
-    jax.block_until_ready((state, m))
-    rates.append(steps * batch_size / (time.perf_counter() - t0))
-  return {"model": model_name, "batch_size": batch_size, "image_size": image_size,
+      box["state"], m = compiled(box["state"], batch)
+    jax.block_until_ready((box["state"], m))
+    return time.perf_counter() - t0
+
+  run_block(1)   # warm-up
+  info = {"model": model_name, "batch_size": batch_size, "image_size": image_size,
           "dtype": dtype, "binary_bits": binary_bits, "qat_bits": qat_bits,
           "qat_act": qat_act if qat_bits else "", "params": models.count_params(params),
-          "compile_seconds": round(compile_s, 2),
-          "images_per_second": round(float(np.median(rates)), 1),
-          "images_per_second_all": [round(r, 1) for r in rates],
-          "device": device_name(), "jax": jax.__version__}
+          "compile_seconds": round(compile_s, 2), "device": device_name(),
+          "jax": jax.__version__}
+  return run_block, info
+
+
+def _rates(seconds, steps, batch_size):
+  rates = [steps * batch_size / t for t in seconds]
+  return {"images_per_second": round(float(np.median(rates)), 1),
+          "images_per_second_all": [round(r, 1) for r in rates]}
+
+
+def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
+                       dtype="float32", binary_bits=0, qat_bits=0, qat_act="pact"):
+  """Compile seconds and images/s (median of `repeats` blocks of `steps` steps) of the train
+  step of `model_name` (see `make_runner`)."""
+  run, info = make_runner(model_name, batch_size, image_size, num_classes, dtype, binary_bits,
+                          qat_bits, qat_act)
+  return {**info, **_rates([run(steps) for _ in range(repeats)], steps, batch_size)}
+
+
+def measure_qat_vs_float(model_name, batch_size, image_size, num_classes, steps, repeats,
+                         dtype="float32", qat_bits=4, qat_act="pact"):
+  """The float and QAT steps timed in alternating blocks (float, QAT, float, QAT, ...), so that
+  both see the same machine load; `step_time_vs_float` is the median over the pairs of
+  t_QAT / t_float."""
+  run_f, info_f = make_runner(model_name, batch_size, image_size, num_classes, dtype)
+  run_q, info_q = make_runner(model_name, batch_size, image_size, num_classes, dtype,
+                              qat_bits=qat_bits, qat_act=qat_act)
+  t_f, t_q = [], []
+  for _ in range(repeats):
+    t_f.append(run_f(steps))
+    t_q.append(run_q(steps))
+  ratios = [q / f for q, f in zip(t_q, t_f)]
+  run_f_out = {**info_f, **_rates(t_f, steps, batch_size)}
+  run_q_out = {**info_q, **_rates(t_q, steps, batch_size),
+               "step_time_vs_float": round(float(np.median(ratios)), 3),
+               "step_time_vs_float_all": [round(r, 3) for r in ratios]}
+  run_q_out["images_per_second_vs_float"] = round(
+      run_q_out["images_per_second"] / run_f_out["images_per_second"], 3)
+  return run_f_out, run_q_out
 
 
 def main(argv):
   del argv
-  runs = [measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
-                             _STEPS.value, _REPEATS.value, _DTYPE.value)]
+  if _QAT.value:
+    runs = list(measure_qat_vs_float(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
+                                     _STEPS.value, _REPEATS.value, _DTYPE.value,
+                                     qat_bits=_QAT.value, qat_act=_QAT_ACT.value))
+  else:
+    runs = [measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
+                               _STEPS.value, _REPEATS.value, _DTYPE.value)]
   if _BINARY.value:
     runs.append(measure_train_step(f"bnn_{_MODEL.value}", _BATCH.value, _SIZE.value,
                                    _CLASSES.value, _STEPS.value, _REPEATS.value, _DTYPE.value,
                                    binary_bits=_BINARY.value))
     runs[-1]["images_per_second_vs_float"] = round(
         runs[-1]["images_per_second"] / runs[0]["images_per_second"], 3)
-  if _QAT.value:
-    runs.append(measure_train_step(_MODEL.value, _BATCH.value, _SIZE.value, _CLASSES.value,
-                                   _STEPS.value, _REPEATS.value, _DTYPE.value,
-                                   qat_bits=_QAT.value, qat_act=_QAT_ACT.value))
-    runs[-1]["images_per_second_vs_float"] = round(
-        runs[-1]["images_per_second"] / runs[0]["images_per_second"], 3)
-    runs[-1]["step_time_vs_float"] = round(
-        runs[0]["images_per_second"] / runs[-1]["images_per_second"], 3)
   print(f"device: {runs[0]['device']}  jax {runs[0]['jax']}")
   for r in runs:
     kind = "float"
@@ -151,7 +184,8 @@ def main(argv):
     if "images_per_second_vs_float" in r:
       print(f"  vs float step    {r['images_per_second_vs_float']:.3f}x images/s")
     if "step_time_vs_float" in r:
-      print(f"  step time        {r['step_time_vs_float']:.3f}x the float step's")
+      print(f"  step time        {r['step_time_vs_float']:.3f}x the float step's (median of "
+            f"alternating blocks: {r['step_time_vs_float_all']})")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(runs, f, indent=2)
