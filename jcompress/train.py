@@ -451,7 +451,11 @@ def state_from_variables(exp: Experiment, params: PyTree, batch_stats: PyTree) -
 def restore_run(workdir: str, key: str) -> tuple[Experiment, TrainState]:
   """The experiment and latest state of another run's workdir (an `init_from` or a teacher).
 
-  Errors name the config `key` that pointed here and the path."""
+  Workdirs written by older versions of jcompress load too: config keys added since are filled
+  from `config.base_config()`, and when the checkpoint's tree differs from today's TrainState
+  only in fields the model does not need (the loss's `aux`, say), the params, batch_stats and
+  compression state are read from the checkpoint as stored. Errors name the config `key` that
+  pointed here and the path."""
   if not os.path.isdir(workdir):
     raise ConfigError(f"config key '{key}': {workdir} is not a directory (expected the "
                       "workdir of a run" + (", 'keras:<Application>' or a .safetensors file)"
@@ -460,6 +464,10 @@ def restore_run(workdir: str, key: str) -> tuple[Experiment, TrainState]:
     config = load_workdir_config(workdir)
   except WorkdirError as e:
     raise ConfigError(f"config key '{key}': {e}") from e
+  with config.unlocked():
+    for k, v in config_lib.base_config().items():
+      if k not in config:
+        config[k] = v
   exp = make_experiment(config, load_teacher=False)
   mngr = checkpoint_manager(workdir, config, create=False)
   try:
@@ -469,11 +477,32 @@ def restore_run(workdir: str, key: str) -> tuple[Experiment, TrainState]:
                         "checkpoint (has that run saved one?)")
     try:
       state, _ = restore_state(mngr, step, exp)
-    except WorkdirError as e:
-      raise ConfigError(f"config key '{key}': {e}") from e
+    except (WorkdirError, ValueError) as e:   # an older TrainState layout
+      state = _restore_as_stored(mngr, step, exp, e, key)
   finally:
     mngr.close()
   return exp, state
+
+
+def _restore_as_stored(mngr, step: int, exp: Experiment, error: Exception, key: str) -> TrainState:
+  """The checkpoint's params, batch_stats and compression state read as they were saved (a
+  TrainState of an older layout); re-raises `error` when those do not fit the model."""
+  where = os.path.join(str(mngr.directory), str(step))
+  raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  if not isinstance(raw, dict) or "params" not in raw:
+    raise ConfigError(f"config key '{key}': {error}") from error
+  params, batch_stats = raw["params"], raw.get("batch_stats", {})
+  check_same_shapes(exp.abstract_state.params, params, key, f"params of {where}")
+  compression = raw.get("compression", {})
+  if jax.tree.leaves(exp.abstract_state.compression):
+    try:
+      compression = jax.tree.unflatten(jax.tree.structure(exp.abstract_state.compression),
+                                       jax.tree.leaves(compression))
+    except Exception:  # noqa: BLE001
+      raise ConfigError(f"config key '{key}': {error}") from error
+  return TrainState(step=jnp.asarray(raw.get("step", step)), params=params,
+                    batch_stats=batch_stats, opt_state={}, compression=compression,
+                    rng=jnp.zeros((2,), jnp.uint32))
 
 
 def check_same_shapes(want: PyTree, have: PyTree, key: str, what: str) -> None:

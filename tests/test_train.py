@@ -555,3 +555,29 @@ def test_init_from_bad_input_names_the_key(reference_run, experiment_file, data_
   with pytest.raises(ConfigError, match="config key 'init_from'.*" + fragment):
     train.train_and_evaluate(c, workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_init_from_reads_a_workdir_of_an_older_layout(reference_run, tmp_path):
+  """A run written before `train_examples` / `aux` existed still serves as init_from/teacher."""
+  import shutil  # noqa: PLC0415
+  source, _ = reference_run
+  old = str(tmp_path / "old")
+  shutil.copytree(source, old, ignore=shutil.ignore_patterns("checkpoints"))
+  with open(os.path.join(old, "config.json")) as f:
+    cfg = json.load(f)
+  for k in ("train_examples", "calibration_batches", "init_from"):
+    cfg.pop(k)
+  with open(os.path.join(old, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  _, state = train.restore_run(source, "init_from")
+  mngr = train.checkpoint_manager(old, config_lib.base_config())
+  legacy = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "compression": {}, "rng": state.rng}
+  mngr.save(int(state.step), args=train.ocp.args.Composite(
+      state=train.ocp.args.StandardSave(legacy), meta=train.ocp.args.JsonSave({})))
+  mngr.wait_until_finished()
+  mngr.close()
+  _, restored = train.restore_run(old, "init_from")
+  assert int(restored.step) == int(state.step)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
