@@ -232,6 +232,7 @@ class Experiment:
   abstract_state: TrainState      # shapes, dtypes and shardings of the state
   init_variables: Callable        # rng -> (params, batch_stats) of a fresh model
   distill: Distillation | None = None
+  lowrank_plan: tuple | None = None   # the factorized layers and ranks (`lowrank` sub-config)
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -314,6 +315,9 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   info = data_lib.dataset_info(config.data, image_size=image_size_arg(config),
                                data_dir=config.data_dir or None)
   model = build_model(config, info.num_classes)
+  lowrank_plan = None
+  if "lowrank" in config and config.lowrank.get("enabled", True):
+    model, lowrank_plan = lowrank_model(config, info, model)
   schedule = make_schedule(config)
   tx = make_optimizer(config, schedule)
   def init(rng):
@@ -325,11 +329,33 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   distill = None
   if load_teacher and config.get("teacher"):
     distill = make_distillation(config, info, model, init)
-  exp = Experiment(config, info, model, transform, schedule, tx, mesh, None, init, distill)
+  exp = Experiment(config, info, model, transform, schedule, tx, mesh, None, init, distill,
+                   lowrank_plan)
   abstract = jax.eval_shape(functools.partial(init_state, exp), jax.random.PRNGKey(config.seed))
   exp.abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated), abstract)
   return exp
+
+
+def lowrank_model(config, info, model) -> tuple[Any, tuple]:
+  """The `lowrank` sub-config's factorized model (`jcompress.lowrank.Factorized`) and its plan.
+
+  Ranks from `rank` or `param_fraction` follow from shapes alone; ranks from `energy` need the
+  weights, those of `init_from` (the same weights on every resumption, so the same plan)."""
+  from jcompress import lowrank  # noqa: PLC0415
+  lowrank.validate_lowrank(config.lowrank)
+  x = jnp.zeros((1, *info.image_shape), jnp.float32)
+  params = jax.eval_shape(lambda r: model.init(r, x, train=False)["params"],
+                          jax.random.PRNGKey(0))
+  if config.lowrank.get("energy", 0.0):
+    if not config.init_from or config.init_from.startswith("keras:") or (
+        config.init_from.endswith(".safetensors")):
+      raise ConfigError("config key 'lowrank.energy': ranks by spectral energy need trained "
+                        "weights: set init_from to the workdir of a trained run")
+    _, source = restore_run(config.init_from, "init_from")
+    params = jax.device_get(source.params)
+  plan = lowrank.make_plan(params, config.lowrank)
+  return lowrank.Factorized(model, plan), plan
 
 
 def make_distillation(config, info, model, init) -> Distillation:
@@ -531,6 +557,10 @@ def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
     src, state = restore_run(spec, "init_from")
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
     message = f"init_from: weights of {spec} at step {int(state.step)} ({src.config.model})"
+    if exp.lowrank_plan is not None and src.lowrank_plan is None:
+      from jcompress import lowrank  # noqa: PLC0415
+      params = lowrank.factorize_params(params, exp.lowrank_plan)
+      message += f"; factorized {len(exp.lowrank_plan)} layers (lowrank)"
   else:
     from jcompress import pretrained  # noqa: PLC0415
     params, batch_stats, message = pretrained.load_pretrained(
@@ -839,6 +869,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       float_eval = evaluate_state(exp, jax.jit(make_eval_step(exp.model, transforms_lib.identity()),
                                                out_shardings=exp.replicated), state)
       meta["float_test_accuracy"] = float_eval["eval_accuracy"]
+      source_results = os.path.join(c.init_from, "results.json")
+      if exp.lowrank_plan is not None and os.path.exists(source_results):
+        # The model evaluated above is already factorized: report the source's own accuracy
+        # as the float one, and the factorized model before fine-tuning beside it.
+        meta["init_test_accuracy"] = float_eval["eval_accuracy"]
+        with open(source_results) as f:
+          meta["float_test_accuracy"] = json.load(f)["test_accuracy"]
       logging.info("init_from model before compression: eval_accuracy %.4f",
                    float_eval["eval_accuracy"])
     else:
@@ -922,8 +959,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       save_state(mngr, state, meta_now(step))
       mngr.wait_until_finished()
   results = summarize(exp, state, eval_metrics, wall_before + time.time() - t_start)
-  if "float_test_accuracy" in meta:
-    results["float_test_accuracy"] = meta["float_test_accuracy"]
+  for key in ("float_test_accuracy", "init_test_accuracy"):
+    if key in meta:
+      results[key] = meta[key]
+  if exp.lowrank_plan is not None:
+    from jcompress import lowrank  # noqa: PLC0415
+    results.update({f"lowrank_{k}": v for k, v in lowrank.plan_summary(exp.lowrank_plan).items()
+                    if isinstance(v, (int, float, str))})
+    # Sizes against the unfactorized float model the factorization started from.
+    summary = lowrank.plan_summary(exp.lowrank_plan)
+    results["float_bytes"] = 4 * (results["params"] + summary["original_params"]
+                                  - summary["factorized_params"])
+    results["compression_ratio"] = results["float_bytes"] / results["model_bytes"]
   if lead:
     write_json(os.path.join(workdir, "results.json"), results)
     logging.info("results: %s", json.dumps(results))
