@@ -267,6 +267,10 @@ def test_check_channels_and_model_widths():
     st.check_channels(model, {"stage9_block0/conv1": 2}, (1, 8, 8, 3))
   with pytest.raises(ConfigError, match="int >= 1"):
     st.check_channels(model, {"stage1_block0/conv1": 0}, (1, 8, 8, 3))
+  # The model itself refuses a width < 1 and names the conv.
+  bad = models.get_model("resnet20", 10, width=0.25, channels=(("stage1_block0/conv1", 0),))
+  with pytest.raises(ConfigError, match="stage1_block0/conv1"):
+    bad.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_slimming_penalty():

@@ -83,7 +83,12 @@ def out_channels(module: nn.Module, name: str, features: int) -> int:
   overrides = root_field(module, "channels")
   if not overrides:
     return features
-  return int(dict(overrides).get(module_path(module, name), features))
+  path = module_path(module, name)
+  value = dict(overrides).get(path, features)
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ConfigError(f"model field `channels`: the width of conv {path!r} must be an int >= 1, "
+                      f"got {value!r}")
+  return int(value)
 
 
 def has_channel_override(module: nn.Module, name: str) -> bool:
