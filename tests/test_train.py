@@ -581,3 +581,23 @@ def test_init_from_reads_a_workdir_of_an_older_layout(reference_run, tmp_path):
   assert int(restored.step) == int(state.step)
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_lowrank_subconfig_factorizes_init_from_weights(reference_run, experiment_file, data_dir,
+                                                        tmp_path):
+  from jcompress import lowrank  # noqa: PLC0415
+  source, source_results = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=0)
+  c.init_from = source
+  c.lowrank = lowrank.default_config()
+  c.lowrank.rank = 1000   # above every layer's maximum: refused, naming the layer
+  with pytest.raises(ConfigError, match="rank"):
+    train.train_and_evaluate(c, str(tmp_path / "bad"))
+  c.lowrank.rank = 0
+  c.lowrank.param_fraction = 0.5
+  results = train.train_and_evaluate(c, str(tmp_path / "lr"))
+  assert results["float_test_accuracy"] == source_results["test_accuracy"]
+  assert results["lowrank_param_fraction"] <= 0.5
+  assert results["params"] < source_results["params"]
+  assert results["float_bytes"] == 4 * source_results["params"]
+  assert results["init_test_accuracy"] == results["test_accuracy"]   # no step taken
