@@ -296,6 +296,12 @@ def build_model(config, num_classes: int):
   """The model of `config.model`, with `width`, `dtype` and the fields in `model_kwargs`."""
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   kwargs = dict(config.get("model_kwargs", {}))
+  spec = config.get("init_from", "")
+  if spec and (spec.startswith("keras:") or spec.endswith(".safetensors")):
+    from jcompress import pretrained  # noqa: PLC0415
+    # The fields under which the model computes the source's function (padding, BN epsilon,
+    # stride placement), under what the config sets explicitly.
+    kwargs = {**pretrained.model_fields(spec), **kwargs}
   return models_lib.get_model(config.model, num_classes, width=config.width, dtype=dtype,
                               **kwargs)
 
