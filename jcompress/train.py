@@ -984,6 +984,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def packed_bnn_figures(exp: Experiment, state: TrainState) -> dict:
+  """A BNN ResNet's frozen, packed artifact (`jcompress.bnn_infer.freeze`: signs 1 bit each,
+  BatchNorm folded): its bytes (`model_bytes`), the binary layers' ratio to float32, and the
+  test accuracy of the packed inference function, which must equal the latent model's."""
+  from jcompress import bnn_infer  # noqa: PLC0415
+  c = exp.config
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  frozen = bnn_infer.freeze(params, batch_stats, exp.model, method=c.binary.method,
+                            include=tuple(c.binary.include), exclude=tuple(c.binary.exclude))
+  sizes = bnn_infer.artifact_nbytes(frozen)
+  runtime = bnn_infer.load(frozen, exp.model)
+  correct = count = 0
+  for batch in data_lib.eval_iterator(c.data, batch_size=c.eval_batch_size,
+                                      image_size=image_size_arg(c),
+                                      data_dir=c.data_dir or None):
+    pred = np.argmax(np.asarray(bnn_infer.packed_apply(runtime, batch["image"])), -1)
+    correct += int(np.sum((pred == batch["label"]) * batch["mask"]))
+    count += int(np.sum(batch["mask"]))
+  return {"model_bytes": int(sizes["total"]), "binary_ratio": float(sizes["binary_ratio"]),
+          "binary_bits_per_weight": float(sizes["binary_bits_per_weight"]),
+          "packed_test_accuracy": correct / max(count, 1)}
+
+
 def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: float) -> dict:
   """results.json: accuracy, sizes in bytes and the compression ratio."""
   params = jax.device_get(state.params)
@@ -992,6 +1015,10 @@ def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: floa
   # What the compression transform stores (packed bits, codes, ...); a float run: its params.
   model_bytes = tree_bytes(jax.device_get(exp.transform.export(state.params, state.compression)))
   figures = {}
+  c = exp.config
+  if "binary" in c and c.model.startswith("bnn_"):
+    figures.update(packed_bnn_figures(exp, state))
+    model_bytes = figures.pop("model_bytes")
   if exp.transform.metrics is not None:
     figures = {k: _to_py(v) for k, v in jax.device_get(
         exp.transform.metrics(state.params, state.compression)).items()}
