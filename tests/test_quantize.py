@@ -586,7 +586,8 @@ def test_ptq_on_a_trained_digits_cnn_keeps_accuracy(tmp_path):
   data_dir = str(tmp_path)
   model = models.get_model("small_cnn", 10, width=0.5)
   it = data_lib.train_iterator("digits", batch_size=64, seed=0, data_dir=data_dir)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(
+  shape = next(iter(data_lib.eval_iterator("digits", batch_size=1, data_dir=data_dir)))["image"]
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros(shape.shape), train=False))(
       jax.random.key(0))
   params, stats = variables["params"], variables["batch_stats"]
   tx = optax.sgd(0.05, momentum=0.9)
