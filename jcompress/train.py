@@ -554,6 +554,20 @@ def check_same_shapes(want: PyTree, have: PyTree, key: str, what: str) -> None:
                       "does not have")
 
 
+def _add_missing_quantizer_params(exp: Experiment, params: PyTree) -> PyTree:
+  """A float model's params for a model with activation quantizers (`act_quant`): the
+  quantizers' own params (`*_act/alpha`, `*_act/step`) come from a fresh init; any other missing
+  leaf is left missing, for `check_same_shapes` to report."""
+  want = transforms_lib.leaf_paths(exp.abstract_state.params)
+  have = dict(zip(transforms_lib.leaf_paths(params), jax.tree.leaves(params)))
+  if not any("_act/" in p and p not in have for p in want):
+    return params
+  fresh, _ = exp.init_variables(jax.random.PRNGKey(exp.config.seed))
+  fresh = jax.device_get(fresh)
+  return transforms_lib.map_with_path(
+      lambda p, v: have[p] if p in have else (v if "_act/" in p else None), fresh)
+
+
 def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
   """(params, batch_stats, message) of `config.init_from`: a workdir's latest checkpoint (the
   latent params and BatchNorm statistics of that run), or pretrained weights
@@ -571,6 +585,7 @@ def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
     from jcompress import pretrained  # noqa: PLC0415
     params, batch_stats, message = pretrained.load_pretrained(
         spec, exp.model, exp.info.num_classes, jax.random.PRNGKey(exp.config.seed))
+  params = _add_missing_quantizer_params(exp, params)
   check_same_shapes(exp.abstract_state.params, params, "init_from", "init_from params")
   check_same_shapes(exp.abstract_state.batch_stats, batch_stats, "init_from",
                     "init_from batch_stats")
@@ -872,7 +887,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       params, batch_stats, message = init_vars or load_init_variables(exp)
       logging.info("%s", message)
       state = state_from_variables(exp, params, batch_stats)
-      float_eval = evaluate_state(exp, jax.jit(make_eval_step(exp.model, transforms_lib.identity()),
+      # The starting model as it was: no weight transform, no activation quantizers.
+      float_model = exp.model
+      if getattr(float_model, "act_quant", None) is not None:
+        float_model = float_model.clone(act_quant=None)
+      float_eval = evaluate_state(exp, jax.jit(make_eval_step(float_model,
+                                                              transforms_lib.identity()),
                                                out_shardings=exp.replicated), state)
       meta["float_test_accuracy"] = float_eval["eval_accuracy"]
       source_results = os.path.join(c.init_from, "results.json")

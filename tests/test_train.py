@@ -601,3 +601,15 @@ def test_lowrank_subconfig_factorizes_init_from_weights(reference_run, experimen
   assert results["params"] < source_results["params"]
   assert results["float_bytes"] == 4 * source_results["params"]
   assert results["init_test_accuracy"] == results["test_accuracy"]   # no step taken
+
+
+def test_init_from_a_float_run_into_a_model_with_activation_quantizers(
+    reference_run, experiment_file, data_dir, tmp_path):
+  source, source_results = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=0)
+  c.init_from = source
+  c.model_kwargs.act_quant = ml_collections.ConfigDict({"kind": "pact", "bits": 2})
+  results = train.train_and_evaluate(c, str(tmp_path / "a2"))
+  # The float accuracy is the source's own (quantizers off); 2-bit activations cost some.
+  assert results["float_test_accuracy"] == source_results["test_accuracy"]
+  assert results["test_accuracy"] < results["float_test_accuracy"]
