@@ -408,6 +408,40 @@ def make_distillation(config, info, model, init) -> Distillation:
       init_aux=lambda rng: distill_lib.init_aux(cfg, s_feats, t_feats, rng))
 
 
+def structured_prune(config, workdir: str, resuming: bool):
+  """Structured pruning with physical removal (`structured` sub-config, `jcompress.structured`).
+
+  A fresh run prunes the filters of its `init_from` model to `structured.flops_target` and
+  returns `(config with model_kwargs.channels, {"variables": (params, batch_stats, message),
+  "float_test_accuracy", "report"})`: the run then fine-tunes the smaller model. A resumed run
+  takes the pruned widths from its workdir's config.json and returns `(config, None)`."""
+  from jcompress import structured  # noqa: PLC0415
+  if resuming:
+    saved = load_workdir_config(workdir)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model_kwargs.channels = saved.model_kwargs.get("channels")
+    return config, None
+  if not config.init_from:
+    raise ConfigError("config key 'init_from': structured pruning removes the filters of a "
+                      "trained model; set init_from to the workdir of a float run")
+  src = make_experiment(config, load_teacher=False)
+  params, batch_stats, message = load_init_variables(src)
+  src_state = state_from_variables(src, params, batch_stats)
+  float_eval = evaluate_state(src, jax.jit(make_eval_step(src.model, transforms_lib.identity()),
+                                           out_shardings=src.replicated), src_state)
+  batches = jax.device_get(calibration_context(src, src_state).batches)
+  new_config, params, batch_stats, report = structured.apply_to_config(
+      config, jax.device_get(params), jax.device_get(batch_stats), batches,
+      num_classes=src.info.num_classes)
+  report = {k: v for k, v in report.items() if k != "group_widths"}
+  logging.info("structured pruning: FLOPs %d -> %d (%.3f), params %d -> %d", report["flops_before"],
+               report["flops_after"], report["flops_ratio"], report["params_before"],
+               report["params_after"])
+  return new_config, {"variables": (params, batch_stats, message + "; filters pruned"),
+                      "float_test_accuracy": float_eval["eval_accuracy"], "report": report}
+
+
 def train_missing_teacher(config) -> dict | None:
   """Trains the teacher first when `teacher` names a workdir without a finished run and
   `teacher_config` says how (`"experiments/baseline_resnet.py:model=resnet18_cifar"`), so that
@@ -862,13 +896,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher_results = train_missing_teacher(config)
   if teacher_results and "interrupted_at_step" in teacher_results:
     return {**teacher_results, "teacher": str(config.teacher)}   # SIGTERM while training it
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  init_vars = pruned = None
+  if "structured" in config and config.structured.get("enabled", True):
+    config, pruned = structured_prune(config, workdir, resuming)
+    if pruned is not None:
+      init_vars = pruned["variables"]
   exp = make_experiment(config)
   c = exp.config
   lead = jax.process_index() == 0
-  init_vars = None
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if c.init_from and not (os.path.isdir(ckpt_dir) and any(d.isdigit()
-                                                           for d in os.listdir(ckpt_dir))):
+  if c.init_from and not resuming and init_vars is None:
     init_vars = load_init_variables(exp)   # bad init_from: stop before touching the workdir
   teacher_variables = load_teacher_variables(exp) if exp.distill is not None else None
   os.makedirs(workdir, exist_ok=True)
@@ -902,6 +940,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta["init_test_accuracy"] = float_eval["eval_accuracy"]
         with open(source_results) as f:
           meta["float_test_accuracy"] = json.load(f)["test_accuracy"]
+      if pruned is not None:   # likewise: the model above has already lost its filters
+        meta["init_test_accuracy"] = float_eval["eval_accuracy"]
+        meta["float_test_accuracy"] = pruned["float_test_accuracy"]
+        meta["structured"] = pruned["report"]
       logging.info("init_from model before compression: eval_accuracy %.4f",
                    float_eval["eval_accuracy"])
     else:
@@ -988,6 +1030,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for key in ("float_test_accuracy", "init_test_accuracy"):
     if key in meta:
       results[key] = meta[key]
+  if "structured" in meta:   # sizes against the unpruned model; FLOPs before and after
+    report = meta["structured"]
+    results.update({k: report[k] for k in ("flops_before", "flops_ratio", "params_before",
+                                           "params_ratio", "criterion")})
+    results["flops"] = report["flops_after"]
+    results["float_bytes"] = 4 * report["params_before"]
+    results["compression_ratio"] = results["float_bytes"] / results["model_bytes"]
   if exp.lowrank_plan is not None:
     from jcompress import lowrank  # noqa: PLC0415
     results.update({f"lowrank_{k}": v for k, v in lowrank.plan_summary(exp.lowrank_plan).items()

@@ -613,3 +613,24 @@ def test_init_from_a_float_run_into_a_model_with_activation_quantizers(
   # The float accuracy is the source's own (quantizers off); 2-bit activations cost some.
   assert results["float_test_accuracy"] == source_results["test_accuracy"]
   assert results["test_accuracy"] < results["float_test_accuracy"]
+
+
+def test_structured_subconfig_removes_filters_of_init_from_and_resumes(
+    reference_run, experiment_file, data_dir, tmp_path):
+  from jcompress import structured  # noqa: PLC0415
+  source, source_results = reference_run
+  c = tiny_config(experiment_file, data_dir, steps=4)
+  c.init_from = source
+  c.structured = structured.default_config()
+  c.structured.flops_target = 0.5
+  workdir = str(tmp_path / "sp")
+  results = train.train_and_evaluate(c, workdir)
+  assert results["float_test_accuracy"] == source_results["test_accuracy"]
+  assert results["flops_ratio"] <= 0.5 and results["flops"] < results["flops_before"]
+  assert results["params"] < source_results["params"] == results["params_before"]
+  assert results["float_bytes"] == 4 * source_results["params"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model_kwargs"]["channels"]
+  # A rerun resumes the pruned model (its widths come from the workdir's config.json).
+  again = train.train_and_evaluate(c, workdir)
+  assert again["test_accuracy"] == results["test_accuracy"] and again["steps"] == 4
