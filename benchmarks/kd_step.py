@@ -37,16 +37,7 @@ _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON fil
 
 
 def count_convs(jaxpr) -> int:
-  """conv_general_dilated equations in `jaxpr` and its sub-jaxprs."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "conv_general_dilated"
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          n += count_convs(inner)
-  return n
+  return train.count_primitive(jaxpr, "conv_general_dilated")
 
 
 def main(argv):

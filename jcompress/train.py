@@ -187,6 +187,21 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
+def count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive `name` in a jaxpr and all its sub-jaxprs (pjit, custom_vjp, ...):
+  what a compiled step really computes, e.g. `count_primitive(jax.make_jaxpr(step)(...).jaxpr,
+  "conv_general_dilated")` tells a teacher's forward-only pass from a forward + backward one."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += count_primitive(inner, name)
+  return count
+
+
 def make_eval_step(model, transform: transforms_lib.ParamTransform) -> Callable:
   """`eval_step(state, batch) -> sums` of loss, correct predictions and examples (masked)."""
 
@@ -392,13 +407,14 @@ def make_distillation(config, info, model, init) -> Distillation:
     experiments.append(texp)
 
   x = jnp.zeros((1, *info.image_shape), jnp.float32)
-  s_feats = jax.eval_shape(lambda r: model.apply({"params": init(r)[0], "batch_stats": init(r)[1]},
-                                                 x, train=False)[1], jax.random.PRNGKey(0))
-  t0 = experiments[0]
-  t_feats = jax.eval_shape(
-      lambda r: t0.model.apply({"params": t0.init_variables(r)[0],
-                                "batch_stats": t0.init_variables(r)[1]}, x, train=False)[1],
-      jax.random.PRNGKey(0))
+  def features(m, init_fn):   # the feature shapes of model m, traced without any weights
+    def fn(rng):
+      params, batch_stats = init_fn(rng)
+      return m.apply({"params": params, "batch_stats": batch_stats}, x, train=False)[1]
+    return jax.eval_shape(fn, jax.random.PRNGKey(0))
+
+  s_feats = features(model, init)
+  t_feats = features(experiments[0].model, experiments[0].init_variables)
   for texp in experiments:
     distill_lib.validate_distill(cfg, list(s_feats), list(t_feats), info.num_classes,
                                  texp.info.num_classes)

@@ -375,19 +375,6 @@ def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
   assert results["compression_ratio"] > 1.5
 
 
-def _count_primitive(jaxpr, name: str) -> int:
-  """Occurrences of primitive `name` in `jaxpr` and every sub-jaxpr (pjit, custom_vjp, ...)."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          count += _count_primitive(inner, name)
-  return count
-
-
 @pytest.fixture(scope="module")
 def student_runs(reference_run, experiment_file, data_dir, tmp_path_factory):
   """The tiny student trained 30 steps alone, and with the reference run as KD teacher at
@@ -432,8 +419,8 @@ def test_offline_teacher_runs_forward_only(student_runs):
   with_teacher = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform,
                                                       exp.schedule, 0.0, exp.distill))
   alone = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform, exp.schedule))
-  n_with = _count_primitive(with_teacher(state, batch, tvars).jaxpr, "conv_general_dilated")
-  n_alone = _count_primitive(alone(state, batch).jaxpr, "conv_general_dilated")
+  n_with = train.count_primitive(with_teacher(state, batch, tvars).jaxpr, "conv_general_dilated")
+  n_alone = train.count_primitive(alone(state, batch).jaxpr, "conv_general_dilated")
   # small_cnn has 3 convolutions: the student's forward + backward are in both steps; the
   # teacher adds its 3 forward convolutions and no gradient convolution.
   assert n_alone == 3 + 3 + 2
