@@ -4,6 +4,9 @@
   python launch.py --config=experiments/baseline_resnet.py --workdir=runs/base --config.seed=1
   python launch.py --mode=eval --workdir=runs/base        # config read from the workdir
   python launch.py --config=experiments/bnn_resnet.py     # workdir: runs/bnn_resnet
+  python launch.py --config=experiments/quant_resnet.py:data=digits --workdir=runs/s --mode=sweep
+  python launch.py --mode=analyze --workdir=runs/base [--analyze_compare=runs/other]
+  python launch.py --mode=export --workdir=runs/base      # writes runs/base/export/
 """
 
 import os
@@ -20,7 +23,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results; default for --mode=train: "
     "runs/<experiment>[_<arg>], e.g. runs/baseline_resnet_data=digits.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do with the workdir.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sweep", "analyze", "export"],
+    "train (or resume) the config; eval, analyze or export the run in --workdir (its config read "
+    "from there); sweep: run every point of the config file's get_sweep(arg) under --workdir.")
+_SWEEP_INDEX = flags.DEFINE_integer(
+    "sweep_index", None, "--mode=sweep: run only this point (0-based), e.g. $SLURM_ARRAY_TASK_ID.")
+_SUMMARIZE = flags.DEFINE_bool(
+    "summarize", False, "--mode=sweep: run nothing, gather the points' results.json into "
+    "DIR/sweep.csv, DIR/sweep.md and DIR/sweep.png.")
+_ANALYZE_COMPARE = flags.DEFINE_string(
+    "analyze_compare", None, "--mode=analyze: a second workdir to put side by side with --workdir.")
 
 
 def _parse_flags(argv):
@@ -37,7 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from jcompress import cli  # noqa: PLC0415  (imports jax/tf only after flag parsing)
-  return cli.run(_CONFIG, _WORKDIR.value, _MODE.value)
+  return cli.run(_CONFIG, _WORKDIR.value, _MODE.value, sweep_index=_SWEEP_INDEX.value,
+                 summarize=_SUMMARIZE.value, analyze_compare=_ANALYZE_COMPARE.value)
 
 
 if __name__ == "__main__":

@@ -83,26 +83,42 @@ class _QuietLibraries:
     return record.levelno >= 30 or not any(p in record.pathname for p in self._NOISY)
 
 
-def run(config_flag, workdir: str, mode: str) -> int:
+def run(config_flag, workdir: str, mode: str, *, sweep_index: int | None = None,
+        summarize: bool = False, analyze_compare: str | None = None) -> int:
   """Runs `mode` on `workdir`; a JCompressError becomes one line on stderr and status 2."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     config = _config_value(config_flag)
-    from jcompress import train  # noqa: PLC0415
+    if mode in ("train", "sweep") and config is None:
+      raise JCompressError(f"--config is required for --mode={mode} "
+                           "(e.g. --config=experiments/baseline_resnet.py:data=digits)")
     if mode == "train":
-      if config is None:
-        raise JCompressError("--config is required for --mode=train "
-                             "(e.g. --config=experiments/baseline_resnet.py:data=digits)")
+      from jcompress import train  # noqa: PLC0415
       if not workdir:
         from jcompress import config as config_lib  # noqa: PLC0415
         workdir = config_lib.default_workdir(_config_arg(sys.argv))
         logging.info("no --workdir: writing into %s", workdir)
       results = train.train_and_evaluate(config, workdir)
+    elif mode == "sweep":
+      from jcompress import config as config_lib  # noqa: PLC0415
+      from jcompress import sweep  # noqa: PLC0415
+      spec = _config_arg(sys.argv)
+      if not workdir:
+        workdir = config_lib.default_workdir(spec) + "_sweep"
+        logging.info("no --workdir: the sweep writes into %s", workdir)
+      results = sweep.run_sweep(config, spec, workdir, index=sweep_index, summarize=summarize)
     elif not workdir:
       raise JCompressError(f"--workdir is required for --mode={mode}")
     elif mode == "eval":
+      from jcompress import train  # noqa: PLC0415
       results = train.evaluate(config, workdir)
+    elif mode == "analyze":
+      from jcompress import analysis  # noqa: PLC0415
+      results = analysis.analyze(workdir, compare=analyze_compare)
+    elif mode == "export":
+      from jcompress import export  # noqa: PLC0415
+      results = export.export_run(workdir)
     else:
       raise JCompressError(f"unknown --mode={mode}")
   except JCompressError as e:
