@@ -745,6 +745,38 @@ def save_state(mngr: ocp.CheckpointManager, state: TrainState, meta: dict) -> No
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
+def restore_latest_valid(mngr: ocp.CheckpointManager,
+                         exp: Experiment) -> tuple[TrainState, dict, int, list[str]]:
+  """The newest checkpoint of `mngr` that restores, passing over unreadable ones.
+
+  Steps are tried newest first with `restore_state`; one that fails (a truncated or corrupted
+  file, a tree that does not fit the model) is logged as a warning and the previous one is
+  tried. Returns `(state, meta, step, skipped)`, `skipped` holding one line per newer
+  checkpoint passed over ("step N: reason"), empty when the latest restored. Raises
+  WorkdirError naming the checkpoint directory when it holds no checkpoint or none restores.
+  """
+  where = str(mngr.directory)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise WorkdirError(f"{where} holds no checkpoint (has the run saved one?)")
+  skipped: list[str] = []
+  for step in steps:
+    try:
+      state, meta = restore_state(mngr, step, exp)
+      jax.block_until_ready(state)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      skipped.append(f"step {step}: {type(e).__name__}: {reason[:300]}")
+      logging.warning("checkpoint %s/%d cannot be restored (%s: %s)%s", where, step,
+                      type(e).__name__, reason[:300],
+                      "; falling back to the previous one" if step != steps[-1] else "")
+      continue
+    if skipped:
+      logging.warning("restored %s/%d instead of the latest checkpoint (step %d)", where, step,
+                      steps[0])
+    return state, meta, step, skipped
+  raise WorkdirError(f"no checkpoint in {where} can be restored: " + "; ".join(skipped))
+
 
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl, mirrors to TensorBoard.
