@@ -1,0 +1,825 @@
+"""Compressed artifacts: what `--mode=export` writes, and the inference function that reads them.
+
+`python launch.py --mode=export --workdir=DIR` restores DIR's latest readable checkpoint (a
+truncated or corrupted one is skipped, with a warning, for the one before it) and writes
+
+  DIR/export/manifest.json      what the model is and what every stored tensor is (JSON)
+  DIR/export/weights.bin        the stored tensors, one after the other, raw (C order, no
+                                padding, no compression)
+  DIR/export/inference.stablehlo  the inference function serialized with `jax.export`
+                                (StableHLO; it takes the stored tensors and the images, so it
+                                holds code, not weights)
+
+`manifest.json` + `weights.bin` are the artifact: their size on disk is results.json's
+`model_bytes` (`train.summarize` counts `artifact_nbytes(*artifact_arrays(exp, state))`, the same
+bytes). The StableHLO file is a deployment form of the code and is not counted.
+
+What is stored, per parameter leaf of the model (named by its `/`-joined param path `P`, as
+`transforms.leaf_paths` gives it; `P` minus its last component is the layer):
+
+  float        P                               the float32 leaf as it is (stem, head, BN, ...)
+  quant        P/codes [+ P/scale, P/zero_point, P/codebook]
+                                               integer codes packed at their real bit-width
+                                               (`quantize.pack_qtensor`, `packing.pack`)
+  sparse       P/bitmask, P/values             1 bit a weight + the non-zeros (`prune.sparse_encode`)
+  csr          P/indptr, P/indices, P/values   where CSR is smaller (`prune.sparse_encode`)
+  sparse_quant P/bitmask, P/codes, P/scale     pruned then quantized (symmetric uniform or
+                                               pow2): the bitmask and the codes of the kept
+                                               weights only, packed at their bit-width
+  pq           P/codes, P/codebooks            product quantization (`pq.pack_pq`)
+  binary       P/bits [+ P/scale]              signs 32 to a uint32 word (`binarize.pack_signs`)
+
+plus the BatchNorm statistics (`P` = `layer/mean`, `layer/var`, float32). A chain of transforms
+(prune, then quantize) stores each leaf once, in the encoding of the last method that encoded it
+(the one whose decoding gives the effective weights), merged as `sparse_quant` where that is
+exact. A binary ResNet (`bnn_*` with a `binary` sub-config) stores `bnn_infer.freeze`'s artifact
+instead (signs packed per output channel, BatchNorms folded into thresholds), under its layers'
+names (`stage1_block0/conv1/bits`, `stage1_block0/bn2/threshold`, `stem_conv/kernel` (the stem's
+BN folded in), `final_bn/scale`, ...).
+
+The manifest holds the model (name, num_classes, width, dtype, model kwargs, input shape, a
+low-rank plan), the methods and their config, every tensor's shape, dtype, byte count, offset in
+weights.bin and CRC-32, and every param leaf's encoding. `load_artifact` checks all of it and
+refuses, naming the tensor, an artifact whose manifest does not match its data;
+`inference_fn(dir)` rebuilds the model from the manifest alone (no checkpoint, no config file,
+no dataset) and decodes the tensors inside the jitted function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from typing import Any
+from typing import Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress import transforms as transforms_lib
+from jcompress.errors import JCompressError
+from jcompress.errors import WorkdirError
+
+PyTree = Any
+
+FORMAT = "jcompress.export/1"
+MANIFEST = "manifest.json"
+BLOB = "weights.bin"
+STABLEHLO = "inference.stablehlo"
+#: The files whose bytes are the artifact (`model_bytes`).
+ARTIFACT_FILES = (MANIFEST, BLOB)
+
+#: The bnn_infer artifact's top-level names that are not a layer of the model, and the layer
+#: whose name they are stored under.
+_BNN_RENAME = {"stem": "stem_conv", "final": "final_bn"}
+
+
+class ArtifactError(WorkdirError):
+  """An exported artifact that cannot be read: missing, truncated, or unlike its manifest."""
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _methods(config) -> list[str]:
+  from jcompress import train  # noqa: PLC0415
+  return [key for key, _ in train.TRANSFORM_METHODS
+          if key in config and config[key].get("enabled", True)]
+
+
+def is_packed_bnn(config) -> bool:
+  """A binary ResNet whose artifact is `bnn_infer.freeze`'s (as `train.summarize` sizes it)."""
+  return "binary" in config and config.binary.get("enabled", True) and \
+      str(config.model).startswith("bnn_")
+
+
+def _model_spec(exp) -> dict:
+  """What `models.get_model` (and `lowrank.Factorized`) need to rebuild exp's module."""
+  from jcompress import config as config_lib  # noqa: PLC0415
+  c = exp.config
+  kwargs = config_lib.to_dict(c.get("model_kwargs", {})) if "model_kwargs" in c else {}
+  spec = c.get("init_from", "")
+  if spec and (spec.startswith("keras:") or spec.endswith(".safetensors")):
+    from jcompress import pretrained  # noqa: PLC0415
+    kwargs = {**pretrained.model_fields(spec), **kwargs}
+  out = {"name": str(c.model), "num_classes": int(exp.info.num_classes),
+         "width": float(c.width), "dtype": str(c.dtype), "kwargs": _jsonable(kwargs),
+         "image_shape": [int(d) for d in exp.info.image_shape]}
+  if exp.lowrank_plan is not None:
+    from jcompress import lowrank  # noqa: PLC0415
+    out["lowrank_plan"] = json.loads(lowrank.plan_to_json(exp.lowrank_plan))
+  return out
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (np.bool_,)):
+    return bool(x)
+  if hasattr(x, "to_dict"):
+    return _jsonable(x.to_dict())
+  return x
+
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+  return {transforms_lib.path_str(p): x for p, x in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_encoded)[0]}
+
+
+def _is_encoded(x) -> bool:
+  from jcompress import pq  # noqa: PLC0415
+  return pq.is_pq(x) or isinstance(x, dict) and (
+      ("codes" in x and "kind" in x) or ("values" in x and "shape" in x)
+      or ("bits" in x and "shape" in x))
+
+
+def _encode_leaf(path: str, x, earlier) -> tuple[dict, dict]:
+  """(arrays named path/..., the leaf's manifest entry) of an exported leaf `x`.
+
+  `earlier`: the sparse encoding an earlier transform gave this leaf, or None."""
+  from jcompress import packing  # noqa: PLC0415
+  from jcompress import pq  # noqa: PLC0415
+  if pq.is_pq(x):
+    return ({f"{path}/codes": np.asarray(x.codes, np.uint8),
+             f"{path}/codebooks": np.asarray(x.codebooks, np.float32)},
+            {"encoding": "pq", "shape": list(x.shape), "bits": int(x.bits)})
+  if isinstance(x, dict) and "codes" in x and "kind" in x:      # quantize.pack_qtensor
+    entry = {"encoding": "quant", "shape": [int(d) for d in x["shape"]], "bits": int(x["bits"]),
+             "kind": x["kind"], "per_channel": bool(x["per_channel"]),
+             "symmetric": bool(x["symmetric"]), "narrow_range": bool(x["narrow_range"])}
+    arrays = {f"{path}/codes": np.asarray(x["codes"], np.uint8)}
+    for k, dt in (("scale", np.float32), ("zero_point", np.uint8), ("codebook", np.float32)):
+      if k in x:
+        arrays[f"{path}/{k}"] = np.asarray(x[k], dt)
+    if earlier is not None and "bitmask" in earlier and _signed_zero(entry):
+      merged = _merge_sparse_quant(path, x, earlier, entry)
+      if merged is not None:
+        return merged
+    return arrays, entry
+  if isinstance(x, dict) and "values" in x and "shape" in x:    # prune.sparse_encode
+    shape = [int(d) for d in np.asarray(x["shape"])]
+    if "bitmask" in x:
+      return ({f"{path}/bitmask": np.asarray(x["bitmask"], np.uint8),
+               f"{path}/values": np.asarray(x["values"], np.float32)},
+              {"encoding": "sparse", "shape": shape})
+    return ({f"{path}/indptr": np.asarray(x["indptr"]), f"{path}/indices": np.asarray(x["indices"]),
+             f"{path}/values": np.asarray(x["values"], np.float32)},
+            {"encoding": "csr", "shape": shape})
+  if isinstance(x, dict) and "bits" in x and "shape" in x:      # binarize.binary_weights
+    arrays = {f"{path}/bits": np.asarray(x["bits"], np.uint32)}
+    if "scale" in x:
+      arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
+    return arrays, {"encoding": "binary", "shape": [int(d) for d in x["shape"]]}
+  del packing
+  arr = np.asarray(x)
+  return {path: arr}, {"encoding": "float", "shape": list(arr.shape)}
+
+
+def _signed_zero(entry: dict) -> bool:
+  """Code 0 decodes to exactly 0.0: symmetric uniform, and pow2."""
+  return entry["kind"] == "pow2" or (entry["kind"] == "uniform" and entry["symmetric"])
+
+
+def _merge_sparse_quant(path, x, sparse, entry):
+  """Bitmask + the codes of the kept weights only, when the pruned weights' codes are all 0
+  (so they decode to exactly 0); None otherwise."""
+  from jcompress import packing  # noqa: PLC0415
+  shape = tuple(entry["shape"])
+  n = math.prod(shape)
+  bits = entry["bits"]
+  codes = packing.unpack(x["codes"], bits, n, signed=True).astype(np.int16)
+  mask = np.unpackbits(np.asarray(sparse["bitmask"], np.uint8), count=n).astype(bool)
+  if tuple(int(d) for d in np.asarray(sparse["shape"])) != shape or np.any(codes[~mask] != 0):
+    return None
+  arrays = {f"{path}/bitmask": np.asarray(sparse["bitmask"], np.uint8),
+            f"{path}/codes": packing.pack(codes[mask], bits, signed=True)}
+  if "scale" in x:
+    arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
+  entry = {**entry, "encoding": "sparse_quant", "nnz": int(mask.sum())}
+  return arrays, entry
+
+
+def _layer_artifacts(exp, state) -> list[dict]:
+  """The transform's export as a list of flat {param path: leaf} dicts, one per method."""
+  out = exp.transform.export(state.params, state.compression)
+  arts = out if isinstance(out, list) else [out]
+  return [_flat(jax.device_get(a["params"])) for a in arts]
+
+
+def _generic_arrays(exp, state) -> tuple[dict, dict]:
+  arts = _layer_artifacts(exp, state)
+  params_paths = transforms_lib.leaf_paths(exp.abstract_state.params)
+  arrays: dict[str, np.ndarray] = {}
+  entries: dict[str, dict] = {}
+  for path in params_paths:
+    encoded = [art[path] for art in arts if _is_encoded(art[path])]
+    chosen = encoded[-1] if encoded else arts[-1][path]   # never encoded: the float leaf
+    earlier_sparse = next((x for x in reversed(encoded[:-1])
+                           if isinstance(x, dict) and "bitmask" in x), None)
+    a, e = _encode_leaf(path, chosen, earlier_sparse)
+    arrays.update(a)
+    e["arrays"] = list(a)
+    entries[path] = e
+  stats = _flat(jax.device_get(state.batch_stats))
+  stat_entries = {}
+  for path, x in stats.items():
+    if path in arrays:
+      raise JCompressError(f"batch_stats leaf '{path}' has the name of a stored param tensor")
+    arrays[path] = np.asarray(x)
+    stat_entries[path] = {"encoding": "float", "shape": list(np.shape(x)), "arrays": [path]}
+  return arrays, {"params": entries, "batch_stats": stat_entries}
+
+
+def _bnn_arrays(exp, state) -> tuple[dict, dict]:
+  from jcompress import bnn_infer  # noqa: PLC0415
+  c = exp.config
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  frozen = bnn_infer.freeze(params, batch_stats, exp.model, method=c.binary.method,
+                            include=tuple(c.binary.include), exclude=tuple(c.binary.exclude))
+  arrays = {}
+  for path, x in _flat({k: v for k, v in frozen.items() if k != "meta"}).items():
+    head, _, rest = path.partition("/")
+    arrays["/".join([_BNN_RENAME.get(head, head), rest]) if rest else path] = np.asarray(x)
+  return arrays, {"bnn": frozen["meta"]}
+
+
+def artifact_arrays(exp, state) -> tuple[dict[str, np.ndarray], dict]:
+  """The arrays the artifact stores and its manifest, built in memory (nothing written).
+
+  Args:
+    exp: the run's `train.Experiment` (model, transform, config, dataset info).
+    state: its `train.TrainState` (latent params, batch_stats, compression state).
+
+  Returns:
+    arrays: {name: numpy array}, in storage order. A name is the param path of the leaf it
+      stores (`stage1_block0/conv1/kernel`), followed for an encoded leaf by the part
+      (`.../kernel/codes`, `.../kernel/scale`, `.../kernel/bitmask`); BatchNorm statistics
+      are `layer/mean`, `layer/var`. `layer_of(name, manifest)` gives the layer of a name.
+    manifest: JSON-able dict: format, model (to rebuild the module), methods and their config,
+      `compressed` (False for a float run), tensors {name: {shape, dtype, nbytes, offset,
+      crc32, param}}, and the per-leaf encodings (`params`, `batch_stats`) or the BNN
+      artifact's `bnn` meta.
+  """
+  from jcompress import config as config_lib  # noqa: PLC0415
+  c = exp.config
+  methods = _methods(c)
+  if is_packed_bnn(c):
+    arrays, layout = _bnn_arrays(exp, state)
+    kind = "bnn_packed"
+  else:
+    arrays, layout = _generic_arrays(exp, state)
+    kind = "compressed" if methods else "float"
+  tensors, offset = {}, 0
+  owner = {}
+  for path, e in layout.get("params", {}).items():
+    for name in e["arrays"]:
+      owner[name] = path
+  for name, a in arrays.items():
+    a = np.ascontiguousarray(a)
+    arrays[name] = a
+    if a.dtype.byteorder == ">":
+      raise JCompressError(f"tensor '{name}' is big-endian")
+    tensors[name] = {"shape": list(a.shape), "dtype": a.dtype.str.lstrip("<|="),
+                     "nbytes": int(a.nbytes), "offset": offset,
+                     "crc32": zlib.crc32(a.tobytes()) & 0xFFFFFFFF,
+                     "param": owner.get(name, name)}
+    offset += int(a.nbytes)
+  cfg = config_lib.to_dict(c)
+  manifest = {
+      "format": FORMAT,
+      "kind": kind,
+      "compressed": bool(methods),
+      "methods": methods,
+      "method_config": {m: _jsonable(cfg[m]) for m in methods},
+      "model": _model_spec(exp),
+      "step": int(jax.device_get(state.step)),
+      "blob": BLOB,
+      "blob_bytes": offset,
+      "tensors": tensors,
+      **layout,
+  }
+  return arrays, manifest
+
+
+def layer_of(name: str, manifest: dict | None = None) -> str:
+  """The layer (module path) a stored tensor belongs to: its param path minus the leaf name
+  (`stage1_block0/conv1/kernel/codes` -> `stage1_block0/conv1`)."""
+  if manifest is not None and name in manifest.get("tensors", {}):
+    param = manifest["tensors"][name]["param"]
+  else:
+    param = name
+    for suffix in ("/codes", "/scale", "/zero_point", "/codebook", "/codebooks", "/bitmask",
+                   "/values", "/indptr", "/indices", "/bits"):
+      if param.endswith(suffix) and param.count("/") >= 2:
+        param = param[: -len(suffix)]
+        break
+  return param.rsplit("/", 1)[0] if "/" in param else param
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+  """manifest.json's exact content (compact, sorted keys)."""
+  return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def artifact_nbytes(arrays: dict, manifest: dict) -> int:
+  """The artifact's size on disk (manifest.json + weights.bin), without writing it."""
+  return len(manifest_bytes(manifest)) + sum(int(a.nbytes) for a in arrays.values())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_artifact(arrays: dict, manifest: dict, directory: str) -> int:
+  """Writes manifest.json and weights.bin into `directory`; returns their bytes on disk."""
+  os.makedirs(directory, exist_ok=True)
+  for name, a in arrays.items():
+    t = manifest["tensors"][name]
+    if int(a.nbytes) != t["nbytes"]:
+      raise JCompressError(f"tensor '{name}': {a.nbytes} bytes, the manifest says {t['nbytes']}")
+  blob = os.path.join(directory, BLOB)
+  with open(blob + ".tmp", "wb") as f:
+    for name, a in arrays.items():
+      f.write(np.ascontiguousarray(a).tobytes())
+  os.replace(blob + ".tmp", blob)
+  path = os.path.join(directory, MANIFEST)
+  with open(path + ".tmp", "wb") as f:
+    f.write(manifest_bytes(manifest))
+  os.replace(path + ".tmp", path)
+  return os.path.getsize(path) + os.path.getsize(blob)
+
+
+def load_artifact(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(manifest, arrays) of an artifact written by `write_artifact`, every tensor checked.
+
+  Raises ArtifactError (a WorkdirError) naming the file or the tensor when the manifest is
+  missing or unreadable, weights.bin is shorter or longer than the manifest says, or a tensor's
+  shape and dtype do not give its byte count, its bytes fall outside the blob, or its CRC-32
+  differs (the data was changed or the manifest edited).
+  """
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise ArtifactError(f"{path} does not exist: {directory} holds no exported artifact "
+                        "(run --mode=export first)")
+  try:
+    with open(path, "rb") as f:
+      manifest = json.loads(f.read().decode())
+  except (OSError, ValueError) as e:
+    raise ArtifactError(f"{path} cannot be read ({e}); refusing to load the artifact") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ArtifactError(f"{path}: not a jcompress artifact (format "
+                        f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT!r})")
+  blob_path = os.path.join(directory, manifest.get("blob", BLOB))
+  if not os.path.exists(blob_path):
+    raise ArtifactError(f"{blob_path} does not exist; refusing to load the artifact")
+  with open(blob_path, "rb") as f:
+    blob = f.read()
+  arrays = {}
+  end = 0
+  try:
+    entries = sorted(manifest["tensors"].items(), key=lambda kv: int(kv[1]["offset"]))
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ArtifactError(f"{path}: the tensors' entries are malformed ({e})") from e
+  for name, t in entries:
+    try:
+      dtype = np.dtype(t["dtype"])
+      shape = tuple(int(d) for d in t["shape"])
+      nbytes, offset, crc = int(t["nbytes"]), int(t["offset"]), int(t["crc32"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ArtifactError(f"tensor '{name}': manifest entry {t!r} is malformed ({e})") from e
+    if math.prod(shape) * dtype.itemsize != nbytes:
+      raise ArtifactError(f"tensor '{name}': shape {shape} of {dtype} is "
+                          f"{math.prod(shape) * dtype.itemsize} bytes, the manifest says "
+                          f"{nbytes}; the manifest does not match the data, refusing to load")
+    if offset != end:
+      raise ArtifactError(f"tensor '{name}': offset {offset} in {BLOB}, expected {end} (the "
+                          "tensors are stored one after the other); refusing to load")
+    if offset + nbytes > len(blob):
+      raise ArtifactError(f"tensor '{name}': bytes [{offset}, {offset + nbytes}) lie past the "
+                          f"end of {blob_path} ({len(blob)} bytes): the file is truncated; "
+                          "refusing to load")
+    raw = blob[offset:offset + nbytes]
+    if zlib.crc32(raw) & 0xFFFFFFFF != crc:
+      raise ArtifactError(f"tensor '{name}': CRC-32 of its {nbytes} bytes in {blob_path} does "
+                          "not match the manifest (the data or the manifest was changed); "
+                          "refusing to load")
+    arrays[name] = np.frombuffer(raw, dtype).reshape(shape).copy()
+    end = offset + nbytes
+  if end != len(blob):
+    raise ArtifactError(f"{blob_path} has {len(blob)} bytes, the manifest's tensors "
+                        f"{end}: the manifest does not match the data; refusing to load")
+  _check_layout(manifest, arrays)
+  return manifest, arrays
+
+
+def _check_layout(manifest: dict, arrays: dict) -> None:
+  """Every param leaf's tensors exist and have the sizes its encoding implies."""
+  from jcompress import packing  # noqa: PLC0415
+  for path, e in {**manifest.get("params", {}), **manifest.get("batch_stats", {})}.items():
+    for name in e["arrays"]:
+      if name not in arrays:
+        raise ArtifactError(f"tensor '{name}' (of '{path}') is not in the artifact; refusing "
+                            "to load")
+    n = math.prod(e["shape"])
+    enc = e["encoding"]
+    want = {}
+    if enc == "float":
+      want[path] = n * 4 if arrays[path].dtype == np.float32 else arrays[path].nbytes
+      if tuple(arrays[path].shape) != tuple(e["shape"]):
+        raise ArtifactError(f"tensor '{path}': shape {arrays[path].shape}, the manifest's leaf "
+                            f"entry says {tuple(e['shape'])}; refusing to load")
+    elif enc == "quant":
+      want[f"{path}/codes"] = packing.packed_nbytes(n, e["bits"])
+    elif enc == "sparse_quant":
+      want[f"{path}/bitmask"] = math.ceil(n / 8)
+      want[f"{path}/codes"] = packing.packed_nbytes(e["nnz"], e["bits"])
+    elif enc == "sparse":
+      want[f"{path}/bitmask"] = math.ceil(n / 8)
+    for name, nbytes in want.items():
+      if arrays[name].nbytes != nbytes:
+        raise ArtifactError(f"tensor '{name}': {arrays[name].nbytes} bytes, a {enc} "
+                            f"{tuple(e['shape'])} leaf needs {nbytes}; refusing to load")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _unpack_codes(packed: jax.Array, bits: int, count: int, signed: bool) -> jax.Array:
+  """`packing.unpack` in jnp (jit-able): int32 codes."""
+  packed = jnp.asarray(packed, jnp.uint8).reshape(-1)
+  if bits == 8:
+    c = packed[:count].astype(jnp.int32)
+  else:
+    stream = jnp.unpackbits(packed, bitorder="little")[:count * bits].reshape(count, bits)
+    c = jnp.sum(stream.astype(jnp.int32) << jnp.arange(bits, dtype=jnp.int32), axis=1)
+  return c - (1 << (bits - 1)) if signed else c
+
+
+def _qtensor(arrays: dict, path: str, e: dict, codes: jax.Array):
+  from jcompress import quantize  # noqa: PLC0415
+  shape = tuple(e["shape"])
+  bshape = [1] * len(shape)
+  if e["per_channel"]:
+    bshape[-1] = shape[-1]
+
+  def per(v, dtype):
+    v = jnp.asarray(v, dtype)
+    return v.reshape(bshape) if e["per_channel"] else v.reshape(())
+
+  signed = _signed_zero(e)
+  codes = codes.reshape(shape).astype(jnp.int8 if signed else jnp.uint8)
+  scale = zero_point = codebook = None
+  if e["kind"] in ("uniform", "pow2"):
+    scale = per(arrays[f"{path}/scale"], jnp.float32)
+  if e["kind"] == "uniform":
+    zero_point = (per(arrays[f"{path}/zero_point"], jnp.uint8) if not e["symmetric"]
+                  else jnp.zeros(jnp.shape(scale), jnp.int8))
+  if e["kind"] == "kmeans":
+    codebook = jnp.asarray(arrays[f"{path}/codebook"], jnp.float32)
+  q = quantize.QTensor(codes=codes, scale=scale, zero_point=zero_point, codebook=codebook,
+                       bits=e["bits"], kind=e["kind"], symmetric=e["symmetric"],
+                       narrow_range=e["narrow_range"], per_channel=e["per_channel"])
+  return quantize.dequantize(q, jnp.float32)
+
+
+def _scatter_mask(bitmask, values, n: int, nnz: int, dtype) -> jax.Array:
+  """A dense (n,) vector: `values` (in order) where the big-endian `bitmask` has a 1, else 0."""
+  mask = jnp.unpackbits(jnp.asarray(bitmask, jnp.uint8), count=n).astype(bool)
+  if nnz == 0:
+    return jnp.zeros((n,), dtype)
+  idx = jnp.clip(jnp.cumsum(mask.astype(jnp.int32)) - 1, 0, nnz - 1)
+  return jnp.where(mask, jnp.asarray(values)[idx], jnp.zeros((), dtype))
+
+
+def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
+  """The effective float32 weights of param leaf `path` (jnp, jit-able; shapes from `e`)."""
+  from jcompress import binarize  # noqa: PLC0415
+  from jcompress import pq  # noqa: PLC0415
+  shape = tuple(e["shape"])
+  n = math.prod(shape)
+  enc = e["encoding"]
+  if enc == "float":
+    return jnp.asarray(arrays[path])
+  if enc == "quant":
+    codes = _unpack_codes(arrays[f"{path}/codes"], e["bits"], n, _signed_zero(e))
+    return _qtensor(arrays, path, e, codes)
+  if enc == "sparse_quant":
+    nz = _unpack_codes(arrays[f"{path}/codes"], e["bits"], e["nnz"], True)
+    codes = _scatter_mask(arrays[f"{path}/bitmask"], nz, n, e["nnz"], jnp.int32)
+    return _qtensor(arrays, path, e, codes)
+  if enc == "sparse":
+    values = jnp.asarray(arrays[f"{path}/values"], jnp.float32)
+    return _scatter_mask(arrays[f"{path}/bitmask"], values, n, values.shape[0],
+                         jnp.float32).reshape(shape)
+  if enc == "csr":
+    values = jnp.asarray(arrays[f"{path}/values"], jnp.float32)
+    indptr = jnp.asarray(arrays[f"{path}/indptr"]).astype(jnp.int32)
+    rows_n, cols_n = shape[-1], n // shape[-1]
+    nnz = values.shape[0]
+    rows = jnp.repeat(jnp.arange(rows_n), jnp.diff(indptr), total_repeat_length=nnz)
+    cols = jnp.asarray(arrays[f"{path}/indices"]).astype(jnp.int32)
+    mat = jnp.zeros((rows_n, cols_n), jnp.float32).at[rows, cols].set(values)
+    return jnp.moveaxis(mat.reshape((rows_n,) + shape[:-1]), 0, -1)
+  if enc == "pq":
+    cb = jnp.asarray(arrays[f"{path}/codebooks"], jnp.float32)
+    m = cb.shape[0]
+    count = n // cb.shape[-1]
+    codes = _unpack_codes(arrays[f"{path}/codes"], e["bits"], count, False).reshape(m, -1)
+    return pq.reconstruct(cb, codes, shape).astype(jnp.float32)
+  if enc == "binary":
+    w = binarize.unpack_signs(arrays[f"{path}/bits"], shape[-2], axis=-2, dtype=jnp.float32)
+    if f"{path}/scale" in arrays:
+      w = w * jnp.asarray(arrays[f"{path}/scale"], jnp.float32)
+    return w
+  raise ArtifactError(f"param '{path}': unknown encoding {enc!r} in the manifest")
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def build_model(manifest: dict):
+  """The Flax module the manifest describes (`models.get_model`, plus a low-rank plan)."""
+  from jcompress import models as models_lib  # noqa: PLC0415
+  m = manifest["model"]
+  dtype = jnp.bfloat16 if m["dtype"] == "bfloat16" else jnp.float32
+  model = models_lib.get_model(m["name"], m["num_classes"], width=m["width"], dtype=dtype,
+                               **m["kwargs"])
+  if m.get("lowrank_plan") is not None:
+    from jcompress import lowrank  # noqa: PLC0415
+    model = lowrank.Factorized(model, lowrank.plan_from_json(json.dumps(m["lowrank_plan"])))
+  return model
+
+
+def _bnn_frozen(manifest: dict, arrays: dict) -> dict:
+  back = {v: k for k, v in _BNN_RENAME.items()}
+  flat = {}
+  for name, a in arrays.items():
+    head, _, rest = name.partition("/")
+    flat["/".join([back.get(head, head), rest]) if rest else name] = a
+  return {"meta": manifest["bnn"], **_nest(flat)}
+
+
+def decode_variables(manifest: dict, arrays: dict) -> dict:
+  """{"params", "batch_stats"}: the effective weights of a generic (not BNN) artifact."""
+  params = {p: decode_leaf(arrays, p, e) for p, e in manifest["params"].items()}
+  stats = {p: jnp.asarray(arrays[p]) for p in manifest["batch_stats"]}
+  return {"params": _nest(params), "batch_stats": _nest(stats)}
+
+
+def make_apply(manifest: dict, model=None) -> Callable:
+  """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
+  then the model in eval mode (a BNN artifact: `bnn_infer.packed_apply`)."""
+  if manifest.get("kind") == "bnn_packed":
+    from jcompress import bnn_infer  # noqa: PLC0415
+
+    def apply_bnn(arrays, images):
+      return bnn_infer.packed_apply(_bnn_frozen(manifest, arrays), images)
+
+    return apply_bnn
+  model = build_model(manifest) if model is None else model
+
+  def apply(arrays, images):
+    logits, _ = model.apply(decode_variables(manifest, arrays), images, train=False)
+    return logits
+
+  return apply
+
+
+def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
+  """ArtifactError naming the first leaf whose decoded shape is not the rebuilt model's."""
+  if manifest.get("kind") == "bnn_packed":
+    from jcompress import bnn_infer  # noqa: PLC0415
+    from jcompress.errors import ConfigError  # noqa: PLC0415
+    try:
+      bnn_infer.check_artifact(_bnn_frozen(manifest, arrays), build_model(manifest))
+    except ConfigError as e:
+      raise ArtifactError(f"artifact does not fit its model: {e}") from e
+    return
+  model = build_model(manifest) if model is None else model
+  shape = [1, *manifest["model"]["image_shape"]]
+  want = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+  for coll in ("params", "batch_stats"):
+    w = _flat(want.get(coll, {}))
+    have = manifest[coll]
+    for path, x in w.items():
+      if path not in have:
+        raise ArtifactError(f"tensor '{path}' ({coll}) of the model {manifest['model']['name']} "
+                            "is missing from the artifact; refusing to load")
+      if tuple(have[path]["shape"]) != tuple(x.shape):
+        raise ArtifactError(f"tensor '{path}': the artifact has shape "
+                            f"{tuple(have[path]['shape'])}, the model expects "
+                            f"{tuple(x.shape)}; refusing to load")
+    extra = sorted(set(have) - set(w))
+    if extra:
+      raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")
+
+
+def inference_fn(source) -> Callable:
+  """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
+
+  The model is rebuilt from the manifest alone and checked against the stored tensors; the
+  tensors are decoded inside the jit-compiled function. `fn.manifest`, `fn.arrays` and
+  `fn.apply` (the pure `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
+  """
+  manifest, arrays = load_artifact(source) if isinstance(source, str) else source
+  model = None if manifest.get("kind") == "bnn_packed" else build_model(manifest)
+  check_against_model(manifest, arrays, model)
+  apply = make_apply(manifest, model)
+  jitted = jax.jit(apply)
+  device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+
+  def fn(images):
+    return jitted(device_arrays, jnp.asarray(images, jnp.float32))
+
+  fn.manifest, fn.arrays, fn.apply = manifest, arrays, apply
+  return fn
+
+
+# ----------------------------------------------------------------------------- StableHLO
+
+
+def export_stablehlo(manifest: dict, arrays: dict, path: str | None = None,
+                     batch_size: int | None = None) -> tuple[bytes, dict]:
+  """`jax.export` of `apply(arrays, images)` (the stored tensors and the images are its
+  arguments; the batch dimension is symbolic unless `batch_size` is given or the model does
+  not trace with a symbolic one). Returns (serialized bytes, info) and writes them to `path`."""
+  from jax import export as jax_export  # noqa: PLC0415
+  apply = make_apply(manifest)
+  arg_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+  image_shape = tuple(manifest["model"]["image_shape"])
+  info: dict = {}
+  exported = None
+  if batch_size is None:
+    try:
+      (b,) = jax_export.symbolic_shape("b")
+      exported = jax_export.export(jax.jit(apply))(
+          arg_specs, jax.ShapeDtypeStruct((b, *image_shape), jnp.float32))
+      info["batch"] = "symbolic"
+    except Exception as e:  # noqa: BLE001  (a model that needs a static batch)
+      logging.warning("jax.export with a symbolic batch failed (%s: %s); exporting batch 1",
+                      type(e).__name__, str(e)[:200])
+      batch_size = 1
+  if exported is None:
+    exported = jax_export.export(jax.jit(apply))(
+        arg_specs, jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32))
+    info["batch"] = int(batch_size)
+  data = bytes(exported.serialize())
+  info["platforms"] = list(exported.platforms)
+  info["bytes"] = len(data)
+  if path is not None:
+    with open(path + ".tmp", "wb") as f:
+      f.write(data)
+    os.replace(path + ".tmp", path)
+  return data, info
+
+
+def load_stablehlo(path: str) -> Callable:
+  """`fn(arrays, images) -> logits` from a serialized `inference.stablehlo`."""
+  from jax import export as jax_export  # noqa: PLC0415
+  with open(path, "rb") as f:
+    exported = jax_export.deserialize(bytearray(f.read()))
+  return exported.call
+
+
+# ----------------------------------------------------------------------------- export_run
+
+
+def restore_for_export(workdir: str):
+  """(exp, state, step, warnings) of workdir's newest readable checkpoint.
+
+  A checkpoint that cannot be restored (truncated or corrupted files) or restores to non-finite
+  params is skipped with a warning for the one before it. WorkdirError when there is no config,
+  no checkpoint, or no readable one."""
+  from jcompress import config as config_lib  # noqa: PLC0415
+  from jcompress import train  # noqa: PLC0415
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is not a directory")
+  config = train.load_workdir_config(workdir)
+  with config.unlocked():
+    for k, v in config_lib.base_config().items():
+      if k not in config:
+        config[k] = v
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True) \
+      if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise WorkdirError(f"{ckpt_dir} holds no checkpoint to export (has the run in {workdir} "
+                       "saved one?)")
+  exp = train.make_experiment(config, load_teacher=False)
+  mngr = train.checkpoint_manager(workdir, exp.config, create=False)
+  warnings, failures = [], []
+  try:
+    for i, step in enumerate(steps):
+      try:
+        state, _ = train.restore_state(mngr, step, exp)
+        bad = [p for p, x in zip(transforms_lib.leaf_paths(state.params),
+                                 jax.tree.leaves(jax.device_get(state.params)))
+               if np.issubdtype(np.asarray(x).dtype, np.floating)
+               and not np.all(np.isfinite(np.asarray(x)))]
+        if bad:
+          raise ValueError(f"params leaf '{bad[0]}' holds NaN or Inf")
+      except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failures.append(f"step {step} ({reason})")
+        if i + 1 < len(steps):
+          msg = (f"checkpoint {os.path.join(ckpt_dir, str(step))} cannot be read ({reason}); "
+                 f"falling back to the previous checkpoint, step {steps[i + 1]}")
+          logging.warning("%s", msg)
+          warnings.append(msg)
+        continue
+      return exp, state, step, warnings
+  finally:
+    mngr.close()
+  raise WorkdirError(f"no checkpoint in {ckpt_dir} can be read: " + "; ".join(failures))
+
+
+def _reference_logits(exp, state, images) -> np.ndarray:
+  """The trained model's eval path: transform.apply, then model.apply in eval mode."""
+
+  @jax.jit
+  def fn(params, compression, batch_stats, x):
+    eff = exp.transform.apply(params, compression)
+    return exp.model.apply({"params": eff, "batch_stats": batch_stats}, x, train=False)[0]
+
+  return np.asarray(fn(state.params, state.compression, state.batch_stats, images))
+
+
+def export_run(workdir: str, check_examples: int = 256) -> dict:
+  """Writes DIR/export/ (the artifact and its StableHLO) for the run in `workdir`.
+
+  Returns a JSON-able summary: files and bytes, `artifact_bytes` (manifest.json + weights.bin,
+  what results.json's `model_bytes` counts), the checkpoint step (and `warnings` when it fell
+  back from an unreadable one), `compressed` (False: a float run, exported as the float model),
+  and `check`: the loaded artifact's logits against the trained model's on up to
+  `check_examples` eval images (argmax agreement, max |difference|).
+  """
+  from jcompress import data as data_lib  # noqa: PLC0415
+  from jcompress import train  # noqa: PLC0415
+  exp, state, step, warnings = restore_for_export(workdir)
+  arrays, manifest = artifact_arrays(exp, state)
+  out_dir = os.path.join(workdir, "export")
+  tmp_dir = out_dir + ".tmp"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  artifact_bytes = write_artifact(arrays, manifest, tmp_dir)
+  _, hlo_info = export_stablehlo(manifest, arrays, os.path.join(tmp_dir, STABLEHLO))
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp_dir, out_dir)
+
+  summary: dict = {"export_dir": out_dir, "step": step, "model": manifest["model"]["name"],
+                   "kind": manifest["kind"], "compressed": manifest["compressed"],
+                   "methods": manifest["methods"], "artifact_bytes": artifact_bytes,
+                   "files": {f: os.path.getsize(os.path.join(out_dir, f))
+                             for f in sorted(os.listdir(out_dir))},
+                   "stablehlo": hlo_info, "tensors": len(manifest["tensors"])}
+  if not manifest["compressed"]:
+    msg = (f"the run in {workdir} has no compression (no prune/lowrank/pq/quant/binary "
+           "sub-config): exported the float model")
+    logging.warning("%s", msg)
+    summary["note"] = msg
+  if warnings:
+    summary["warnings"] = warnings
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
+  summary["float_bytes"] = 4 * n_params
+  summary["compression_ratio"] = 4 * n_params / artifact_bytes
+  results_path = os.path.join(workdir, "results.json")
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      reported = json.load(f).get("model_bytes")
+    if reported:
+      summary["results_model_bytes"] = reported
+      summary["size_vs_results"] = artifact_bytes / reported
+
+  # Check: the artifact read back from disk predicts what the trained model predicts.
+  c = exp.config
+  batch = next(iter(data_lib.eval_iterator(c.data, batch_size=check_examples,
+                                           image_size=train.image_size_arg(c),
+                                           data_dir=c.data_dir or None)))
+  images = batch["image"][batch["mask"].astype(bool)]
+  fn = inference_fn(out_dir)
+  got = np.asarray(fn(images))
+  want = _reference_logits(exp, state, images)
+  summary["check"] = {"examples": int(images.shape[0]),
+                      "argmax_equal": bool(np.all(got.argmax(-1) == want.argmax(-1))),
+                      "max_abs_logit_diff": float(np.max(np.abs(got - want)))}
+  logging.info("exported %s (step %d) to %s: %d bytes (manifest + weights), StableHLO %d bytes",
+               workdir, step, out_dir, artifact_bytes, hlo_info["bytes"])
+  return summary
