@@ -77,12 +77,14 @@ first tensor at fault and the shape expected, before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 import time
 from typing import Any
 from typing import Callable
+from typing import Sequence
 
 from flax import traverse_util
 import flax.linen as nn
@@ -726,6 +728,77 @@ def preprocess(name: str, images: Array) -> Array:
   return (x / 255.0 - xp.asarray(_TORCH_MEAN, xp.float32)) / xp.asarray(_TORCH_STD, xp.float32)
 
 
+def input_norm(name: str, mean: Sequence[float], std: Sequence[float],
+               channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+  """The model field `input_norm` that turns dataset-normalised images into `name`'s input.
+
+  The data pipeline yields `z = (x / 255 - mean) / std` with the dataset's own per-channel
+  statistics (a grey dataset's single value repeats over the channels). For `u = z * std +
+  mean` (= x / 255), `preprocess(name, 255 u)` is the per-channel affine map `z * scale +
+  shift`, followed by RGB -> BGR for "caffe". Returns `(scale, shift, reverse)`, so that
+  `common.normalize_input(z, input_norm(...)) == preprocess(name, x)` (tested).
+  """
+  mode = preprocessing_of(name)
+  m = np.resize(np.asarray(mean, np.float64), channels)
+  s = np.resize(np.asarray(std, np.float64), channels)
+  if mode == "caffe":   # 255 u, channels reversed, minus the BGR mean
+    scale, shift, reverse = 255.0 * s, 255.0 * m - np.asarray(_IMAGENET_BGR_MEAN)[::-1], True
+  elif mode == "tf":    # 2 u - 1
+    scale, shift, reverse = 2.0 * s, 2.0 * m - 1.0, False
+  else:                 # (u - M) / S
+    tm, ts = np.asarray(_TORCH_MEAN), np.asarray(_TORCH_STD)
+    scale, shift, reverse = s / ts, (m - tm) / ts, False
+  return (tuple(float(v) for v in scale), tuple(float(v) for v in shift), reverse)
+
+
+def is_pretrained_spec(spec: Any) -> bool:
+  """Whether an `init_from` / `teacher` entry names published weights, not a workdir."""
+  return isinstance(spec, str) and (spec.startswith("keras:") or spec.endswith(".safetensors"))
+
+
+def pretrained_source(spec: str, _depth: int = 0) -> str:
+  """The published weights at the root of an `init_from` chain, or "".
+
+  `spec` itself when it is "keras:..." or a .safetensors file; for a workdir, the source of the
+  `init_from` in its config.json, recursively: a run fine-tuned from ImageNet weights passes
+  its model fields and input preprocessing on to the runs that start from it.
+  """
+  if is_pretrained_spec(spec):
+    return spec
+  path = os.path.join(spec, "config.json") if spec else ""
+  if not path or _depth > 16 or not os.path.isfile(path):
+    return ""
+  try:
+    with open(path) as f:
+      parent = json.load(f).get("init_from", "")
+  except (OSError, ValueError):
+    return ""
+  return pretrained_source(parent, _depth + 1)
+
+
+def source_model(spec: str) -> str:
+  """The jcompress model name of published weights: the Keras application's, or the
+  torchvision architecture a .safetensors file holds (from its tensor names)."""
+  if spec.startswith("keras:"):
+    return _keras_app(spec[len("keras:"):])[1].model
+  if not os.path.isfile(spec):
+    raise ConfigError(f"{spec} is not a file")
+  return torch_arch_of(read_safetensors(spec), f"file {spec!r}")
+
+
+def torch_arch_of(source: dict[str, Array], origin: str) -> str:
+  """The torchvision architecture of a state_dict, from its tensor names."""
+  names = set(source)
+  if "features.0.0.weight" in names:
+    return "mobilenetv2"
+  if "layer1.0.conv1.weight" not in names:
+    raise ConfigError(f"{origin}: no torchvision ResNet or MobileNetV2 tensor names "
+                      f"(found e.g. {sorted(names)[:3]}); known: {', '.join(TORCHVISION_ARCHS)}")
+  if "layer1.0.conv3.weight" in names:
+    return "resnet50"
+  return "resnet34" if "layer3.5.conv1.weight" in names else "resnet18"
+
+
 # ----------------------------------------------------------------------------------------------
 # init_from.
 
@@ -784,6 +857,7 @@ def load_pretrained(
     rng: Array,
     arch: str | None = None,
     keras_weights: Any = "imagenet",
+    reinit_head: bool = True,
 ) -> tuple[dict, dict, str]:
   """Pretrained variables for `model` (config key `init_from`).
 
@@ -799,6 +873,8 @@ def load_pretrained(
       from `model` when None.
     keras_weights: what Keras builds the application with (default: the ImageNet download;
       None gives random weights, for tests).
+    reinit_head: False refuses (ConfigError) a source whose class count differs from
+      `num_classes` instead of re-initialising the head (a teacher must keep its classifier).
 
   Returns:
     `(params, batch_stats, message)`: float32 trees with the structure of `model.init`'s, and a
@@ -839,6 +915,10 @@ def load_pretrained(
     src_classes = _torch_head_classes(model_arch, source, origin)
     what = f"{spec} ({model_arch}, torchvision naming)"
   reinit = src_classes != num_classes
+  if reinit and not reinit_head:
+    raise ConfigError(f"{what} predicts {src_classes} classes, the data has {num_classes}: a "
+                      "teacher must predict the student's classes (fine-tune it first with "
+                      f"init_from={spec} and give that run's workdir as the teacher)")
   if reinit:
     # The head's input width must still fit: check it against the source's classifier.
     head_name = fmt.layer_name(model_arch, ("head",)) + fmt.sep + (
@@ -871,14 +951,19 @@ __all__ = [
     "arch_of",
     "build_keras_model",
     "from_keras",
+    "input_norm",
+    "is_pretrained_spec",
     "from_safetensors",
     "keras_name",
     "load_pretrained",
     "model_fields",
     "preprocess",
     "preprocessing_of",
+    "pretrained_source",
     "read_safetensors",
+    "source_model",
     "target_shapes",
     "to_torch_state_dict",
+    "torch_arch_of",
     "torch_name",
 ]

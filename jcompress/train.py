@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import models as models_lib
+from jcompress import pretrained as pretrained_lib
 from jcompress import transforms as transforms_lib
 from jcompress.errors import ConfigError
 from jcompress.errors import WorkdirError
@@ -311,12 +312,16 @@ def build_model(config, num_classes: int):
   """The model of `config.model`, with `width`, `dtype` and the fields in `model_kwargs`."""
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   kwargs = dict(config.get("model_kwargs", {}))
-  spec = config.get("init_from", "")
-  if spec and (spec.startswith("keras:") or spec.endswith(".safetensors")):
-    from jcompress import pretrained  # noqa: PLC0415
-    # The fields under which the model computes the source's function (padding, BN epsilon,
-    # stride placement), under what the config sets explicitly.
-    kwargs = {**pretrained.model_fields(spec), **kwargs}
+  source = pretrained_lib.pretrained_source(config.get("init_from", ""))
+  if source:
+    # Weights published elsewhere (directly, or at the root of the init_from chain): the
+    # fields under which the model computes the source's function (padding, BN epsilon,
+    # stride placement) and the input preprocessing those weights expect, under what the
+    # config sets explicitly.
+    stats = data_lib.dataset_defaults(config.data)
+    kwargs = {**pretrained_lib.model_fields(source),
+              "input_norm": pretrained_lib.input_norm(source, stats.mean, stats.std),
+              **kwargs}
   return models_lib.get_model(config.model, num_classes, width=config.width, dtype=dtype,
                               **kwargs)
 
@@ -380,7 +385,10 @@ def lowrank_model(config, info, model) -> tuple[Any, tuple]:
 
 
 def make_distillation(config, info, model, init) -> Distillation:
-  """The teachers named by `config.teacher` (workdirs, comma-separated) and the `distill` loss.
+  """The teachers named by `config.teacher` and the `distill` loss.
+
+  `teacher` lists, comma-separated, workdirs of runs or published weights ("keras:ResNet50",
+  a torchvision .safetensors file; see `pretrained_teacher_config`).
 
   Reads each teacher's config.json and builds its model; checks classes, input shapes and
   the feature names the loss needs. Weights are restored later (`load_teacher_variables`).
@@ -392,6 +400,9 @@ def make_distillation(config, info, model, init) -> Distillation:
   workdirs = tuple(w.strip() for w in str(config.teacher).split(",") if w.strip())
   experiments = []
   for w in workdirs:
+    if pretrained_lib.is_pretrained_spec(w):
+      experiments.append(make_experiment(pretrained_teacher_config(config, w), load_teacher=False))
+      continue
     if not os.path.isdir(w):
       raise ConfigError(f"config key 'teacher': {w} is not a directory (the workdir of the "
                         "teacher's run is expected)")
@@ -458,6 +469,22 @@ def structured_prune(config, workdir: str, resuming: bool):
                       "float_test_accuracy": float_eval["eval_accuracy"], "report": report}
 
 
+def pretrained_teacher_config(config, spec: str) -> ml_collections.ConfigDict:
+  """The config of a teacher given as published weights (`teacher=keras:ResNet50` or a
+  torchvision .safetensors file): the architecture of those weights on the student's data,
+  its input preprocessing (`input_norm`) and model fields from `spec`, no compression."""
+  try:
+    model = pretrained_lib.source_model(spec)
+  except ConfigError as e:
+    raise ConfigError(f"config key 'teacher': {e}") from e
+  t = config_lib.base_config()
+  for key in ("data", "data_dir", "image_size", "eval_batch_size", "batch_size", "num_devices",
+              "seed"):
+    t[key] = config[key]
+  t.model, t.init_from, t.total_steps = model, spec, 0
+  return t
+
+
 def train_missing_teacher(config) -> dict | None:
   """Trains the teacher first when `teacher` names a workdir without a finished run and
   `teacher_config` says how (`"experiments/baseline_resnet.py:model=resnet18_cifar"`), so that
@@ -483,10 +510,15 @@ def load_teacher_variables(exp: Experiment) -> list:
   a compressed teacher's transform applied), replicated; errors name `teacher` and the path."""
   out = []
   for w, texp in zip(exp.distill.workdirs, exp.distill.experiments):
-    _, state = restore_run(w, "teacher")
-    eff = jax.jit(texp.transform.apply)(state.params, state.compression)
-    out.append(jax.device_put({"params": eff, "batch_stats": state.batch_stats},
-                              exp.replicated))
+    if pretrained_lib.is_pretrained_spec(w):
+      eff, batch_stats, message = pretrained_lib.load_pretrained(
+          w, texp.model, texp.info.num_classes, jax.random.PRNGKey(0), reinit_head=False)
+      logging.info("teacher: %s", message.replace("init_from ", "", 1))
+    else:
+      _, state = restore_run(w, "teacher")
+      eff = jax.jit(texp.transform.apply)(state.params, state.compression)
+      batch_stats = state.batch_stats
+    out.append(jax.device_put({"params": eff, "batch_stats": batch_stats}, exp.replicated))
   return out
 
 
@@ -623,7 +655,7 @@ def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
   latent params and BatchNorm statistics of that run), or pretrained weights
   (`jcompress.pretrained.load_pretrained`: "keras:ResNet50", a .safetensors file)."""
   spec = exp.config.init_from
-  if not (spec.startswith("keras:") or spec.endswith(".safetensors")):
+  if not pretrained_lib.is_pretrained_spec(spec):
     src, state = restore_run(spec, "init_from")
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
     message = f"init_from: weights of {spec} at step {int(state.step)} ({src.config.model})"
@@ -632,8 +664,7 @@ def load_init_variables(exp: Experiment) -> tuple[PyTree, PyTree, str]:
       params = lowrank.factorize_params(params, exp.lowrank_plan)
       message += f"; factorized {len(exp.lowrank_plan)} layers (lowrank)"
   else:
-    from jcompress import pretrained  # noqa: PLC0415
-    params, batch_stats, message = pretrained.load_pretrained(
+    params, batch_stats, message = pretrained_lib.load_pretrained(
         spec, exp.model, exp.info.num_classes, jax.random.PRNGKey(exp.config.seed))
   params = _add_missing_quantizer_params(exp, params)
   check_same_shapes(exp.abstract_state.params, params, "init_from", "init_from params")
@@ -744,6 +775,7 @@ def save_state(mngr: ocp.CheckpointManager, state: TrainState, meta: dict) -> No
   step = int(jax.device_get(state.step))
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
+
 
 def restore_latest_valid(mngr: ocp.CheckpointManager,
                          exp: Experiment) -> tuple[TrainState, dict, int, list[str]]:
@@ -1129,16 +1161,19 @@ def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: floa
   params = jax.device_get(state.params)
   n_params = models_lib.count_params(params)
   float_bytes = 4 * n_params
-  # What the compression transform stores (packed bits, codes, ...); a float run: its params.
-  model_bytes = tree_bytes(jax.device_get(exp.transform.export(state.params, state.compression)))
+  # The bytes --mode=export writes (DIR/export/manifest.json + weights.bin): what the
+  # compression stores (packed codes, bitmasks, packed signs, codebooks, scales; a float run:
+  # its params), the BatchNorm statistics inference needs, and the manifest.
+  from jcompress import export  # noqa: PLC0415
+  model_bytes = export.artifact_nbytes(*export.artifact_arrays(exp, state))
   figures = {}
   c = exp.config
   if "binary" in c and c.model.startswith("bnn_"):
     figures.update(packed_bnn_figures(exp, state))
-    model_bytes = figures.pop("model_bytes")
+    figures.pop("model_bytes")   # the packed artifact's arrays alone; export adds the manifest
   if exp.transform.metrics is not None:
-    figures = {k: _to_py(v) for k, v in jax.device_get(
-        exp.transform.metrics(state.params, state.compression)).items()}
+    figures.update({k: _to_py(v) for k, v in jax.device_get(
+        exp.transform.metrics(state.params, state.compression)).items()})
   return {
       **figures,
       "test_accuracy": eval_metrics["eval_accuracy"],

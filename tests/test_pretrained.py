@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -409,3 +413,112 @@ def test_torchvision_logits_match(tmp_path, arch, ctor):
   with torch.no_grad():
     ref = tm(torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))).numpy()
   assert _rel_err(_logits(model, params, batch_stats, x), ref) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Published weights in runs: the input preprocessing they expect, init_from and teacher.
+
+
+@pytest.mark.parametrize("source", ["keras:ResNet50", "keras:MobileNetV2", "w.safetensors"])
+@pytest.mark.parametrize("data", ["digits", "cifar10", "imagenet2012"])
+def test_input_norm_turns_dataset_normalisation_into_preprocess(source, data):
+  from jcompress import data as data_lib  # noqa: PLC0415
+  from jcompress.models import common  # noqa: PLC0415
+  stats = data_lib.dataset_defaults(data)
+  x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3))
+  if stats.channels == 1:   # a grey dataset's 32x32x3 variant: the grey value on 3 channels
+    x = np.repeat(x[..., :1], 3, axis=-1)
+  mean, std = np.resize(stats.mean, 3), np.resize(stats.std, 3)
+  z = ((x / 255.0 - mean) / std).astype(np.float32)   # what the data pipeline yields
+  got = common.normalize_input(jnp.asarray(z), pretrained.input_norm(source, stats.mean,
+                                                                     stats.std))
+  want = pretrained.preprocess(source, x.astype(np.float32))
+  scale = 255.0 if pretrained.preprocessing_of(source) == "caffe" else 1.0
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * scale)
+  assert pretrained.input_norm(source, stats.mean, stats.std) != pretrained.input_norm(
+      "keras:MobileNetV2" if source != "keras:MobileNetV2" else "w.safetensors", stats.mean,
+      stats.std)
+
+
+def _run_config(tmp_path, **keys):
+  from jcompress import config as config_lib  # noqa: PLC0415
+  c = config_lib.base_config()
+  c.data, c.data_dir, c.image_size = "digits", str(tmp_path / "tfds"), 32
+  c.batch_size, c.eval_batch_size = 32, 180
+  c.log_every = c.checkpoint_every = 1
+  c.eval_every = 0
+  for k, v in keys.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("digits")
+
+
+def test_init_from_safetensors_runs_with_the_sources_preprocessing(resnet18_file, digits_dir):
+  from jcompress import data as data_lib  # noqa: PLC0415
+  from jcompress import train  # noqa: PLC0415
+  path, _, params, batch_stats = resnet18_file
+  workdir = str(digits_dir / "from_file")
+  results = train.train_and_evaluate(
+      _run_config(digits_dir, model="resnet18", init_from=path, total_steps=0), workdir)
+  exp, state = train.restore_run(workdir, "init_from")
+  stats = data_lib.dataset_defaults("digits")
+  assert exp.model.input_norm == pretrained.input_norm(path, stats.mean, stats.std)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+  # The run's accuracy is that of the source network fed torchvision-preprocessed pixels.
+  plain = models.get_model("resnet18", 10, **pretrained.TORCHVISION_FIELDS)
+  apply = jax.jit(lambda x: plain.apply({"params": params, "batch_stats": batch_stats}, x)[0])
+  mean, std = np.resize(stats.mean, 3), np.resize(stats.std, 3)
+  correct = count = 0
+  for batch in data_lib.eval_iterator("digits", batch_size=180, image_size=32,
+                                      data_dir=str(digits_dir / "tfds")):
+    pixels = 255.0 * (batch["image"] * std + mean)
+    pred = np.argmax(np.asarray(apply(pretrained.preprocess("torchvision", pixels))), -1)
+    correct += int(np.sum((pred == batch["label"]) * batch["mask"]))
+    count += int(np.sum(batch["mask"]))
+  assert results["test_accuracy"] == results["float_test_accuracy"] == correct / count
+  # A run that starts from that run inherits the source's fields and preprocessing.
+  child = train.make_experiment(_run_config(digits_dir, model="resnet18", init_from=workdir,
+                                            total_steps=1))
+  assert child.model.input_norm == exp.model.input_norm
+  assert child.model.padding == "torch" and child.model.bn_epsilon == 1e-5
+
+
+def test_teacher_given_as_a_safetensors_file(resnet18_file, digits_dir):
+  from jcompress import train  # noqa: PLC0415
+  path, _, params, batch_stats = resnet18_file
+  c = _run_config(digits_dir, model="resnet20", teacher=path, total_steps=2)
+  c.distill = ml_collections.ConfigDict({"loss": "kd", "alpha": 1.0, "temperature": 4.0})
+  exp = train.make_experiment(c)
+  assert exp.distill.experiments[0].config.model == "resnet18"   # read from the tensor names
+  assert exp.distill.models[0].input_norm is not None
+  (teacher,) = train.load_teacher_variables(exp)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(teacher["params"]), params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get(teacher["batch_stats"]), batch_stats)
+  workdir = str(digits_dir / "student")
+  results = train.train_and_evaluate(c, workdir)
+  assert results["steps"] == 2
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert all(np.isfinite(m["train_loss"]) for m in lines if "train_loss" in m)
+
+
+def test_pretrained_teacher_bad_input(tmp_path, digits_dir):
+  from jcompress import train  # noqa: PLC0415
+  model = models.get_model("resnet18", 3)
+  p3, s3 = _random_variables(model, 1)
+  three = str(tmp_path / "three.safetensors")
+  safetensors_numpy.save_file(pretrained.to_torch_state_dict("resnet18", p3, s3), three)
+  for teacher, fragment in [
+      (three, "predicts 3 classes, the data has 10"),
+      ("keras:NoSuchNet", "unknown Keras application 'NoSuchNet'; known: ResNet50"),
+      (str(tmp_path / "missing.safetensors"), "config key 'teacher'.*is not a file")]:
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=fragment):
+      train.train_and_evaluate(_run_config(digits_dir, model="resnet20", teacher=teacher,
+                                           total_steps=2), str(workdir))
+    assert not workdir.exists()

@@ -8,6 +8,7 @@ from jcompress.data.digits import Digits
 from jcompress.data.pipeline import DATASET_DEFAULTS
 from jcompress.data.pipeline import DatasetDefaults
 from jcompress.data.pipeline import DatasetInfo
+from jcompress.data.pipeline import dataset_defaults
 from jcompress.data.pipeline import dataset_info
 from jcompress.data.pipeline import eval_iterator
 from jcompress.data.pipeline import train_iterator
@@ -17,6 +18,7 @@ __all__ = [
     "DatasetDefaults",
     "DatasetInfo",
     "Digits",
+    "dataset_defaults",
     "dataset_info",
     "eval_iterator",
     "train_iterator",

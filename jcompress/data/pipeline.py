@@ -204,6 +204,12 @@ def _defaults(name: Any) -> DatasetDefaults:
       f"(supported: {_supported()}); use `data=digits` for offline runs.")
 
 
+def dataset_defaults(name: str) -> DatasetDefaults:
+  """The pipeline defaults of dataset `name` (its normalisation statistics, classes, sizes);
+  ConfigError for a dataset jcompress has no pipeline for. Reads nothing from disk."""
+  return _defaults(name)
+
+
 def _check_int(key: str, value: Any, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ConfigError(f"Config key `{key}` must be an integer >= {minimum}, got {value!r}.")

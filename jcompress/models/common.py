@@ -22,6 +22,12 @@ block it sits in, so that compression code needs no per-architecture plumbing:
 * `padding`: "torch" (default, symmetric as above) or "same" (XLA/TF "SAME", as Keras's
   `ZeroPadding2D(correct_pad)` + "valid" does for stride-2 convolutions; for imported Keras
   weights).
+
+The models that pretrained weights load into (ResNet, MobileNetV2) also take `input_norm`, an
+affine map applied to their input before the stem (`normalize_input`): the data pipeline
+normalises with the dataset's own statistics, and `input_norm` turns that into what the
+source's weights expect (Keras "caffe" BGR mean subtraction, "tf" [-1, 1], torchvision's
+ImageNet mean/std; `jcompress.pretrained.input_norm`).
 """
 
 from __future__ import annotations
@@ -168,6 +174,16 @@ def batch_norm(
       scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
       name=name,
   )
+
+
+def normalize_input(x: jnp.ndarray, input_norm: Any) -> jnp.ndarray:
+  """`x * scale + shift` per channel, then the channel order reversed if `reverse`, for
+  `input_norm = (scale, shift, reverse)`; None returns `x` unchanged."""
+  if input_norm is None:
+    return x
+  scale, shift, reverse = input_norm
+  x = x * jnp.asarray(scale, x.dtype) + jnp.asarray(shift, x.dtype)
+  return x[..., ::-1] if reverse else x
 
 
 def resnet_stem(module: nn.Module, x: jnp.ndarray, channels: int, cifar_stem: bool,

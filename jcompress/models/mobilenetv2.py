@@ -34,6 +34,7 @@ from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
 from jcompress.models.common import head
 from jcompress.models.common import make_divisible
+from jcompress.models.common import normalize_input
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTING = (
@@ -104,6 +105,7 @@ class MobileNetV2(nn.Module):
   channels: Any = None   # per-conv widths, QAT activation quantizer, padding: models/common.py
   act_quant: Any = None
   padding: str = "torch"
+  input_norm: Any = None
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
@@ -114,7 +116,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     features = {}
-    x = jnp.asarray(x, self.dtype)
+    x = normalize_input(jnp.asarray(x, self.dtype), self.input_norm)
     x = conv(self, make_divisible(32 * self.width), 3, 1 if self.cifar_stem else 2,
              name="stem_conv")(x)
     x = nn.relu6(batch_norm(self, train, "stem_bn")(x))

@@ -38,6 +38,7 @@ from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
 from jcompress.models.common import has_channel_override
 from jcompress.models.common import head
+from jcompress.models.common import normalize_input
 from jcompress.models.common import resnet_stem
 from jcompress.models.common import root_field
 from jcompress.models.common import scale_channels
@@ -205,6 +206,8 @@ class ResNet(nn.Module):
       the 3x3 (torchvision, v1.5).
     channels, act_quant, padding: see `jcompress.models.common` (per-conv widths of a pruned
       model, the activation quantizer of QAT, "torch" or "same" padding).
+    input_norm: `(scale, shift, reverse)` applied to the input first (`common.normalize_input`):
+      the preprocessing that imported weights expect; None: the input as given.
   """
 
   num_classes: int
@@ -219,6 +222,7 @@ class ResNet(nn.Module):
   channels: Any = None
   act_quant: Any = None
   padding: str = "torch"
+  input_norm: Any = None
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
@@ -232,7 +236,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     features = {}
     block_cls, blocks = IMAGENET_RESNET_SPECS[self.depth]
-    x = jnp.asarray(x, self.dtype)
+    x = normalize_input(jnp.asarray(x, self.dtype), self.input_norm)
     stem_channels = scale_channels(64, self.width)
     x = resnet_stem(self, x, stem_channels, self.cifar_stem, train)
     features["stem"] = x
