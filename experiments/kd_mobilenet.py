@@ -22,6 +22,7 @@ loss, temperature, alpha, beta, train_examples (0: all; digits default 200), see
 
 from jcompress import config as config_lib
 from jcompress import distill
+from jcompress import sweep
 
 
 def get_config(arg=None):
@@ -58,12 +59,8 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """Hard labels against each loss, over 3 seeds (run with the same `teacher`)."""
+  """Hard labels against each loss, over 3 seeds (run with the same `teacher`):
+  seed 0 / 1 / 2 x (teacher= | distill.loss kd / tf_kd / dkd)."""
   del arg
-  points = []
-  for seed in (0, 1, 2):
-    points.append({"seed": seed, "teacher": ""})
-    for loss in ("kd", "tf_kd", "dkd"):
-      points.append({"seed": seed, "distill.loss": loss})
-  return points
-
+  losses = [{"teacher": ""}] + sweep.sweep("distill.loss", ["kd", "tf_kd", "dkd"])
+  return sweep.product({"seed": [0, 1, 2]}, losses)

@@ -38,6 +38,7 @@ lr (QAT learning rate; 0: the default), runlocal.
 import ml_collections
 
 from jcompress import config as config_lib
+from jcompress import sweep
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
@@ -98,7 +99,14 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """Overrides for bits 8 / 4 / 2 x uniform / k-means (the runner is a later issue)."""
-  del arg
-  return [{"quant.method": method, "quant.bits": bits}
-          for bits in (8, 4, 2) for method in ("uniform", "kmeans")]
+  """Weight bits 8 / 4 / 2 x uniform / k-means, on the config of the same `arg`:
+
+    python launch.py --mode=sweep --workdir=runs/sweep_quant \
+      --config=experiments/quant_resnet.py:data=digits,mode=ptq,init_from=runs/b
+
+  With mode=qat a k-means point also sets `optimizer.weight_decay` 0 (and a uniform point
+  5e-4), as get_config does for method=kmeans, whichever method `arg` names."""
+  methods = {"quant.method": ["uniform", "kmeans"]}
+  if get_config(arg).quant.mode == "qat":
+    methods["optimizer.weight_decay"] = [5e-4, 0.0]
+  return sweep.product({"quant.bits": [8, 4, 2]}, sweep.zipit(methods))

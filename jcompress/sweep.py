@@ -1,0 +1,554 @@
+r"""Ablation sweeps: expansion, runs in sub-workdirs, result tables and plots.
+
+An experiment file may define `get_sweep(arg)` beside `get_config(arg)`: the list of
+points to run, each a dict of dotted config keys to values that override the config
+`--config` produced (`{"quant.bits": 4, "quant.method": "kmeans"}`). The helpers below
+build such lists as big_vision's `hyper` module does:
+
+  product(sweep("quant.bits", [8, 4, 2]), sweep("quant.method", ["uniform", "kmeans"]))
+  product({"quant.bits": [8, 4, 2], "quant.method": ["uniform", "kmeans"]})   # the same
+  zipit({"quant.method": ["uniform", "kmeans"], "optimizer.weight_decay": [5e-4, 0.0]})
+
+  python launch.py --config=experiments/quant_resnet.py:data=digits --workdir=DIR --mode=sweep
+  python launch.py ... --mode=sweep --sweep_index=$SLURM_ARRAY_TASK_ID   # one point per job
+  python launch.py ... --mode=sweep --summarize                          # gather the results
+
+Every point is checked before any runs (an unknown key, a value of the wrong type or an
+impossible one refuses the whole sweep, naming the key and the point). Point i runs in
+`DIR/<name>`, its name made of its overrides (`quant.bits=4,quant.method=kmeans`), with
+`jcompress.train.train_and_evaluate`: a point whose directory holds `results.json` is
+skipped, an interrupted one resumes. `DIR/sweep.json` lists the points and their
+directories. After a full run (and with `--summarize`) the points' `results.json` are
+gathered into `DIR/sweep.csv`, `DIR/sweep.md` and `DIR/sweep.png` (test accuracy against
+model size, the Pareto front marked); unfinished points are listed as missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from jcompress import config as config_lib
+from jcompress.errors import ConfigError
+from jcompress.errors import JCompressError
+
+Point = dict   # dotted config key -> value
+
+#: results.json keys shown first (in this order) in sweep.csv; the method's own figures follow.
+RESULT_KEYS = ("test_accuracy", "float_test_accuracy", "model_bytes", "compression_ratio",
+               "float_bytes", "params", "wall_seconds")
+#: The columns of sweep.md after the overrides (those that some finished point has).
+TABLE_KEYS = ("test_accuracy", "float_test_accuracy", "model_bytes", "compression_ratio",
+              "wall_seconds")
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sweep(key: str, values: Sequence[Any]) -> list[Point]:
+  """`[{key: v} for v in values]`: one key taking each value in turn."""
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    raise ConfigError(f"sweep key '{key}': expected a list of values, got {values!r}")
+  return [{key: v} for v in values]
+
+
+def _as_sweeps(args: Sequence[Any], kwargs: Mapping[str, Sequence[Any]]) -> list[list[Point]]:
+  """Each argument as a list of points: a list of dicts stays, a dict {key: values} (and the
+  keyword arguments) becomes one `sweep(key, values)` per key."""
+  out = []
+  for a in args:
+    if isinstance(a, Mapping):
+      out.extend(sweep(k, v) for k, v in a.items())
+    elif isinstance(a, Sequence) and not isinstance(a, (str, bytes)) and all(
+        isinstance(p, Mapping) for p in a):
+      out.append([dict(p) for p in a])
+    else:
+      raise ConfigError(f"sweep: expected a list of override dicts or a dict of value lists, "
+                        f"got {a!r}")
+  out.extend(sweep(k, v) for k, v in kwargs.items())
+  return out
+
+
+def _merge(points: Sequence[Point]) -> Point:
+  merged: Point = {}
+  for p in points:
+    for k, v in p.items():
+      if k in merged and merged[k] != v:
+        raise ConfigError(f"sweep: key '{k}' is set twice in one point ({merged[k]!r} and {v!r})")
+      merged[k] = v
+  return merged
+
+
+def product(*sweeps: Any, **lists: Sequence[Any]) -> list[Point]:
+  """The Cartesian product of sweeps; the first varies slowest.
+
+  Each argument is a list of override dicts (e.g. `sweep(key, values)`, or another
+  `product` / `zipit`) or a dict `{key: values}`; keyword arguments are `{key: values}`
+  for keys that are Python names.
+
+  >>> product({"bits": [8, 4]}, seed=[0, 1])
+  [{'bits': 8, 'seed': 0}, {'bits': 8, 'seed': 1}, {'bits': 4, 'seed': 0}, {'bits': 4, 'seed': 1}]
+  """
+  return [_merge(combo) for combo in itertools.product(*_as_sweeps(sweeps, lists))]
+
+
+def zipit(*sweeps: Any, **lists: Sequence[Any]) -> list[Point]:
+  """Sweeps zipped together point by point (all of the same length), in the argument forms
+  `product` takes.
+
+  >>> zipit({"method": ["uniform", "kmeans"], "wd": [5e-4, 0.0]})
+  [{'method': 'uniform', 'wd': 0.0005}, {'method': 'kmeans', 'wd': 0.0}]
+  """
+  parts = _as_sweeps(sweeps, lists)
+  lengths = {len(p) for p in parts}
+  if len(lengths) > 1:
+    raise ConfigError(f"zipit: the sweeps have different lengths {[len(p) for p in parts]}")
+  return [_merge(combo) for combo in zip(*parts)]
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def _format_value(v: Any) -> str:
+  if isinstance(v, float):
+    return repr(v)
+  if isinstance(v, (list, tuple)):
+    return "+".join(_format_value(x) for x in v)
+  return str(v)
+
+
+def point_name(point: Point) -> str:
+  """The sub-workdir name of a point: its overrides as `key=value`, sorted by key and joined
+  by commas (`quant.bits=4,quant.method=kmeans`); characters unsafe in a file name become
+  `_`. Stable under reordering of the keys; an empty point is `base`; a name over 150
+  characters is cut and given a hash of the whole."""
+  if not point:
+    return "base"
+  text = ",".join(f"{k}={_format_value(point[k])}" for k in sorted(point))
+  name = re.sub(r"[^A-Za-z0-9=.,+_-]+", "_", text).strip(".")
+  if len(name) > 150:
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    name = f"{name[:139]}_{digest}"
+  return name
+
+
+def point_label(point: Point, keys: Sequence[str] | None = None) -> str:
+  """A short label for plots: the overrides with the last part of each key
+  (`bits=4 method=kmeans`), or of `keys` only."""
+  keys = [k for k in (point if keys is None else keys) if k in point]
+  short = {k: k.rsplit(".", 1)[-1] for k in keys}
+  if len(set(short.values())) < len(short):   # two keys end alike: keep them whole
+    short = {k: k for k in keys}
+  return " ".join(f"{short[k]}={_format_value(point[k])}" for k in keys) or "base"
+
+
+def load_sweep(spec: str) -> list[Point]:
+  """The points of `get_sweep(arg)` in the experiment file of `spec` ("path.py:arg")."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: experiment file '{path}' does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      "jcompress_sweep_" + re.sub(r"\W", "_", path), path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  (any failure of the file is a config error)
+    raise ConfigError(f"experiment file '{path}' failed to load: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_sweep"):
+    raise ConfigError(f"--mode=sweep: '{path}' defines no get_sweep(arg); add one returning "
+                      "the list of config overrides to run (jcompress.sweep.product / zipit)")
+  try:
+    points = module.get_sweep(arg or None)
+  except JCompressError:
+    raise
+  except Exception as e:  # noqa: BLE001  (a failing get_sweep is a config error)
+    raise ConfigError(f"get_sweep of '{path}' failed: {type(e).__name__}: {e}") from e
+  if isinstance(points, Mapping) or not isinstance(points, Sequence) or not points:
+    raise ConfigError(f"get_sweep of '{path}' must return a non-empty list of override dicts, "
+                      f"got {points!r}")
+  for i, p in enumerate(points):
+    if not isinstance(p, Mapping) or not all(isinstance(k, str) for k in p):
+      raise ConfigError(f"get_sweep of '{path}': point {i} is not a dict of config keys to "
+                        f"values: {p!r}")
+  return [dict(p) for p in points]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, point: Point,
+                    where: str = "") -> ml_collections.ConfigDict:
+  """A copy of `config` with the dotted keys of `point` set. Every key must exist in the
+  config (a ConfigError names the key, and `where`, otherwise); values keep the key's type."""
+  new = config.copy_and_resolve_references()
+  prefix = f"sweep point {where}: " if where else "sweep point: "
+  for key, value in point.items():
+    node = new
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      parent = ".".join(parts[:i])
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"{prefix}unknown config key '{key}' ('{parent}' is a "
+                          f"{type(node).__name__}, not a sub-config)")
+      if part not in node:
+        where_keys = f"'{parent}' has" if parent else "the config has"
+        raise ConfigError(f"{prefix}unknown config key '{key}' ({where_keys}: "
+                          f"{', '.join(sorted(node.keys()))})")
+      if i < len(parts) - 1:
+        node = node[part]
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict) and not isinstance(
+        value, (Mapping, ml_collections.ConfigDict)):
+      raise ConfigError(f"{prefix}config key '{key}' is a sub-config; override its keys "
+                        f"('{key}.<key>'), not the whole of it")
+    try:
+      with node.unlocked():
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{prefix}config key '{key}': {value!r} does not fit ({e})") from None
+  return new
+
+
+def expand(config: ml_collections.ConfigDict, spec: str,
+           workdir: str) -> list[dict]:
+  """Every point of the sweep of `spec`: `{"index", "name", "overrides", "workdir", "config"}`.
+
+  Refuses the whole sweep (ConfigError) if a point names an unknown key, gives a value of
+  the wrong type, fails `config.validate`, or has the name of another point."""
+  points = load_sweep(spec)
+  n = len(points)
+  out, names = [], {}
+  for i, point in enumerate(points):
+    name = point_name(point)
+    where = f"{i + 1}/{n} {name}"
+    if name in names:
+      raise ConfigError(f"sweep point {where}: the same overrides as point "
+                        f"{names[name] + 1}/{n}; every point must differ")
+    names[name] = i
+    c = apply_overrides(config, point, where)
+    try:
+      config_lib.validate(c)
+    except ConfigError as e:
+      raise ConfigError(f"sweep point {where}: {e}") from None
+    out.append({"index": i, "name": name, "overrides": point,
+                "workdir": os.path.join(workdir, name), "config": c})
+  return out
+
+
+def check_buildable(points: Sequence[dict]) -> None:
+  """Builds each point's experiment abstractly (`train.make_experiment`: model, optimizer,
+  compression transform; nothing compiled, no weights): what only the builders check (the
+  quant sub-config's keys and bits, a model's fields, the dataset) refuses the sweep before
+  any point runs."""
+  from jcompress import train  # noqa: PLC0415
+  n = len(points)
+  for p in points:
+    try:
+      train.make_experiment(p["config"], load_teacher=False)
+    except JCompressError as e:
+      raise type(e)(f"sweep point {p['index'] + 1}/{n} {p['name']}: {e}") from None
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_index(points: Sequence[dict], spec: str, workdir: str) -> str:
+  """DIR/sweep.json: the spec and, per point, its index, name, overrides and directory."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "sweep.json")
+  _write_json_atomic(path, {
+      "config": spec,
+      "points": [{"index": p["index"], "name": p["name"], "overrides": p["overrides"],
+                  "workdir": p["workdir"]} for p in points]})
+  return path
+
+
+def is_finished(point: dict) -> bool:
+  return os.path.exists(os.path.join(point["workdir"], "results.json"))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_point(point: dict, n: int) -> dict:
+  """Runs (or resumes) one point with `train.train_and_evaluate`; a finished one is skipped."""
+  from jcompress import train  # noqa: PLC0415
+  label = f"sweep point {point['index'] + 1}/{n}: {point['name']}"
+  if is_finished(point):
+    if "structured" not in point["config"]:   # structured runs store the pruned widths
+      try:
+        train.check_workdir_config(point["config"], point["workdir"])
+      except JCompressError as e:
+        raise type(e)(f"sweep point {point['index'] + 1}/{n} {point['name']}: {e}") from None
+    logging.info("%s: finished (results.json), skipped", label)
+    return {"status": "skipped"}
+  logging.info("%s", label)
+  try:
+    results = train.train_and_evaluate(point["config"], point["workdir"])
+  except JCompressError as e:
+    raise type(e)(f"sweep point {point['index'] + 1}/{n} {point['name']}: {e}") from None
+  if "interrupted_at_step" in results:
+    return {"status": "interrupted", "step": results["interrupted_at_step"]}
+  logging.info("%s: done, test_accuracy %.4f, model_bytes %s", label,
+               results.get("test_accuracy", float("nan")), results.get("model_bytes"))
+  return {"status": "ran"}
+
+
+def run_sweep(config: ml_collections.ConfigDict, spec: str, workdir: str,
+              index: int | None = None, summarize: bool = False) -> dict:
+  """`--mode=sweep`: runs every point of `get_sweep(arg)` (or only point `index`) under
+  `workdir`, then summarizes; `summarize=True` runs nothing and only summarizes."""
+  if not workdir:
+    raise ConfigError("--mode=sweep needs --workdir")
+  points = expand(config, spec, workdir)
+  n = len(points)
+  if index is not None and not 0 <= index < n:
+    raise ConfigError(f"--sweep_index={index}: the sweep of {spec} has {n} points "
+                      f"(indices 0..{n - 1})")
+  title = f"Sweep {spec}"
+  if summarize:
+    if index is not None:
+      raise ConfigError("--summarize gathers the whole sweep; drop --sweep_index")
+    return summarize_sweep(points, workdir, title=title)
+  check_buildable(points)   # all of them, also for one --sweep_index: a bad point refuses all
+  write_index(points, spec, workdir)
+  todo = points if index is None else [points[index]]
+  logging.info("sweep of %s: %d points in %s%s", spec, n, workdir,
+               "" if index is None else f"; running point {index + 1} only")
+  status = {}
+  for p in todo:
+    result = run_point(p, n)
+    status[p["name"]] = result["status"]
+    if result["status"] == "interrupted":   # SIGTERM: stop here; a rerun resumes this point
+      logging.warning("sweep interrupted in point %d/%d (%s) at step %d; rerun to resume",
+                      p["index"] + 1, n, p["name"], result["step"])
+      return {"workdir": workdir, "points": n, "status": status, "interrupted": p["name"]}
+  out = {"workdir": workdir, "points": n, "status": status}
+  if index is None:
+    out["summary"] = summarize_sweep(points, workdir, title=title)
+  return out
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def pareto_front(sizes: Sequence[float], accuracies: Sequence[float]) -> list[bool]:
+  """Which points are on the Pareto front of (small size, high accuracy): point i is on it
+  unless another point is at most as large and at least as accurate, and strictly better
+  in one of the two. Equal points are both on it."""
+  n = len(sizes)
+  on = []
+  for i in range(n):
+    dominated = any(
+        sizes[j] <= sizes[i] and accuracies[j] >= accuracies[i]
+        and (sizes[j] < sizes[i] or accuracies[j] > accuracies[i]) for j in range(n) if j != i)
+    on.append(not dominated)
+  return on
+
+
+def _scalar(v: Any) -> bool:
+  return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def collect(points: Sequence[dict]) -> tuple[list[dict], list[str], list[str]]:
+  """Rows (one per point, results.json read where present), the override columns and the
+  result columns."""
+  override_keys: list[str] = []
+  for p in points:
+    override_keys += [k for k in p["overrides"] if k not in override_keys]
+  rows = []
+  for p in points:
+    row = {"index": p["index"], "name": p["name"], "overrides": p["overrides"],
+           "workdir": p["workdir"], "results": None}
+    path = os.path.join(p["workdir"], "results.json")
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          row["results"] = json.load(f)
+      except (OSError, json.JSONDecodeError) as e:
+        logging.warning("sweep: %s cannot be read (%s); the point is listed as missing", path, e)
+    rows.append(row)
+  done = [r["results"] for r in rows if r["results"] is not None]
+  result_keys = [k for k in RESULT_KEYS if any(k in d for d in done)]
+  extra = sorted({k for d in done for k, v in d.items() if _scalar(v)} - set(result_keys))
+  result_keys += extra
+  sizes = [r["results"]["model_bytes"] for r in rows if r["results"] is not None]
+  accs = [r["results"]["test_accuracy"] for r in rows if r["results"] is not None]
+  front = iter(pareto_front(sizes, accs))
+  for r in rows:
+    r["pareto"] = next(front) if r["results"] is not None else None
+  return rows, override_keys, result_keys
+
+
+def _fmt_csv(v: Any) -> Any:
+  if isinstance(v, (list, tuple, dict)):
+    return json.dumps(v)
+  return "" if v is None else v
+
+
+def write_csv(rows: Sequence[dict], override_keys: Sequence[str], result_keys: Sequence[str],
+              path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["index", "name", *override_keys, "status", "pareto", *result_keys])
+    for r in rows:
+      res = r["results"] or {}
+      w.writerow([r["index"], r["name"], *(_fmt_csv(r["overrides"].get(k)) for k in override_keys),
+                  "done" if r["results"] is not None else "missing",
+                  "" if r["pareto"] is None else int(r["pareto"]),
+                  *(_fmt_csv(res.get(k)) for k in result_keys)])
+
+
+def _fmt_md(key: str, v: Any) -> str:
+  if v is None:
+    return ""
+  if key.endswith("accuracy"):
+    return f"{100 * v:.2f}%"
+  if key == "model_bytes":
+    return f"{v / 1024:.1f}"
+  if key == "compression_ratio":
+    return f"{v:.2f}x"
+  if key == "wall_seconds":
+    return f"{v:.0f}"
+  return _format_value(v)
+
+
+_MD_HEADERS = {"test_accuracy": "test acc.", "float_test_accuracy": "float acc.",
+               "model_bytes": "size (KiB)", "compression_ratio": "compression",
+               "wall_seconds": "time (s)"}
+
+
+def markdown_table(rows: Sequence[dict], override_keys: Sequence[str],
+                   result_keys: Sequence[str]) -> str:
+  """sweep.md: one row per point, its overrides, accuracy, size, compression, time; a `*`
+  marks the Pareto front, `missing` an unfinished point."""
+  cols = [k for k in TABLE_KEYS if k in result_keys]
+  head = ["#", *override_keys, *(_MD_HEADERS[k] for k in cols), "Pareto"]
+  lines = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---:"] + ["---"] * len(override_keys) + ["---:"] * len(cols)
+                          + [":---:"]) + "|"]
+  for r in rows:
+    over = [_format_value(r["overrides"][k]) if k in r["overrides"] else "" for k in override_keys]
+    if r["results"] is None:
+      vals = ["missing"] + [""] * (len(cols) - 1) + [""]
+    else:
+      vals = [_fmt_md(k, r["results"].get(k)) for k in cols] + ["*" if r["pareto"] else ""]
+    lines.append("| " + " | ".join([str(r["index"]), *over, *vals]) + " |")
+  missing = [r["name"] for r in rows if r["results"] is None]
+  done = len(rows) - len(missing)
+  lines.append("")
+  lines.append(f"{done}/{len(rows)} points finished"
+               + (f"; missing: {', '.join(missing)}" if missing else "")
+               + ". `*`: on the Pareto front (no other point is as small and as accurate).")
+  return "\n".join(lines) + "\n"
+
+
+def _color_key(rows: Sequence[dict], override_keys: Sequence[str]) -> str | None:
+  """The override to colour points by: the first with non-numeric values that differ."""
+  for k in override_keys:
+    values = {json.dumps(r["overrides"].get(k)) for r in rows}
+    if len(values) > 1 and not all(isinstance(r["overrides"].get(k), (int, float))
+                                   for r in rows):
+      return k
+  return None
+
+
+def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: str = "") -> None:
+  """sweep.png: test accuracy against model size (KiB, log scale), each point labelled with
+  its overrides, coloured by a categorical override; the Pareto front as a step line."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+  from matplotlib.ticker import LogLocator  # noqa: PLC0415
+
+  done = [r for r in rows if r["results"] is not None]
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  if not done:
+    ax.text(0.5, 0.5, "no finished points yet", ha="center", va="center", transform=ax.transAxes)
+  color_key = _color_key(done, override_keys)
+  label_keys = [k for k in override_keys if k != color_key]
+  groups: dict[str, list[dict]] = {}
+  for r in done:
+    g = _format_value(r["overrides"].get(color_key)) if color_key else ""
+    groups.setdefault(g, []).append(r)
+  cmap = plt.get_cmap("tab10")
+  for gi, (g, rs) in enumerate(groups.items()):
+    xs = [r["results"]["model_bytes"] / 1024 for r in rs]
+    ys = [100 * r["results"]["test_accuracy"] for r in rs]
+    name = f"{point_label({color_key: g})}" if color_key else "sweep points"
+    ax.scatter(xs, ys, s=40, color=cmap(gi % 10), zorder=3, label=name)
+    for r, x, y in zip(rs, xs, ys):
+      text = point_label(r["overrides"], label_keys)
+      if text == "base" and label_keys:
+        text = ""
+      ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 4 if gi % 2 == 0 else -11),
+                  fontsize=8, color=cmap(gi % 10))
+  front = sorted((r for r in done if r["pareto"]),
+                 key=lambda r: (r["results"]["model_bytes"], -r["results"]["test_accuracy"]))
+  if front:
+    fx = [r["results"]["model_bytes"] / 1024 for r in front]
+    fy = [100 * r["results"]["test_accuracy"] for r in front]
+    ax.plot(fx, fy, drawstyle="steps-post", color="k", linewidth=1.2, alpha=0.7, zorder=2,
+            label="Pareto front")
+    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="k", linewidths=1.4, zorder=4)
+  floats = {r["results"].get("float_test_accuracy") for r in done} - {None}
+  if len(floats) == 1:
+    (fa,) = floats
+    ax.axhline(100 * fa, color="gray", linestyle="--", linewidth=1,
+               label=f"float model ({100 * fa:.2f}%)")
+  if done:
+    xs = [r["results"]["model_bytes"] / 1024 for r in done]
+    lo, hi = min(xs), max(xs)
+    ax.set_xscale("log")
+    ax.set_xlim(lo / 1.4, hi * 1.6)   # room for the labels right of the points
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ys = [100 * r["results"]["test_accuracy"] for r in done] + [100 * f for f in floats]
+    span = max(max(ys) - min(ys), 1.0)
+    ax.set_ylim(min(ys) - 0.08 * span, max(ys) + 0.12 * span)
+  ax.set_xlabel("model size (KiB, log scale)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title or "Sweep: accuracy against model size")
+  ax.grid(True, which="major", alpha=0.3)
+  if done:
+    ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def summarize_sweep(points: Sequence[dict], workdir: str, title: str = "") -> dict:
+  """Gathers the points' results.json into DIR/sweep.csv, DIR/sweep.md and DIR/sweep.png;
+  unfinished points are listed as missing. Returns the paths and the missing names."""
+  os.makedirs(workdir, exist_ok=True)
+  rows, override_keys, result_keys = collect(points)
+  csv_path = os.path.join(workdir, "sweep.csv")
+  md_path = os.path.join(workdir, "sweep.md")
+  png_path = os.path.join(workdir, "sweep.png")
+  write_csv(rows, override_keys, result_keys, csv_path)
+  with open(md_path, "w") as f:
+    f.write(markdown_table(rows, override_keys, result_keys))
+  plot(rows, override_keys, png_path,
+       title=title or f"Sweep {os.path.basename(workdir.rstrip('/'))}")
+  missing = [r["name"] for r in rows if r["results"] is None]
+  best = max((r for r in rows if r["results"] is not None),
+             key=lambda r: r["results"]["test_accuracy"], default=None)
+  logging.info("sweep summary: %d/%d points finished; %s, %s, %s", len(rows) - len(missing),
+               len(rows), csv_path, md_path, png_path)
+  return {"csv": csv_path, "markdown": md_path, "plot": png_path,
+          "finished": len(rows) - len(missing), "missing": missing,
+          "pareto": [r["name"] for r in rows if r["pareto"]],
+          "best": None if best is None else {"name": best["name"],
+                                             "test_accuracy": best["results"]["test_accuracy"]}}
