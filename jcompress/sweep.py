@@ -30,8 +30,10 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -463,37 +465,51 @@ def _color_key(rows: Sequence[dict], override_keys: Sequence[str]) -> str | None
   return None
 
 
-def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: str = "") -> None:
-  """sweep.png: test accuracy against model size (KiB, log scale), each point labelled with
-  its overrides, coloured by a categorical override; the Pareto front as a step line."""
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
-  from matplotlib.ticker import LogLocator  # noqa: PLC0415
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+  """Tick values 1, 1.5, 2, 3, 5, 7 x 10^k within [lo, hi] (a log axis spanning less than a
+  decade gets more than one or two labels)."""
+  ticks = []
+  for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+    ticks += [m * 10.0 ** k for m in (1, 1.5, 2, 3, 5, 7) if lo <= m * 10.0 ** k <= hi]
+  if len(ticks) > 8:
+    ticks = [t for t in ticks if round(t / 10 ** math.floor(math.log10(t)), 1) in (1, 2, 5)]
+  return ticks
 
-  done = [r for r in rows if r["results"] is not None]
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  if not done:
-    ax.text(0.5, 0.5, "no finished points yet", ha="center", va="center", transform=ax.transAxes)
-  color_key = _color_key(done, override_keys)
-  label_keys = [k for k in override_keys if k != color_key]
+
+def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[str],
+          ylim: tuple[float, float], floats: set, legend: bool) -> None:
+  """One panel of sweep.png: the points inside `ylim`, labelled with their overrides and
+  accuracy, the Pareto front as a step line, the float model's accuracy as a dashed line."""
+  from matplotlib.ticker import FixedLocator  # noqa: PLC0415
+  from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+  from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  cmap = plt.get_cmap("tab10")
   groups: dict[str, list[dict]] = {}
   for r in done:
-    g = _format_value(r["overrides"].get(color_key)) if color_key else ""
-    groups.setdefault(g, []).append(r)
-  cmap = plt.get_cmap("tab10")
+    group = _format_value(r["overrides"].get(color_key)) if color_key else ""
+    groups.setdefault(group, []).append(r)
+  all_x = [r["results"]["model_bytes"] / 1024 for r in done]
+  lo, hi = min(all_x) / 1.3, max(all_x) * 1.3
+  if hi / lo < 3:   # a narrow range: widen it to show a few ticks
+    mid = math.sqrt(lo * hi)
+    lo, hi = mid / math.sqrt(3), mid * math.sqrt(3)
   for gi, (g, rs) in enumerate(groups.items()):
+    color = cmap(gi % 10)
     xs = [r["results"]["model_bytes"] / 1024 for r in rs]
     ys = [100 * r["results"]["test_accuracy"] for r in rs]
-    name = f"{point_label({color_key: g})}" if color_key else "sweep points"
-    ax.scatter(xs, ys, s=40, color=cmap(gi % 10), zorder=3, label=name)
+    ax.scatter(xs, ys, s=40, color=color, zorder=3,
+               label=point_label({color_key: g}) if color_key else "sweep points")
     for r, x, y in zip(rs, xs, ys):
-      text = point_label(r["overrides"], label_keys)
-      if text == "base" and label_keys:
-        text = ""
-      ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 4 if gi % 2 == 0 else -11),
-                  fontsize=8, color=cmap(gi % 10))
+      if not ylim[0] <= y <= ylim[1]:
+        continue
+      text = point_label(r["overrides"], label_keys) if label_keys else ""
+      text = f"{'' if text == 'base' else text + ': '}{y:.2f}%"
+      right = math.log(x / lo) / math.log(hi / lo) > 0.6   # label left of the point
+      ax.annotate(text, (x, y), textcoords="offset points", fontsize=8, color=color,
+                  ha="right" if right else "left",
+                  xytext=(-7 if right else 7, 5 if gi % 2 == 0 else -12))
   front = sorted((r for r in done if r["pareto"]),
                  key=lambda r: (r["results"]["model_bytes"], -r["results"]["test_accuracy"]))
   if front:
@@ -501,29 +517,61 @@ def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: s
     fy = [100 * r["results"]["test_accuracy"] for r in front]
     ax.plot(fx, fy, drawstyle="steps-post", color="k", linewidth=1.2, alpha=0.7, zorder=2,
             label="Pareto front")
-    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="k", linewidths=1.4, zorder=4)
-  floats = {r["results"].get("float_test_accuracy") for r in done} - {None}
+    ax.scatter(fx, fy, s=170, facecolors="none", edgecolors="k", linewidths=1.4, zorder=4)
   if len(floats) == 1:
     (fa,) = floats
     ax.axhline(100 * fa, color="gray", linestyle="--", linewidth=1,
                label=f"float model ({100 * fa:.2f}%)")
-  if done:
-    xs = [r["results"]["model_bytes"] / 1024 for r in done]
-    lo, hi = min(xs), max(xs)
-    ax.set_xscale("log")
-    ax.set_xlim(lo / 1.4, hi * 1.6)   # room for the labels right of the points
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ys = [100 * r["results"]["test_accuracy"] for r in done] + [100 * f for f in floats]
-    span = max(max(ys) - min(ys), 1.0)
-    ax.set_ylim(min(ys) - 0.08 * span, max(ys) + 0.12 * span)
+  ax.set_xscale("log")
+  ax.set_xlim(lo, hi)
+  ax.xaxis.set_major_locator(FixedLocator(_nice_ticks(lo, hi)))
+  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.xaxis.set_minor_formatter(NullFormatter())
+  ax.set_ylim(*ylim)
   ax.set_xlabel("model size (KiB, log scale)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title or "Sweep: accuracy against model size")
   ax.grid(True, which="major", alpha=0.3)
-  if done:
+  if legend:
     ax.legend(fontsize=8, loc="lower right")
+
+
+def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: str = "") -> None:
+  """sweep.png: test accuracy against model size (KiB, log scale), each point labelled with
+  its overrides and accuracy, coloured by a categorical override; the Pareto front as a step
+  line. When a few points fall far below the rest, a second panel zooms on the top ones."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  done = [r for r in rows if r["results"] is not None]
+  title = "\n".join(textwrap.wrap(title or "Sweep: accuracy against model size", 90))
+  if not done:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ax.text(0.5, 0.5, "no finished points yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return
+  color_key = _color_key(done, override_keys)
+  label_keys = [k for k in override_keys if k != color_key]
+  floats = {r["results"].get("float_test_accuracy") for r in done} - {None}
+  ys = [100 * r["results"]["test_accuracy"] for r in done]
+  best = max(ys + [100 * f for f in floats])
+  span = max(max(ys + [best]) - min(ys), 1.0)
+  full = (min(ys) - 0.08 * span, best + 0.1 * span)
+  top = [y for y in ys if y >= best - 5.0]
+  zoom = span > 10.0 and len(top) >= 2
+  fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(15 if zoom else 9.5, 5.8),
+                           squeeze=False)
+  _draw(axes[0, 0], done, color_key, label_keys, full, floats, legend=True)
+  axes[0, 0].set_ylabel("test accuracy (%)")
+  if zoom:
+    zspan = max(best - min(top), 0.2)
+    zlim = (min(top) - 0.25 * zspan, best + 0.25 * zspan)
+    _draw(axes[0, 1], done, color_key, label_keys, zlim, floats, legend=False)
+    axes[0, 1].set_title(f"zoom: the {len(top)} points within 5 percentage points of the best",
+                         fontsize=9)
+    axes[0, 0].set_title("all points", fontsize=9)
+  fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
