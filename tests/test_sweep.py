@@ -166,6 +166,14 @@ def test_the_experiments_sweeps_expand():
   points = sweep.expand(config_lib.load_config_file(qat), qat, "/nonexistent")
   assert {(p["config"].quant.method, p["config"].optimizer.weight_decay) for p in points} == {
       ("uniform", 5e-4), ("kmeans", 0.0)}
+  # Every point is the config get_config gives for that method and bits (PTQ and QAT).
+  for arg in ("data=digits,mode=ptq,init_from=runs/b", "data=digits,init_from=runs/b",
+              "data=digits,method=kmeans,init_from=runs/b"):
+    spec = os.path.join(ROOT, f"experiments/quant_resnet.py:{arg}")
+    for p in sweep.expand(config_lib.load_config_file(spec), spec, "/nonexistent"):
+      q = p["config"].quant
+      direct = config_lib.load_config_file(f"{spec},method={q.method},bits={q.bits}")
+      assert config_lib.to_dict(p["config"]) == config_lib.to_dict(direct), (arg, p["name"])
   kd = os.path.join(ROOT, "experiments/kd_mobilenet.py:data=digits,teacher=runs/t")
   points = sweep.expand(config_lib.load_config_file(kd), kd, "/nonexistent")
   assert len(points) == 12
