@@ -493,17 +493,17 @@ def table_lines(rows: list[dict], totals: dict) -> tuple[list[str], list[list[st
   """(header, cells) of the per-layer table, with a total row."""
   precisions = list(totals["macs_by_bits"])
   header = (["layer", "kind", "shape", "params", "bits", "abits", "sparsity", "distinct",
-             "float B", "stored B", "MACs"] + [f"{p}-bit MACs" for p in precisions]
+             "/filter", "float B", "stored B", "MACs"] + [f"{p}-bit MACs" for p in precisions]
             + ["rows", "chan", "filt"])
   cells = []
   for r in rows:
     per = [(_h(r["macs"]) if r["macs"] and str(r["mac_bits"]) == p else "-") for p in precisions]
     cells.append([r["layer"], r["kind"], "x".join(map(str, r["shape"])) or "-", _h(r["params"]),
                   _bits(r["bits"]), _bits(r["abits"]), _pct(r["sparsity"]),
-                  _h(r["distinct"]), _h(r["float_bytes"]), _h(r["stored_bytes"]), _h(r["macs"])]
+                  _h(r["distinct"]), _h(r["distinct_per_filter"]), _h(r["float_bytes"]), _h(r["stored_bytes"]), _h(r["macs"])]
                  + per + [_pct(r["rows"]), _pct(r["channels"]), _pct(r["filters"])])
   cells.append(["total", "", "", _h(totals["params"]), "", "", _pct(totals["kernel_sparsity"]),
-                "", _h(totals["float_bytes"]), _h(totals["stored_bytes"]), _h(totals["macs"])]
+                "", "", _h(totals["float_bytes"]), _h(totals["stored_bytes"]), _h(totals["macs"])]
                + [_h(totals["macs_by_bits"][p]) for p in precisions] + ["", "", ""])
   return header, cells
 
@@ -582,16 +582,17 @@ def plot_weights(run: Run, rows: list[dict], path: str) -> None:
   layers = [r for r in rows if _is_layer(r)]
   ncols = min(4, max(len(layers), 1))
   nrows = max(math.ceil(len(layers) / ncols), 1)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.5 * nrows), squeeze=False)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.5 * nrows + 0.4),
+                           squeeze=False, layout="constrained")
   for ax in axes.flat[len(layers):]:
     ax.axis("off")
   for ax, r in zip(axes.flat, layers):
     key = next(p for p in (r["layer"] + "/kernel", r["layer"]) if p in effective)
     w = np.asarray(effective[key], np.float64).reshape(-1)
     nz = w[w != 0]
-    if nz.size and r["distinct"] <= 64:
+    if nz.size and r["bits"] < 16 and r["distinct"] <= 64:   # coded: one bar per value
       vals, counts = np.unique(nz, return_counts=True)
-      width = (np.min(np.diff(vals)) * 0.8) if vals.size > 1 else max(abs(vals[0]) * 0.1, 1e-3)
+      width = (np.min(np.diff(vals)) * 0.5) if vals.size > 1 else max(abs(vals[0]) * 0.1, 1e-3)
       ax.bar(vals, counts, width=width, color="tab:blue")
     elif nz.size:
       ax.hist(nz, bins=60, color="tab:blue")
@@ -601,13 +602,12 @@ def plot_weights(run: Run, rows: list[dict], path: str) -> None:
     ax.yaxis.get_offset_text().set_fontsize(6)
   fig.suptitle(f"Effective weights of {os.path.basename(os.path.abspath(run.workdir))} "
                f"(step {run.step}; zeros left out)", fontsize=9)
-  fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def _bar_axes(plt, n):
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * n + 2.0), 4.6))
+  fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * n + 3.5), 4.6))
   return fig, ax
 
 
@@ -634,10 +634,10 @@ def plot_sparsity(rows: list[dict], path: str, title: str) -> None:
   ax.set_ylim(0, 105)
   ax.set_ylabel("zeros (%)")
   ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7, loc="upper left")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -661,10 +661,10 @@ def plot_bits(rows: list[dict], path: str, title: str) -> None:
   _label_layers(ax, names)
   ax.set_ylabel("bits")
   ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7, loc="upper left")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
