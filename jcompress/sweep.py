@@ -477,9 +477,11 @@ def _nice_ticks(lo: float, hi: float) -> list[float]:
 
 
 def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[str],
-          ylim: tuple[float, float], floats: set, legend: bool) -> None:
+          ylim: tuple[float, float], floats: set, legend: bool,
+          unlabelled: tuple[float, float] | None = None) -> None:
   """One panel of sweep.png: the points inside `ylim`, labelled with their overrides and
-  accuracy, the Pareto front as a step line, the float model's accuracy as a dashed line."""
+  accuracy (but those within `unlabelled`, an accuracy band another panel zooms on), the
+  Pareto front as a step line, the float model's accuracy as a dashed line."""
   from matplotlib.ticker import FixedLocator  # noqa: PLC0415
   from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
   from matplotlib.ticker import NullFormatter  # noqa: PLC0415
@@ -502,7 +504,7 @@ def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[
     ax.scatter(xs, ys, s=40, color=color, zorder=3,
                label=point_label({color_key: g}) if color_key else "sweep points")
     for r, x, y in zip(rs, xs, ys):
-      if not ylim[0] <= y <= ylim[1]:
+      if not ylim[0] <= y <= ylim[1] or (unlabelled and unlabelled[0] <= y <= unlabelled[1]):
         continue
       text = point_label(r["overrides"], label_keys) if label_keys else ""
       text = f"{'' if text == 'base' else text + ': '}{y:.2f}%"
@@ -562,15 +564,17 @@ def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: s
   zoom = span > 10.0 and len(top) >= 2
   fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(15 if zoom else 9.5, 5.8),
                            squeeze=False)
-  _draw(axes[0, 0], done, color_key, label_keys, full, floats, legend=True)
-  axes[0, 0].set_ylabel("test accuracy (%)")
+  zlim = None
   if zoom:
     zspan = max(best - min(top), 0.2)
     zlim = (min(top) - 0.25 * zspan, best + 0.25 * zspan)
     _draw(axes[0, 1], done, color_key, label_keys, zlim, floats, legend=False)
     axes[0, 1].set_title(f"zoom: the {len(top)} points within 5 percentage points of the best",
                          fontsize=9)
-    axes[0, 0].set_title("all points", fontsize=9)
+    axes[0, 0].axhspan(*zlim, color="0.85", alpha=0.5, zorder=1, linewidth=0)
+    axes[0, 0].set_title("all points (the shaded band is zoomed on the right)", fontsize=9)
+  _draw(axes[0, 0], done, color_key, label_keys, full, floats, legend=True, unlabelled=zlim)
+  axes[0, 0].set_ylabel("test accuracy (%)")
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
