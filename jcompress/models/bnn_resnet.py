@@ -121,6 +121,7 @@ class BNNResNet(nn.Module):
     cifar_stem: 3x3 stride-1 stem and no max pool instead of 7x7/2 + max pool 3x3/2.
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+    conv_impl: "xla" or "fast" convolution gradients (see `jcompress.models.common`).
   """
 
   num_classes: int
@@ -132,6 +133,7 @@ class BNNResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv_impl: Any = None
 
   def __post_init__(self):
     name = type(self).__name__

@@ -10,7 +10,7 @@ Conventions every model follows (see `jcompress/models/__init__.py` for the full
   torchvision weights exact.
 * Parameters are float32 (`param_dtype`); activations are computed in the module's `dtype`.
 
-Three fields of the top-level (root) model reach every convolution built by `conv`, whatever
+Four fields of the top-level (root) model reach every convolution built by `conv`, whatever
 block it sits in, so that compression code needs no per-architecture plumbing:
 
 * `channels`: `{conv path: output channels}` (paths like `stage1_block0/conv1`) overriding the
@@ -19,6 +19,8 @@ block it sits in, so that compression code needs no per-architecture plumbing:
 * `act_quant`: an activation quantizer spec (`{"kind": ..., "bits": ...}`, see
   `jcompress.actquant.make_quantizer`) applied to the input of every convolution except
   `stem_conv` (quantization-aware training of activations). None or kind "none": off.
+* `conv_impl`: "xla" or "fast" (`CONV_IMPLS`; the kernel gradient as a matmul, same values,
+  see `jcompress.fastconv`); None: `DEFAULT_CONV_IMPL`.
 * `padding`: "torch" (default, symmetric as above) or "same" (XLA/TF "SAME", as Keras's
   `ZeroPadding2D(correct_pad)` + "valid" does for stride-2 convolutions; for imported Keras
   weights).
@@ -40,6 +42,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jcompress.errors import ConfigError
+
+#: `conv_impl` values: "xla" (plain `lax.conv_general_dilated`) or "fast" (the same forward and
+#: input gradient, the kernel gradient as one patches-times-gradient matmul: `jcompress.fastconv`).
+CONV_IMPLS = ("xla", "fast")
+#: What a model without a `conv_impl` field (or with None) uses.
+DEFAULT_CONV_IMPL = "xla"
 
 # He / kaiming normal, fan_out mode, untruncated (torchvision's `kaiming_normal_(mode="fan_out")`).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -128,6 +136,13 @@ def conv(
     pad = (kernel_size - 1) // 2
     padding = ((pad, pad), (pad, pad))
   spec = root_field(module, "act_quant")
+  impl = root_field(module, "conv_impl", DEFAULT_CONV_IMPL)
+  if impl not in CONV_IMPLS:
+    raise ConfigError(f"model field `conv_impl` must be one of {CONV_IMPLS}, got {impl!r}")
+  conv_fn = None
+  if impl == "fast":
+    from jcompress import fastconv  # noqa: PLC0415
+    conv_fn = fastconv.conv_general_dilated
   quantizer = None
   if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
     from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)
@@ -149,6 +164,7 @@ def conv(
         kernel_init=conv_kernel_init,
         dtype=module.dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv_fn,
         name=name,
     )(x)
 

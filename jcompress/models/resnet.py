@@ -133,8 +133,9 @@ class CifarResNet(nn.Module):
     zero_init_residual: start the last BN gamma of every block at 0.
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
-    channels, act_quant, padding: see `jcompress.models.common` (per-conv widths of a pruned
-      model, the activation quantizer of QAT, "torch" or "same" padding).
+    channels, act_quant, padding, conv_impl: see `jcompress.models.common` (per-conv widths of
+      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "xla" or
+      "fast" convolution gradients).
   """
 
   num_classes: int
@@ -148,6 +149,7 @@ class CifarResNet(nn.Module):
   channels: Any = None
   act_quant: Any = None
   padding: str = "torch"
+  conv_impl: Any = None
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
@@ -204,8 +206,9 @@ class ResNet(nn.Module):
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
     stride_in_1x1: Bottleneck stride on the first 1x1 conv (Keras's ResNet50, v1) instead of
       the 3x3 (torchvision, v1.5).
-    channels, act_quant, padding: see `jcompress.models.common` (per-conv widths of a pruned
-      model, the activation quantizer of QAT, "torch" or "same" padding).
+    channels, act_quant, padding, conv_impl: see `jcompress.models.common` (per-conv widths of
+      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "xla" or
+      "fast" convolution gradients).
     input_norm: `(scale, shift, reverse)` applied to the input first (`common.normalize_input`):
       the preprocessing that imported weights expect; None: the input as given.
   """
@@ -222,6 +225,7 @@ class ResNet(nn.Module):
   channels: Any = None
   act_quant: Any = None
   padding: str = "torch"
+  conv_impl: Any = None
   input_norm: Any = None
 
   def __post_init__(self):

@@ -1,0 +1,187 @@
+"""Timing code shared by the benchmarks: the device string, compiled train-step runners, and
+timed blocks run in alternation so that every variant sees the same load on a shared machine.
+
+A *runner* is a function `run_block(steps) -> seconds` that runs `steps` calls of an already
+compiled function and blocks on the result; `alternate({name: runner}, steps, repeats)` calls
+them in turn (a, b, c, a, b, c, ...) and returns every block's seconds, so that ratios between
+variants are taken block by block (`ratios`) rather than between runs minutes apart.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jcompress import config as config_lib
+from jcompress import models
+from jcompress import train
+from jcompress import transforms
+
+
+def cpu_model() -> str:
+  """The CPU model from /proc/cpuinfo (or platform.processor()), e.g. 'AMD EPYC 7B13'."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def device_info() -> dict:
+  """What the figures were measured on: platform, device kind and count, CPU model and cores,
+  jax version, and a one-line `device` string."""
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  info = {"platform": d.platform, "device_kind": kind, "device_count": jax.device_count(),
+          "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "jax": jax.__version__}
+  if d.platform == "cpu":
+    info["device"] = f"cpu: {info['cpu']} ({info['cpu_cores']} cores)"
+  else:
+    info["device"] = f"{d.platform}: {kind} x{jax.device_count()} (host {info['cpu']})"
+  return info
+
+
+def device_name() -> str:
+  return device_info()["device"]
+
+
+def block_runner(fn: Callable, *args) -> Callable[[int], float]:
+  """A runner of `fn(*args)` (already compiled or jitted): `steps` calls, then blocks."""
+
+  def run_block(steps: int) -> float:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+  return run_block
+
+
+def alternate(runners: dict, steps: int, repeats: int) -> dict:
+  """Seconds of `repeats` blocks of `steps` calls of every runner, the runners taking turns."""
+  times = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, run in runners.items():
+      times[name].append(run(steps))
+  return times
+
+
+def rates(seconds, steps: int, batch_size: int) -> dict:
+  """images/s of each block and their median."""
+  r = [steps * batch_size / t for t in seconds]
+  return {"images_per_second": round(float(np.median(r)), 1),
+          "images_per_second_all": [round(v, 1) for v in r]}
+
+
+def ratio(num, den) -> dict:
+  """The per-block ratios num[i] / den[i] of two alternating runners' times and their median."""
+  r = [a / b for a, b in zip(num, den)]
+  return {"median": round(float(np.median(r)), 3), "all": [round(v, 3) for v in r]}
+
+
+def train_config(model_name: str, dtype: str = "float32", binary_bits: int = 0,
+                 qat_bits: int = 0, qat_act: str = "pact",
+                 model_kwargs: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of a benchmarked train step: base config, `model_name`, and
+
+  * `binary_bits`: the BNN's activation bits (model field `num_bits`) and binary weights (the
+    `binary` sub-config: STE sign of every conv but the stem and the head);
+  * `qat_bits`: k-bit uniform per-channel weight fake-quant (`quant`) and k-bit activations
+    (`qat_act`) at every conv input but the stem;
+  * `model_kwargs`: further model fields (e.g. `conv_impl`).
+  """
+  config = config_lib.base_config()
+  config.model, config.dtype = model_name, dtype
+  for k, v in (model_kwargs or {}).items():
+    config.model_kwargs[k] = v
+  if binary_bits:
+    config.model_kwargs.num_bits = binary_bits
+    config.binary = ml_collections.ConfigDict(
+        {"method": "ste_sign", "include": (".*",), "exclude": transforms.DEFAULT_EXCLUDE})
+  if qat_bits:
+    config.model_kwargs.act_quant = ml_collections.ConfigDict(
+        {"kind": qat_act, "bits": qat_bits})
+    config.quant = ml_collections.ConfigDict(
+        {"method": "uniform", "bits": qat_bits, "per_channel": True})
+  return config
+
+
+def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
+                      num_classes: int = 10, teacher_config=None, seed: int = 0):
+  """(run_block, info) for jcompress's `make_train_step` of `config` on a fixed synthetic batch,
+  compiled (state donated), warmed up by one step. With `teacher_config`, the step distills
+  from that (randomly initialised) teacher: Hinton's KD, teacher forward only.
+
+  `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
+  (`flops_per_step`, None where the backend gives none), and the jitted step's lowering.
+  """
+  from jcompress import distill  # noqa: PLC0415
+
+  model = train.build_model(config, num_classes)
+  schedule = train.make_schedule(config)
+  tx = train.make_optimizer(config, schedule)
+  rng = jax.random.PRNGKey(seed)
+  x = jax.random.normal(rng, (batch_size, image_size, image_size, 3), jnp.float32)
+  y = jax.random.randint(rng, (batch_size,), 0, num_classes)
+  batch = {"image": x, "label": y}
+  variables = jax.jit(lambda r: model.init(r, x[:1], train=False))(rng)
+  params = variables["params"]
+  transform = train.build_transform(config, params)
+  extra, kd = (), None
+  if teacher_config is not None:
+    teacher = train.build_model(teacher_config, num_classes)
+    tv = jax.jit(lambda r: teacher.init(r, x[:1], train=False))(jax.random.PRNGKey(seed + 1))
+    extra = ([{"params": tv["params"], "batch_stats": tv["batch_stats"]}],)
+    kd = train.Distillation(workdirs=("synthetic",), experiments=[], models=[teacher],
+                            loss_fn=distill.make_distill_loss(distill.default_config()),
+                            init_aux=lambda r: {})
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+      compression=transform.init(params, rng), rng=rng)
+  step_fn = jax.jit(train.make_train_step(model, tx, transform, schedule, 0.0, kd),
+                    donate_argnums=(0,))
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, batch, *extra)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  box = {"state": state}
+
+  def run_block(steps: int) -> float:
+    t0 = time.perf_counter()
+    m = None
+    for _ in range(steps):
+      box["state"], m = compiled(box["state"], batch, *extra)
+    jax.block_until_ready((box["state"], m))
+    return time.perf_counter() - t0
+
+  run_block(1)   # warm-up
+  info = {"model": config.model, "batch_size": batch_size, "image_size": image_size,
+          "dtype": config.dtype, "params": models.count_params(params),
+          "compile_seconds": round(compile_s, 2), "flops_per_step": xla_flops(compiled)}
+  return run_block, info
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of a compiled computation from XLA's cost analysis (None if it has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (backends without a cost model)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])

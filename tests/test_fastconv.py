@@ -1,0 +1,140 @@
+"""The matmul kernel gradient of jcompress.fastconv against XLA's own convolution gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jcompress import fastconv
+from jcompress import models
+from jcompress import train
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def ref_conv(x, w, s, pad):
+  return lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=NHWC)
+
+
+def ref_kernel_grad(x, w, g, s, pad):
+  return jax.vjp(lambda w_: ref_conv(x, w_, s, pad), w)[1](g)[0]
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+# (N, H, W, C, Co, k, s, padding): the ResNet shapes (3x3 stride 1 and 2, 1x1 stride-2
+# projections, the 7x7/2 ImageNet stem), odd sizes, asymmetric ("SAME"-like) and zero padding.
+CASES = [
+    (2, 16, 16, 8, 4, 3, 1, ((1, 1), (1, 1))),
+    (2, 16, 16, 8, 4, 3, 2, ((1, 1), (1, 1))),
+    (2, 16, 16, 8, 4, 1, 2, ((0, 0), (0, 0))),
+    (2, 15, 13, 3, 5, 3, 1, ((1, 1), (1, 1))),
+    (2, 17, 17, 3, 4, 7, 2, ((3, 3), (3, 3))),
+    (1, 16, 16, 4, 4, 3, 2, ((0, 1), (0, 1))),
+    (2, 9, 11, 2, 3, 5, 1, ((0, 0), (2, 2))),
+    (1, 20, 20, 3, 2, 3, 3, ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_grad_equals_xla(case):
+  n, h, w_, c, co, k, s, pad = case
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (n, h, w_, c))
+  w = jax.random.normal(kw, (k, k, c, co))
+  g = jax.random.normal(kg, ref_conv(x, w, s, pad).shape)
+  got = fastconv.kernel_grad(x, g, k, s, pad)
+  want = ref_kernel_grad(x, w, g, s, pad)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES[:5])
+def test_conv2d_values_and_gradients(case):
+  n, h, w_, c, co, k, s, pad = case
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(1), 3)
+  x = jax.random.normal(kx, (n, h, w_, c))
+  w = jax.random.normal(kw, (k, k, c, co))
+  g = jax.random.normal(kg, ref_conv(x, w, s, pad).shape)
+
+  def loss(conv_fn):
+    return lambda x_, w_: jnp.sum(conv_fn(x_, w_) * g)
+
+  y_fast = fastconv.conv2d(x, w, s, pad)
+  np.testing.assert_array_equal(y_fast, ref_conv(x, w, s, pad))   # the same XLA convolution
+  dx, dw = jax.grad(loss(lambda a, b: fastconv.conv2d(a, b, s, pad)), argnums=(0, 1))(x, w)
+  rdx, rdw = jax.grad(loss(lambda a, b: ref_conv(a, b, s, pad)), argnums=(0, 1))(x, w)
+  assert rel_err(dx, rdx) < 1e-6
+  assert rel_err(dw, rdw) < 1e-5
+
+
+def test_bfloat16_kernel_grad_accumulates_in_float32():
+  """bf16 operands: products exact in f32, so the result is the f32 reference rounded once."""
+  kx, kg = jax.random.split(jax.random.PRNGKey(2))
+  x = jnp.sign(jax.random.normal(kx, (2, 16, 16, 8))).astype(jnp.bfloat16)   # +-1, exact
+  g = jax.random.normal(kg, (2, 16, 16, 4)).astype(jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  got = fastconv.kernel_grad(x, g, 3, 1, pad, out_dtype=jnp.float32)
+  want = ref_kernel_grad(x.astype(jnp.float32), jnp.zeros((3, 3, 8, 4)), g.astype(jnp.float32),
+                         1, pad)
+  assert rel_err(got, want) < 1e-6
+  jaxpr = jax.make_jaxpr(lambda a, b: fastconv.kernel_grad(a, b, 3, 1, pad))(x, g).jaxpr
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for v in dots[0].invars)
+  assert dots[0].outvars[0].aval.dtype == jnp.float32
+
+
+def test_falls_back_where_it_does_not_apply():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 8))
+  w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 2, 8))
+  args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=NHWC)
+  assert not fastconv.applies(x.shape, w.shape, feature_group_count=4, **args)   # groups
+  assert not fastconv.applies(x.shape, (3, 3, 8, 8), rhs_dilation=(2, 2), **args)
+  assert not fastconv.applies(x.shape, (3, 3, 8, 8), window_strides=(1, 1), padding="SAME",
+                              dimension_numbers=NHWC)
+  assert not fastconv.applies((2, 8, 8, 8), (3, 3, 8, 8), **args)   # 64 output pixels
+  assert fastconv.applies(x.shape, (3, 3, 8, 8), **args)
+  y = fastconv.conv_general_dilated(x, w, feature_group_count=4, **args)
+  np.testing.assert_array_equal(
+      y, lax.conv_general_dilated(x, w, feature_group_count=4, **args))
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18_cifar", {"width": 0.125}),
+                                         ("bnn_resnet18_cifar", {"width": 0.125})])
+def test_model_loss_and_gradients_equal_xla(name, kwargs):
+  """A whole model with conv_impl='fast': the same logits and parameter gradients as 'xla', and
+  its gradient jaxpr has one convolution fewer per eligible layer (the kernel gradient became a
+  dot_general)."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 32, 32, 3))
+  y = jnp.arange(4) % 10
+  out = {}
+  for impl in ("xla", "fast"):
+    model = models.get_model(name, 10, conv_impl=impl, **kwargs)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
+
+    def loss(p, model=model, v=v):
+      logits, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                              mutable=["batch_stats"])[0]
+      return train.cross_entropy(logits, y), logits
+
+    (l, logits), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(v["params"]).jaxpr
+    out[impl] = (l, logits, grads, train.count_primitive(jaxpr, "conv_general_dilated"))
+  np.testing.assert_allclose(out["fast"][1], out["xla"][1], rtol=0, atol=0)
+  np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=1e-6)
+  flat_f = jax.tree_util.tree_leaves_with_path(out["fast"][2])
+  flat_x = dict(jax.tree_util.tree_leaves_with_path(out["xla"][2]))
+  for path, gf in flat_f:
+    assert rel_err(gf, flat_x[path]) < 1e-4, jax.tree_util.keystr(path)
+  assert out["fast"][3] < out["xla"][3]
+
+
+def test_unknown_conv_impl_is_a_config_error():
+  from jcompress.errors import ConfigError
+  model = models.get_model("resnet18_cifar", 10, width=0.125, conv_impl="cudnn")
+  with pytest.raises(ConfigError, match="conv_impl"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
