@@ -681,8 +681,9 @@ def _write_csv(rows: list[dict], path: str) -> None:
 
 
 def write_report(run: Run, rows: list[dict], totals: dict, accuracy: float,
-                 out_dir: str) -> dict:
-  """report.md, layers.json, layers.csv and the PNGs in `out_dir`; returns their paths."""
+                 out_dir: str, plots: bool = True) -> dict:
+  """report.md, layers.json, layers.csv and (with `plots`) the PNGs in `out_dir`; returns
+  their paths."""
   os.makedirs(out_dir, exist_ok=True)
   name = os.path.basename(os.path.abspath(run.workdir))
   files = {"report": os.path.join(out_dir, "report.md"),
@@ -691,9 +692,12 @@ def write_report(run: Run, rows: list[dict], totals: dict, accuracy: float,
            "weights_png": os.path.join(out_dir, "weights.png"),
            "sparsity_png": os.path.join(out_dir, "sparsity.png"),
            "bits_png": os.path.join(out_dir, "bits.png")}
-  plot_weights(run, rows, files["weights_png"])
-  plot_sparsity(rows, files["sparsity_png"], f"Per-layer sparsity of {name} (step {run.step})")
-  plot_bits(rows, files["bits_png"], f"Per-layer bit-widths of {name} (step {run.step})")
+  if plots:
+    plot_weights(run, rows, files["weights_png"])
+    plot_sparsity(rows, files["sparsity_png"], f"Per-layer sparsity of {name} (step {run.step})")
+    plot_bits(rows, files["bits_png"], f"Per-layer bit-widths of {name} (step {run.step})")
+  else:
+    files = {k: v for k, v in files.items() if not k.endswith("_png")}
   header, cells = table_lines(rows, totals)
   md = [f"# Analysis of {name}", ""]
   md += [f"- {line}" for line in summary_lines(run, totals, accuracy)]
@@ -703,8 +707,8 @@ def write_report(run: Run, rows: list[dict], totals: dict, accuracy: float,
          "(as Larq's summary); rows / chan / filt: all-zero rows of the (fan_in, fan_out) "
          "matrix, input channels and filters (as Distiller's summary). Sizes in bytes "
          "(K = 1000).", "", markdown_table(header, cells), "",
-         "## Plots", "", "![weights](weights.png)", "", "![sparsity](sparsity.png)", "",
-         "![bits](bits.png)", ""]
+         *(["## Plots", "", "![weights](weights.png)", "", "![sparsity](sparsity.png)", "",
+            "![bits](bits.png)", ""] if plots else [])]
   with open(files["report"], "w") as f:
     f.write("\n".join(md))
   train.write_json(files["layers_json"], {"rows": rows, "totals": totals})
@@ -808,10 +812,11 @@ def compare_markdown(cmp: dict, totals_a: dict, totals_b: dict) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def analyze(workdir: str, compare: str | None = None) -> dict:
+def analyze(workdir: str, compare: str | None = None, *, plots: bool = True) -> dict:
   """`--mode=analyze`: the report of `workdir`'s newest readable checkpoint (module
   docstring); with `compare`, also the comparison with the run in that workdir. Prints the
-  per-layer table; returns a JSON-able summary (totals, accuracy, output paths)."""
+  per-layer table; returns a JSON-able summary (totals, accuracy, output paths). `plots=False`
+  leaves the PNGs out (they take seconds per model)."""
   run = load_run(workdir)
   if run.skipped:
     logging.warning("%s", _restore_note(run))
@@ -819,7 +824,7 @@ def analyze(workdir: str, compare: str | None = None) -> dict:
   preds = predictions(run)
   accuracy = float(np.mean(preds[0] == preds[1]))
   out_dir = os.path.join(workdir, ANALYSIS_DIR)
-  files = write_report(run, rows, totals, accuracy, out_dir)
+  files = write_report(run, rows, totals, accuracy, out_dir, plots=plots)
   header, cells = table_lines(rows, totals)
   print("\n".join(summary_lines(run, totals, accuracy)))
   print(text_table(header, cells), flush=True)

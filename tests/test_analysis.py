@@ -62,12 +62,12 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
   """{name: workdir} of a float run (checkpoints at 20 and 40) and the pruned, quantized and
-  binary runs, the first two from the float one."""
+  binary runs, the first two fine-tuned or quantized from the float one."""
   base = tmp_path_factory.mktemp("runs")
   out = {"float": str(base / "float")}
   train.train_and_evaluate(tiny_config(data_dir, 40, checkpoint_every=20), out["float"])
 
-  c = tiny_config(data_dir, 10, init_from=out["float"], lr=0.02)
+  c = tiny_config(data_dir, 4, init_from=out["float"], lr=0.02)
   c.prune = ml_collections.ConfigDict({"sparsity": PRUNE_SPARSITY, "schedule": "oneshot",
                                        "begin_step": 0})
   out["pruned"] = str(base / "pruned")
@@ -80,7 +80,8 @@ def runs(data_dir, tmp_path_factory):
   out["quant"] = str(base / "quant")
   train.train_and_evaluate(c, out["quant"])
 
-  c = tiny_config(data_dir, 10, model="bnn_resnet20", width=0.25, lr=2e-3)
+  # One step: what is checked does not depend on training (and the BNN compiles slowly).
+  c = tiny_config(data_dir, 1, model="bnn_resnet20", width=0.25, lr=2e-3)
   c.optimizer.name = "adam"
   c.optimizer.weight_decay = 0.0
   c.model_kwargs.num_bits = 1
@@ -96,7 +97,8 @@ def reports(runs):
   """{name: (summary, rows by layer)} of `analysis.analyze` on each run."""
   out = {}
   for name, workdir in runs.items():
-    summary = analysis.analyze(workdir)
+    # plots (seconds each on a busy CPU) for two runs: the float one, and the BNN's big grid
+    summary = analysis.analyze(workdir, plots=name in ("float", "binary"))
     with open(os.path.join(workdir, "analysis", "layers.json")) as f:
       rows = {r["layer"]: r for r in json.load(f)["rows"]}
     out[name] = (summary, rows)
@@ -180,6 +182,23 @@ def test_quantized_run_bits_and_distinct_values_are_those_of_the_codes(runs, rep
   assert summary["macs_by_bits"] == {"32": summary["macs"]}
 
 
+def test_stored_bytes_are_the_exported_artifact_on_disk(runs, reports, tmp_path):
+  from jcompress import export  # noqa: PLC0415
+  for name in ("quant", "pruned", "binary"):
+    exp, state = train.restore_run(runs[name], "test")
+    arrays, manifest = export.artifact_arrays(exp, state)
+    out = tmp_path / name
+    export.write_artifact(arrays, manifest, str(out))
+    on_disk = sum(os.path.getsize(out / f) for f in export.ARTIFACT_FILES)
+    summary, rows = reports[name]
+    assert summary["stored_bytes"] == on_disk
+    # per layer: the arrays whose names start with the layer's path
+    for layer, row in rows.items():
+      if layer not in ("other", "manifest"):
+        assert row["stored_bytes"] == sum(a.nbytes for k, a in arrays.items()
+                                          if k.startswith(layer + "/"))
+
+
 # ----------------------------------------------------------------------------- binary
 
 
@@ -261,7 +280,7 @@ def test_report_files_table_and_accuracy(runs, reports):
 
 
 def test_compare_pruned_against_its_float_model(runs, reports):
-  summary = analysis.analyze(runs["pruned"], compare=runs["float"])
+  summary = analysis.analyze(runs["pruned"], compare=runs["float"], plots=False)
   cmp_path = os.path.join(runs["pruned"], "analysis", "compare_float.json")
   with open(cmp_path) as f:
     cmp = json.load(f)
@@ -283,7 +302,7 @@ def test_compare_pruned_against_its_float_model(runs, reports):
 
 
 def test_compare_runs_of_different_models_lists_the_layers_of_one_side(runs, reports):
-  analysis.analyze(runs["float"], compare=runs["binary"])
+  analysis.analyze(runs["float"], compare=runs["binary"], plots=False)
   with open(os.path.join(runs["float"], "analysis", "compare_binary.json")) as f:
     cmp = json.load(f)
   assert {r["layer"] for r in cmp["layers"]} == {"stem_conv", "head"}
@@ -319,7 +338,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
   shutil.copytree(runs["float"], workdir, ignore=shutil.ignore_patterns("analysis"))
   _truncate_largest(os.path.join(workdir, "checkpoints", "40"))
   with caplog.at_level("WARNING"):
-    summary = analysis.analyze(workdir)
+    summary = analysis.analyze(workdir, plots=False)
   assert summary["step"] == 20 and summary["latest_step"] == 40
   assert "step 40" in summary["fallback"] and "analyzed step 20" in summary["fallback"]
   assert "could not be restored" in caplog.text
@@ -335,7 +354,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
   with open(os.path.join(workdir, "checkpoints", "20", "state", "_METADATA"), "w") as f:
     f.write("{not json")
   with pytest.raises(WorkdirError, match="no checkpoint in .* can be restored"):
-    analysis.analyze(workdir)
+    analysis.analyze(workdir, plots=False)
 
 
 def test_launch_analyze_prints_the_table(runs):
