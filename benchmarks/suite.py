@@ -1,0 +1,384 @@
+r"""All the speed figures of issue 8 in one process and one run, as a markdown table and JSON.
+
+  python benchmarks/suite.py --out_dir=runs/bench             # everything (about 10 min on 2 CPUs)
+  python benchmarks/suite.py --only=float,binary --steps=1 --repeats=2 --peers=   # quick
+
+Measured on the current default device (CPU or GPU), batch --batch_size of 32x32 images:
+
+* machine rates: a --matmul_n square `jnp.dot` timed in float32, bfloat16 (float32
+  accumulation) and int8 (int32 accumulation): the yardstick for achieved FLOP/s;
+* train steps (`train.make_train_step`, state donated, one synthetic batch), all timed in
+  alternating blocks of --steps steps (a, b, c, ..., a, b, c, ...; median of --repeats) so that
+  their ratios see the same load: `float` (resnet18_cifar), `float_xla` (the same with
+  `conv_impl="xla"`: XLA's own convolution gradients), `qat` (W4A4: uniform per-channel weights,
+  PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar with binary weights), `kd`
+  (bnn_resnet18_cifar W1A1 distilled from a ResNet-18 teacher, teacher forward in the step);
+* peers, each in its own process speaking benchmarks/peers/protocol.py and timed in the same
+  alternation: `torch_float`, `torch_w1a1` (PyTorch eager) and `larq_w1a1` (Keras/Larq on TF).
+  A peer that is not installed or fails is listed as skipped with its reason, never as a figure;
+* inference (eval mode, median of --repeats calls): the float ResNet-18 and the packed binary
+  network (`bnn_infer.load(freeze(...), compute=--bnn_compute)` + `packed_apply`);
+* compile times of every jcompress step, and the float step's FLOPs (XLA's cost analysis of the
+  `float_xla` step: forward, input and kernel gradients of every layer) over its step time as a
+  share of the measured float32 matmul rate.
+
+The table ends with the issue's targets, each marked reached or not from this run's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from jcompress import binarize  # noqa: E402
+from jcompress import bnn_infer  # noqa: E402
+from jcompress import config as config_lib  # noqa: E402
+from jcompress.models import get_model  # noqa: E402
+
+STEPS = ("float", "float_xla", "qat", "w1a1", "w1a2", "kd")
+PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_OUT = flags.DEFINE_string("out_dir", "runs/bench", "Where bench.md and bench.json go.")
+_ONLY = flags.DEFINE_list("only", list(STEPS), f"Train steps to time, from {STEPS}.")
+_PEERS = flags.DEFINE_list("peers", list(PEERS), f"Peers to time, from {PEERS} ('' for none).")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Train steps per timed block.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks per step (median reported).")
+_INFER = flags.DEFINE_boolean("inference", True, "Time float and packed-binary inference.")
+_BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "int8", "bnn_infer compute of the packed net.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
+_PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
+
+
+# ----------------------------------------------------------------------------- machine rates
+
+
+def matmul_rates(n: int, repeats: int = 5) -> dict:
+  """Best-of-`repeats` rate (GFLOP/s, GOP/s for int8) of an n x n x n matmul per dtype."""
+  out = {}
+  for name, dt, acc in (("float32", jnp.float32, None), ("bfloat16", jnp.bfloat16, jnp.float32),
+                        ("int8", jnp.int8, jnp.int32)):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dt) if dt != jnp.int8 else \
+        jax.random.randint(jax.random.PRNGKey(0), (n, n), -127, 127).astype(jnp.int8)
+    f = jax.jit(lambda a, b, acc=acc: jax.lax.dot(a, b, preferred_element_type=acc))
+    jax.block_until_ready(f(a, a))
+    best = min(common.block_runner(f, a, a)(1) for _ in range(repeats))
+    out[name] = round(2 * n ** 3 / best / 1e9, 1)
+  return out
+
+
+# ----------------------------------------------------------------------------- train steps
+
+
+def step_config(name: str):
+  if name == "float":
+    return common.train_config("resnet18_cifar"), None
+  if name == "float_xla":
+    return common.train_config("resnet18_cifar", model_kwargs={"conv_impl": "xla"}), None
+  if name == "qat":
+    return common.train_config("resnet18_cifar", qat_bits=4, qat_act="pact"), None
+  if name == "w1a1":
+    return common.train_config("bnn_resnet18_cifar", binary_bits=1), None
+  if name == "w1a2":
+    return common.train_config("bnn_resnet18_cifar", binary_bits=2), None
+  if name == "kd":
+    teacher = config_lib.base_config()
+    teacher.model = "resnet18_cifar"
+    return common.train_config("bnn_resnet18_cifar", binary_bits=1), teacher
+  raise ValueError(name)
+
+
+class Peer:
+  """A peer benchmark process (benchmarks/peers/protocol.py) as a runner."""
+
+  def __init__(self, args: list, env: dict | None = None, timeout: int = 900):
+    self.proc = subprocess.Popen(
+        [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=HERE)
+    self.timeout = timeout
+    line = self._read()
+    if line is None or not line.get("ready"):
+      raise RuntimeError(self._reason())
+    self.info = line["info"]
+
+  def _read(self):
+    import select  # noqa: PLC0415
+    ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+    if not ready:
+      return None
+    line = self.proc.stdout.readline()
+    try:
+      return json.loads(line) if line else None
+    except json.JSONDecodeError:
+      return None
+
+  def _reason(self) -> str:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      return f"did not start within {self.timeout} s"
+    err = [ln for ln in self.proc.stderr.read().splitlines() if ln.strip()]
+    return (err[-1] if err else f"exit code {self.proc.returncode}")[:200]
+
+  def __call__(self, steps: int) -> float:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    line = self._read()
+    if line is None or "seconds" not in line:
+      raise RuntimeError(self._reason())
+    return float(line["seconds"])
+
+  def close(self):
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+
+
+def start_peer(name: str, batch: int, timeout: int):
+  """(Peer, None) or (None, reason it is skipped)."""
+  if name.startswith("torch"):
+    try:
+      import importlib.util  # noqa: PLC0415
+      if importlib.util.find_spec("torch") is None:
+        return None, "torch is not installed (pip install torch)"
+    except ValueError:
+      pass
+    args = [os.path.join("peers", "torch_resnet.py"), f"--batch_size={batch}"]
+    if name == "torch_w1a1":
+      args.append("--binary")
+    env = None
+  elif name == "larq_w1a1":
+    import importlib.util  # noqa: PLC0415
+    missing = [m for m in ("larq", "tf_keras", "tensorflow") if importlib.util.find_spec(m) is None]
+    if missing:
+      return None, f"not installed: {', '.join(missing)} (pip install larq tf_keras)"
+    args = [os.path.join("peers", "larq_resnet.py"), f"--batch_size={batch}"]
+    env = {"TF_USE_LEGACY_KERAS": "1"}
+  else:
+    return None, f"unknown peer {name!r}"
+  try:
+    return Peer(args, env, timeout), None
+  except (RuntimeError, OSError) as e:
+    return None, f"failed to start: {e}"
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def inference(batch: int, repeats: int, compute: str) -> dict:
+  """images/s (median of `repeats` calls after 2 warm-ups) of the float ResNet-18 and the packed
+  binary ResNet-18 W1A1, eval mode, with their first-call (compile) seconds."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  out = {}
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    for _ in range(2):
+      jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      ts.append(time.perf_counter() - t0)
+    return {"images_per_second": round(batch / float(np.median(ts)), 1),
+            "first_call_seconds": round(first, 2)}
+
+  fm = get_model("resnet18_cifar", 10)
+  fv = jax.jit(lambda r: fm.init(r, x[:1]))(jax.random.PRNGKey(0))
+  fapply = jax.jit(lambda v, x: fm.apply(v, x, train=False)[0])
+  out["float"] = timed(lambda: fapply(fv, x))
+  bm = get_model("bnn_resnet18_cifar", 10, num_bits=1)
+  bv = jax.jit(lambda r: bm.init(r, x[:1]))(jax.random.PRNGKey(0))
+  frozen = bnn_infer.freeze(bv["params"], bv["batch_stats"], bm)
+  art = jax.block_until_ready(bnn_infer.load(frozen, bm, compute=compute))
+  out["packed_w1a1"] = timed(lambda: bnn_infer.packed_apply(art, x))
+  out["packed_w1a1"]["compute"] = compute
+  bp = jax.jit(binarize.binary_weights(bv["params"]).apply)(bv["params"], {})
+  latent = jax.jit(lambda p, s, x: bm.apply({"params": p, "batch_stats": s}, x, train=False)[0])
+  out["latent_w1a1_float32"] = timed(lambda: latent(bp, bv["batch_stats"], x))
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def targets(r: dict) -> list:
+  """(target, figure, reached or None when a figure is missing) rows from the results."""
+  st, pe = r["train_steps"], r["peers"]
+  ips = lambda d, k: d.get(k, {}).get("images_per_second")  # noqa: E731
+  rows = []
+
+  def add(name, num, den, goal, fmt="{:.2f}x", lower_is_better=False):
+    if num is None or den is None:
+      rows.append((name, "n/a (a figure is missing)", None))
+      return
+    v = num / den
+    ok = v <= goal if lower_is_better else v >= goal
+    rows.append((name, fmt.format(v), ok))
+
+  add("binary W1A1 train step >= 1.5x Keras/Larq", ips(st, "w1a1"), ips(pe, "larq_w1a1"), 1.5)
+  add("float train step >= 1.2x PyTorch eager", ips(st, "float"), ips(pe, "torch_float"), 1.2)
+  for k in ("w1a1", "w1a2", "qat"):
+    rt = st.get(k, {}).get("step_time_vs_float")
+    rows.append((f"{k} step time <= 1.1x float", "n/a" if rt is None else f"{rt:.3f}x",
+                 None if rt is None else rt <= 1.1))
+  share = r.get("float_flops", {}).get("share_of_f32_matmul")
+  rows.append(("float step FLOP/s >= 60% of f32 matmul", "n/a" if share is None else
+               f"{100 * share:.0f}%", None if share is None else share >= 0.6))
+  if r["device"]["platform"] == "gpu":
+    mfu = r.get("float_flops", {}).get("share_of_bf16_matmul")
+    rows.append(("GPU: float step >= 50% of bf16 matmul rate (peak proxy)",
+                 "n/a" if mfu is None else f"{100 * mfu:.0f}%", None if mfu is None else mfu >= .5))
+  return rows
+
+
+def markdown(r: dict, command: str) -> str:
+  d = r["device"]
+  lines = [f"# jcompress speed suite", "",
+           f"`{command}`", "",
+           f"device: {d['device']}; platform {d['platform']} ({d['device_kind']}), "
+           f"jax {d['jax']}; load average at start {r['load_start']}, at end {r['load_end']}", "",
+           f"batch {r['batch_size']}, 32x32x3, ResNet-18 with the CIFAR stem; train steps timed in "
+           f"alternating blocks of {r['steps']} steps, median of {r['repeats']}.", "",
+           "| machine | rate |", "|---|---|"]
+  for k, v in r["matmul"].items():
+    lines.append(f"| {k} matmul {r['matmul_n']}^3 | {v} G{'OP' if k == 'int8' else 'FLOP'}/s |")
+  lines += ["", "| train step | images/s | step time vs float | compile s | blocks (images/s) |",
+            "|---|---|---|---|---|"]
+  for k, v in r["train_steps"].items():
+    vs = v.get("step_time_vs_float")
+    lines.append(f"| {k} ({v['what']}) | {v['images_per_second']} | "
+                 f"{'' if vs is None else f'{vs:.3f}x'} | {v['compile_seconds']} | "
+                 f"{v['images_per_second_all']} |")
+  for k, v in r["peers"].items():
+    if "skipped" in v:
+      lines.append(f"| {k} | skipped: {v['skipped']} | | | |")
+    else:
+      vs = v.get("step_time_vs_float")
+      lines.append(f"| {k} ({v['info'].get('framework', '')}) | {v['images_per_second']} | "
+                   f"{'' if vs is None else f'{vs:.3f}x'} | | {v['images_per_second_all']} |")
+  ff = r.get("float_flops")
+  if ff:
+    lines += ["", f"float step: {ff['gflop_per_step']:.1f} GFLOP per step (XLA cost analysis of "
+              f"the {ff['flops_from']} step), {ff['achieved_gflops']:.1f} GFLOP/s achieved by `float` = "
+              f"{100 * ff['share_of_f32_matmul']:.0f}% of the float32 matmul rate."]
+  if r.get("inference"):
+    lines += ["", "| inference (eval) | images/s | first call s |", "|---|---|---|"]
+    for k, v in r["inference"].items():
+      lines.append(f"| {k} | {v['images_per_second']} | {v['first_call_seconds']} |")
+  lines += ["", "| target | this run | reached |", "|---|---|---|"]
+  for name, fig, ok in r["targets"]:
+    lines.append(f"| {name} | {fig} | {'n/a' if ok is None else ('yes' if ok else 'NO')} |")
+  return "\n".join(lines) + "\n"
+
+
+WHAT = {"float": "resnet18_cifar float32", "float_xla": "same, conv_impl=xla",
+        "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
+        "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}
+
+
+def main(argv):
+  del argv
+  t_start = time.time()
+  batch, steps, repeats = _BATCH.value, _STEPS.value, _REPEATS.value
+  r = {"device": common.device_info(), "batch_size": batch, "steps": steps, "repeats": repeats,
+       "load_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+       "matmul_n": _MATMUL_N.value}
+  print(f"device: {r['device']['device']}", flush=True)
+  r["matmul"] = matmul_rates(_MATMUL_N.value)
+  print(f"matmul rates: {r['matmul']}", flush=True)
+
+  runners, infos = {}, {}
+  for name in _ONLY.value:
+    if name not in STEPS:
+      raise app.UsageError(f"--only: unknown step {name!r}, expected some of {STEPS}")
+    config, teacher = step_config(name)
+    runners[name], infos[name] = common.make_train_runner(config, batch, teacher_config=teacher)
+    print(f"compiled {name}: {infos[name]['compile_seconds']} s", flush=True)
+  peers, skipped = {}, {}
+  for name in [p for p in _PEERS.value if p]:
+    peer, why = start_peer(name, batch, _PEER_TIMEOUT.value)
+    if peer is None:
+      skipped[name] = why
+      print(f"peer {name} skipped: {why}", flush=True)
+    else:
+      peers[name] = peer
+      print(f"peer {name} ready: {peer.info}", flush=True)
+
+  times = {k: [] for k in (*runners, *peers)}
+  for _ in range(repeats):
+    for name, run in (*runners.items(), *peers.items()):
+      if name in skipped:
+        continue
+      try:
+        times[name].append(run(steps))
+      except RuntimeError as e:   # a peer that died mid-run
+        skipped[name] = f"failed while running: {e}"
+        peers[name].close()
+  for p in peers.values():
+    p.close()
+
+  base = times.get("float")
+  r["train_steps"] = {}
+  for name in runners:
+    e = {"what": WHAT[name], **infos[name], **common.rates(times[name], steps, batch)}
+    if base and name != "float":
+      rt = common.ratio(times[name], base)
+      e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]
+    r["train_steps"][name] = e
+  r["peers"] = {}
+  for name in [p for p in _PEERS.value if p]:
+    if name in skipped:
+      r["peers"][name] = {"skipped": skipped[name]}
+      continue
+    e = {"info": peers[name].info, **common.rates(times[name], steps, batch)}
+    if base:
+      rt = common.ratio(times[name], base)
+      e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]
+    r["peers"][name] = e
+
+  flops_from = "float_xla" if "float_xla" in infos else "float"
+  flops = infos.get(flops_from, {}).get("flops_per_step")
+  if flops and "float" in r["train_steps"]:
+    achieved = flops * r["train_steps"]["float"]["images_per_second"] / batch
+    r["float_flops"] = {"flops_from": flops_from, "gflop_per_step": flops / 1e9, "achieved_gflops": achieved / 1e9,
+                        "share_of_f32_matmul": achieved / 1e9 / r["matmul"]["float32"],
+                        "share_of_bf16_matmul": achieved / 1e9 / r["matmul"]["bfloat16"]}
+  if _INFER.value:
+    r["inference"] = inference(batch, max(repeats, 3), _BNN_COMPUTE.value)
+  r["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  r["wall_seconds"] = round(time.time() - t_start, 1)
+  r["targets"] = targets(r)
+  command = "python benchmarks/suite.py " + " ".join(sys.argv[1:])
+  r["command"] = command
+  os.makedirs(_OUT.value, exist_ok=True)
+  md = markdown(r, command)
+  with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
+    json.dump(r, f, indent=2, default=str)
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
