@@ -35,7 +35,8 @@ Where each figure comes from
   `stem_conv` (where `models/common.py` and the BNN blocks quantize); float (32, or 16 under
   `dtype=bfloat16`) elsewhere.
 * MACs: per image, from the jaxpr of `model.apply` (`structured.build_graph`'s layers, whose
-  total is `structured.count_flops`). As in Larq's model summary, a layer's MACs are counted
+  total is `structured.count_flops`); MACs the tracer cannot attribute to a kernel (the second
+  factor of a low-rank layer) are counted in the `other` row, so the total stays exact. As in Larq's model summary, a layer's MACs are counted
   at the precision max(bits, abits): "1-bit MACs" need binary weights *and* binary inputs.
   `binary_mac_share` = 1-bit MACs / all MACs.
 * structured sparsity, as Distiller's sparsity summary, on W: `filters` (Distiller's 3D): the
@@ -361,9 +362,16 @@ def analyze_state(run: Run) -> tuple[list[dict], dict]:
   paths = transforms.leaf_paths(params)
   latent = dict(zip(paths, jax.tree.leaves(params)))
   effective = dict(zip(transforms.leaf_paths(eff), jax.tree.leaves(eff)))
-  order = {p: i for i, p in enumerate(macs)}   # the order the model runs its layers in
-  kernel_paths = sorted((p for p in paths if np.ndim(latent[p]) >= 2),
-                        key=lambda p: (order.get(p, len(order)), p))
+  # Rows in the order the model runs its layers; a kernel the tracer did not attribute MACs
+  # to (the second factor of a low-rank layer) right after its module's first one.
+  order = {p: i for i, p in enumerate(macs)}
+  module_order: dict[str, int] = {}
+  for p, i in order.items():
+    module_order.setdefault(p.rsplit("/", 1)[0], i)
+  kernel_paths = sorted(
+      (p for p in paths if np.ndim(latent[p]) >= 2),
+      key=lambda p: (order.get(p, module_order.get(p.rsplit("/", 1)[0], len(order))),
+                     p not in order, p))
   names = [_layer_name(p) for p in kernel_paths]
   float_bits = 16 if exp.config.get("dtype", "float32") == "bfloat16" else 32
 
@@ -402,7 +410,7 @@ def analyze_state(run: Run) -> tuple[list[dict], dict]:
     }
     rows.append(row)
   other_macs = total_macs - sum(r["macs"] or 0 for r in rows)
-  rows.append({"layer": "other", "kind": "bn/bias/quantizer", "shape": [],
+  rows.append({"layer": "other", "kind": "bn/bias/other", "shape": [],
                "params": n_params["other"], "methods": "float", "bits": float(float_bits),
                "abits": None, "sparsity": None, "mask_sparsity": None, "distinct": None,
                "distinct_per_filter": None, "float_bytes": f_bytes["other"],
