@@ -72,6 +72,8 @@ BLOB = "weights.bin"
 STABLEHLO = "inference.stablehlo"
 #: The files whose bytes are the artifact (`model_bytes`).
 ARTIFACT_FILES = (MANIFEST, BLOB)
+#: What each manifest["tensors"][name] list holds, in order (`tensor_entry` reads it).
+TENSOR_FIELDS = ("dtype", "shape", "nbytes", "offset", "crc32")
 
 #: The bnn_infer artifact's top-level names that are not a layer of the model, and the layer
 #: whose name they are stored under.
@@ -97,17 +99,42 @@ def is_packed_bnn(config) -> bool:
       str(config.model).startswith("bnn_")
 
 
+def _model_kwargs(exp) -> dict:
+  """The module fields exp's model has beyond what its name, num_classes, width and dtype
+  give (config `model_kwargs`, and what `train.build_model` adds, e.g. for pretrained weights):
+  read off the built module, so the manifest rebuilds exactly that module."""
+  import dataclasses  # noqa: PLC0415
+
+  from jcompress import models as models_lib  # noqa: PLC0415
+  c = exp.config
+  model = exp.model.base if exp.lowrank_plan is not None else exp.model
+  dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
+  plain = models_lib.get_model(c.model, exp.info.num_classes, width=c.width, dtype=dtype)
+  kwargs = {}
+  for f in dataclasses.fields(model):
+    if f.name in ("parent", "name", "num_classes", "width", "dtype"):
+      continue
+    v, d = getattr(model, f.name), getattr(plain, f.name, None)
+    try:
+      same = bool(v == d)
+    except Exception:  # noqa: BLE001  (arrays: compare as differing)
+      same = False
+    if not same:
+      kwargs[f.name] = v
+  out = _jsonable(kwargs)
+  try:
+    json.dumps(out)
+  except TypeError as e:
+    raise JCompressError(f"model {c.model!r}: a field cannot be written to the manifest "
+                         f"({e})") from e
+  return out
+
+
 def _model_spec(exp) -> dict:
   """What `models.get_model` (and `lowrank.Factorized`) need to rebuild exp's module."""
-  from jcompress import config as config_lib  # noqa: PLC0415
   c = exp.config
-  kwargs = config_lib.to_dict(c.get("model_kwargs", {})) if "model_kwargs" in c else {}
-  spec = c.get("init_from", "")
-  if spec and (spec.startswith("keras:") or spec.endswith(".safetensors")):
-    from jcompress import pretrained  # noqa: PLC0415
-    kwargs = {**pretrained.model_fields(spec), **kwargs}
   out = {"name": str(c.model), "num_classes": int(exp.info.num_classes),
-         "width": float(c.width), "dtype": str(c.dtype), "kwargs": _jsonable(kwargs),
+         "width": float(c.width), "dtype": str(c.dtype), "kwargs": _model_kwargs(exp),
          "image_shape": [int(d) for d in exp.info.image_shape]}
   if exp.lowrank_plan is not None:
     from jcompress import lowrank  # noqa: PLC0415
@@ -116,6 +143,10 @@ def _model_spec(exp) -> dict:
 
 
 def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if hasattr(x, "to_dict"):
+    return _jsonable(x.to_dict())
   if isinstance(x, dict):
     return {str(k): _jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -228,16 +259,13 @@ def _generic_arrays(exp, state) -> tuple[dict, dict]:
                            if isinstance(x, dict) and "bitmask" in x), None)
     a, e = _encode_leaf(path, chosen, earlier_sparse)
     arrays.update(a)
-    e["arrays"] = list(a)
-    entries[path] = e
+    entries[path] = {"encoding": "float"} if e["encoding"] == "float" else e
   stats = _flat(jax.device_get(state.batch_stats))
-  stat_entries = {}
   for path, x in stats.items():
     if path in arrays:
       raise JCompressError(f"batch_stats leaf '{path}' has the name of a stored param tensor")
     arrays[path] = np.asarray(x)
-    stat_entries[path] = {"encoding": "float", "shape": list(np.shape(x)), "arrays": [path]}
-  return arrays, {"params": entries, "batch_stats": stat_entries}
+  return arrays, {"params": entries, "batch_stats": list(stats)}
 
 
 def _bnn_arrays(exp, state) -> tuple[dict, dict]:
@@ -266,9 +294,10 @@ def artifact_arrays(exp, state) -> tuple[dict[str, np.ndarray], dict]:
       (`.../kernel/codes`, `.../kernel/scale`, `.../kernel/bitmask`); BatchNorm statistics
       are `layer/mean`, `layer/var`. `layer_of(name, manifest)` gives the layer of a name.
     manifest: JSON-able dict: format, model (to rebuild the module), methods and their config,
-      `compressed` (False for a float run), tensors {name: {shape, dtype, nbytes, offset,
-      crc32, param}}, and the per-leaf encodings (`params`, `batch_stats`) or the BNN
-      artifact's `bnn` meta.
+      `compressed` (False for a float run), tensors {name: [dtype, shape, nbytes, offset in
+      weights.bin, crc32]} (`tensor_entry` reads one as a dict), and the per-leaf encodings
+      `params` {param path: {"encoding", ...}} and `batch_stats` [names], or the BNN artifact's
+      `bnn` meta.
   """
   from jcompress import config as config_lib  # noqa: PLC0415
   c = exp.config
@@ -280,19 +309,13 @@ def artifact_arrays(exp, state) -> tuple[dict[str, np.ndarray], dict]:
     arrays, layout = _generic_arrays(exp, state)
     kind = "compressed" if methods else "float"
   tensors, offset = {}, 0
-  owner = {}
-  for path, e in layout.get("params", {}).items():
-    for name in e["arrays"]:
-      owner[name] = path
   for name, a in arrays.items():
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")   # (ascontiguousarray would make a 0-d array 1-d)
     arrays[name] = a
     if a.dtype.byteorder == ">":
       raise JCompressError(f"tensor '{name}' is big-endian")
-    tensors[name] = {"shape": list(a.shape), "dtype": a.dtype.str.lstrip("<|="),
-                     "nbytes": int(a.nbytes), "offset": offset,
-                     "crc32": zlib.crc32(a.tobytes()) & 0xFFFFFFFF,
-                     "param": owner.get(name, name)}
+    tensors[name] = [a.dtype.str.lstrip("<|="), list(a.shape), int(a.nbytes), offset,
+                     zlib.crc32(a.tobytes()) & 0xFFFFFFFF]
     offset += int(a.nbytes)
   cfg = config_lib.to_dict(c)
   manifest = {
@@ -305,24 +328,45 @@ def artifact_arrays(exp, state) -> tuple[dict[str, np.ndarray], dict]:
       "step": int(jax.device_get(state.step)),
       "blob": BLOB,
       "blob_bytes": offset,
+      "tensor_fields": list(TENSOR_FIELDS),
       "tensors": tensors,
       **layout,
   }
   return arrays, manifest
 
 
+def tensor_entry(manifest: dict, name: str) -> dict:
+  """manifest["tensors"][name] as {"dtype", "shape", "nbytes", "offset", "crc32"}."""
+  t = manifest["tensors"][name]
+  if not isinstance(t, (list, tuple)) or len(t) != len(TENSOR_FIELDS):
+    raise ArtifactError(f"tensor '{name}': manifest entry {t!r} is malformed (expected "
+                        f"{list(TENSOR_FIELDS)})")
+  return dict(zip(TENSOR_FIELDS, t))
+
+
+def param_of(name: str, manifest: dict | None = None) -> str:
+  """The param (or batch_stats) path a stored tensor belongs to: `name` itself for a float
+  leaf, the encoded leaf's path for its parts (`.../kernel/codes` -> `.../kernel`)."""
+  if manifest is not None and "params" in manifest:
+    if name in manifest["params"] or name in manifest.get("batch_stats", ()):
+      return name
+    head = name
+    while "/" in head:
+      head = head.rsplit("/", 1)[0]
+      if head in manifest["params"]:
+        return head
+    return name
+  for suffix in ("/codes", "/scale", "/zero_point", "/codebook", "/codebooks", "/bitmask",
+                 "/values", "/indptr", "/indices", "/bits"):
+    if name.endswith(suffix) and name.count("/") >= 2:
+      return name[: -len(suffix)]
+  return name
+
+
 def layer_of(name: str, manifest: dict | None = None) -> str:
   """The layer (module path) a stored tensor belongs to: its param path minus the leaf name
   (`stage1_block0/conv1/kernel/codes` -> `stage1_block0/conv1`)."""
-  if manifest is not None and name in manifest.get("tensors", {}):
-    param = manifest["tensors"][name]["param"]
-  else:
-    param = name
-    for suffix in ("/codes", "/scale", "/zero_point", "/codebook", "/codebooks", "/bitmask",
-                   "/values", "/indptr", "/indices", "/bits"):
-      if param.endswith(suffix) and param.count("/") >= 2:
-        param = param[: -len(suffix)]
-        break
+  param = param_of(name, manifest)
   return param.rsplit("/", 1)[0] if "/" in param else param
 
 
@@ -343,13 +387,13 @@ def write_artifact(arrays: dict, manifest: dict, directory: str) -> int:
   """Writes manifest.json and weights.bin into `directory`; returns their bytes on disk."""
   os.makedirs(directory, exist_ok=True)
   for name, a in arrays.items():
-    t = manifest["tensors"][name]
+    t = tensor_entry(manifest, name)
     if int(a.nbytes) != t["nbytes"]:
       raise JCompressError(f"tensor '{name}': {a.nbytes} bytes, the manifest says {t['nbytes']}")
   blob = os.path.join(directory, BLOB)
   with open(blob + ".tmp", "wb") as f:
     for name, a in arrays.items():
-      f.write(np.ascontiguousarray(a).tobytes())
+      f.write(np.asarray(a, order="C").tobytes())
   os.replace(blob + ".tmp", blob)
   path = os.path.join(directory, MANIFEST)
   with open(path + ".tmp", "wb") as f:
@@ -387,7 +431,8 @@ def load_artifact(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   arrays = {}
   end = 0
   try:
-    entries = sorted(manifest["tensors"].items(), key=lambda kv: int(kv[1]["offset"]))
+    entries = sorted(((n, tensor_entry(manifest, n)) for n in manifest["tensors"]),
+                     key=lambda kv: int(kv[1]["offset"]))
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise ArtifactError(f"{path}: the tensors' entries are malformed ({e})") from e
   for name, t in entries:
@@ -422,23 +467,33 @@ def load_artifact(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   return manifest, arrays
 
 
+#: The tensors each encoding always stores (`path/part`); optional ones (scales, zero points,
+#: codebooks) are checked where decoding reads them.
+_PARTS = {"quant": ("codes",), "sparse_quant": ("bitmask", "codes", "scale"),
+          "sparse": ("bitmask", "values"), "csr": ("indptr", "indices", "values"),
+          "pq": ("codes", "codebooks"), "binary": ("bits",)}
+
+
 def _check_layout(manifest: dict, arrays: dict) -> None:
   """Every param leaf's tensors exist and have the sizes its encoding implies."""
   from jcompress import packing  # noqa: PLC0415
-  for path, e in {**manifest.get("params", {}), **manifest.get("batch_stats", {})}.items():
-    for name in e["arrays"]:
-      if name not in arrays:
-        raise ArtifactError(f"tensor '{name}' (of '{path}') is not in the artifact; refusing "
-                            "to load")
-    n = math.prod(e["shape"])
-    enc = e["encoding"]
-    want = {}
+  for path in manifest.get("batch_stats", []):
+    if path not in arrays:
+      raise ArtifactError(f"tensor '{path}' (batch_stats) is not in the artifact; refusing to "
+                          "load")
+  for path, e in manifest.get("params", {}).items():
+    enc = e.get("encoding")
     if enc == "float":
-      want[path] = n * 4 if arrays[path].dtype == np.float32 else arrays[path].nbytes
-      if tuple(arrays[path].shape) != tuple(e["shape"]):
-        raise ArtifactError(f"tensor '{path}': shape {arrays[path].shape}, the manifest's leaf "
-                            f"entry says {tuple(e['shape'])}; refusing to load")
-    elif enc == "quant":
+      if path not in arrays:
+        raise ArtifactError(f"tensor '{path}' is not in the artifact; refusing to load")
+      continue
+    for part in _PARTS.get(enc, ()):
+      if f"{path}/{part}" not in arrays:
+        raise ArtifactError(f"tensor '{path}/{part}' (of the {enc} leaf '{path}') is not in the "
+                            "artifact; refusing to load")
+    n = math.prod(e["shape"])
+    want = {}
+    if enc == "quant":
       want[f"{path}/codes"] = packing.packed_nbytes(n, e["bits"])
     elif enc == "sparse_quant":
       want[f"{path}/bitmask"] = math.ceil(n / 8)
@@ -505,11 +560,11 @@ def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
   """The effective float32 weights of param leaf `path` (jnp, jit-able; shapes from `e`)."""
   from jcompress import binarize  # noqa: PLC0415
   from jcompress import pq  # noqa: PLC0415
-  shape = tuple(e["shape"])
-  n = math.prod(shape)
   enc = e["encoding"]
   if enc == "float":
     return jnp.asarray(arrays[path])
+  shape = tuple(e["shape"])
+  n = math.prod(shape)
   if enc == "quant":
     codes = _unpack_codes(arrays[f"{path}/codes"], e["bits"], n, _signed_zero(e))
     return _qtensor(arrays, path, e, codes)
@@ -561,11 +616,20 @@ def build_model(manifest: dict):
   m = manifest["model"]
   dtype = jnp.bfloat16 if m["dtype"] == "bfloat16" else jnp.float32
   model = models_lib.get_model(m["name"], m["num_classes"], width=m["width"], dtype=dtype,
-                               **m["kwargs"])
+                               **{k: _tuples(v) for k, v in m["kwargs"].items()})
   if m.get("lowrank_plan") is not None:
     from jcompress import lowrank  # noqa: PLC0415
     model = lowrank.Factorized(model, lowrank.plan_from_json(json.dumps(m["lowrank_plan"])))
   return model
+
+
+def _tuples(x):
+  """JSON lists back to the tuples module fields hold (dicts stay dicts)."""
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return x
 
 
 def _bnn_frozen(manifest: dict, arrays: dict) -> dict:
@@ -619,15 +683,16 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
                         jax.ShapeDtypeStruct(shape, jnp.float32))
   for coll in ("params", "batch_stats"):
     w = _flat(want.get(coll, {}))
-    have = manifest[coll]
+    have = {p: (manifest["params"][p].get("shape") if coll == "params" else None)
+            for p in manifest[coll]}
+    have = {p: tuple(s) if s is not None else tuple(arrays[p].shape) for p, s in have.items()}
     for path, x in w.items():
       if path not in have:
         raise ArtifactError(f"tensor '{path}' ({coll}) of the model {manifest['model']['name']} "
                             "is missing from the artifact; refusing to load")
-      if tuple(have[path]["shape"]) != tuple(x.shape):
-        raise ArtifactError(f"tensor '{path}': the artifact has shape "
-                            f"{tuple(have[path]['shape'])}, the model expects "
-                            f"{tuple(x.shape)}; refusing to load")
+      if have[path] != tuple(x.shape):
+        raise ArtifactError(f"tensor '{path}': the artifact has shape {have[path]}, the model "
+                            f"expects {tuple(x.shape)}; refusing to load")
     extra = sorted(set(have) - set(w))
     if extra:
       raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")

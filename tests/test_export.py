@@ -225,8 +225,9 @@ def test_pruned_weights_are_a_bitmask_plus_values(runs):
 def _selected_kernels(workdir):
   """The param paths the default selection picks (kernels but stem_conv and head)."""
   with open(os.path.join(workdir, "export", export.MANIFEST)) as f:
-    shapes = {p: jax.ShapeDtypeStruct(tuple(e["shape"]), np.float32)
-              for p, e in json.load(f)["params"].items()}
+    m = json.load(f)
+  shapes = {p: jax.ShapeDtypeStruct(tuple(e.get("shape") or export.tensor_entry(m, p)["shape"]),
+                                    np.float32) for p, e in m["params"].items()}
   sel = transforms.select(export._nest(shapes))   # noqa: SLF001
   return [p for p, s in zip(transforms.leaf_paths(sel), jax.tree.leaves(sel)) if s]
 
@@ -240,8 +241,8 @@ def test_pruned_then_quantized_stores_each_weight_once(runs):
   merged = _kernels(manifest, "sparse_quant")
   assert set(merged) == set(_selected_kernels(workdir))
   params_of = {}
-  for name, t in manifest["tensors"].items():
-    params_of.setdefault(t["param"], []).append(name)
+  for name in manifest["tensors"]:
+    params_of.setdefault(export.param_of(name, manifest), []).append(name)
   for path, e in merged.items():
     n = math.prod(e["shape"])
     assert sorted(params_of[path]) == sorted([f"{path}/bitmask", f"{path}/codes",
@@ -277,7 +278,6 @@ def test_binary_resnet_stores_packed_signs(runs):
 
 
 def test_layer_of_groups_tensors_by_the_layer_they_belong_to(runs):
-  _, arrays = None, None
   manifest, arrays = export.load_artifact(runs["prune_q4"][2]["export_dir"])
   path = next(iter(_kernels(manifest, "sparse_quant")))
   layer = path.rsplit("/", 1)[0]
@@ -286,6 +286,31 @@ def test_layer_of_groups_tensors_by_the_layer_they_belong_to(runs):
     assert export.layer_of(f"{path}/{suffix}") == layer
   assert export.layer_of("head/kernel", manifest) == "head"
   assert export.layer_of("stem_bn/mean", manifest) == "stem_bn"
+  assert export.param_of(f"{path}/codes", manifest) == path
+  # a compact manifest: a few tens of bytes per tensor
+  assert len(export.manifest_bytes(manifest)) < 100 * len(arrays) + 1500
+
+
+def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
+  """Model fields beyond the name (act_quant, from model_kwargs) and scalar params (PACT's
+  clip alpha, shape ()) survive the manifest; W4A4 logits equal the eval path's exactly."""
+  c = _base(train.load_workdir_config(runs["float"][0]).data_dir, 1, model="resnet20",
+            width=0.25)
+  c.model_kwargs.act_quant = ml_collections.ConfigDict({"kind": "pact", "bits": 4,
+                                                        "calibrate": False})
+  c.quant = _quant("uniform", 4)
+  exp = train.make_experiment(c)
+  state = train.create_state(exp)
+  arrays, manifest = export.artifact_arrays(exp, state)
+  assert manifest["model"]["kwargs"] == {"act_quant": {"kind": "pact", "bits": 4,
+                                                        "calibrate": False}}
+  alphas = [n for n in arrays if n.endswith("_act/alpha")]
+  assert alphas and all(arrays[n].shape == () for n in alphas)
+  out = str(tmp_path / "artifact")
+  assert export.write_artifact(arrays, manifest, out) == export.artifact_nbytes(arrays, manifest)
+  images = np.random.RandomState(0).rand(16, 8, 8, 1).astype(np.float32)
+  got = np.asarray(export.inference_fn(out)(images))
+  np.testing.assert_array_equal(got, export._reference_logits(exp, state, images))  # noqa: SLF001
 
 
 # ----------------------------------------------------------------------------- StableHLO
@@ -374,7 +399,8 @@ def _write_manifest(out, manifest):
 def test_manifest_shape_unlike_the_data_is_refused_naming_the_tensor(artifact_copy):
   m = _manifest(artifact_copy)
   name = next(n for n in m["tensors"] if n.endswith("/scale"))
-  m["tensors"][name]["shape"] = [m["tensors"][name]["shape"][0] * 2]
+  shape = m["tensors"][name][m["tensor_fields"].index("shape")]
+  shape[0] *= 2
   _write_manifest(artifact_copy, m)
   with pytest.raises(export.ArtifactError, match=f"tensor '{name}'.*refusing to load"):
     export.load_artifact(artifact_copy)
@@ -394,7 +420,7 @@ def test_manifest_encoding_unlike_the_data_is_refused_naming_the_tensor(artifact
 def test_truncated_weights_are_refused_naming_the_tensor(artifact_copy):
   m = _manifest(artifact_copy)
   blob = os.path.join(artifact_copy, export.BLOB)
-  last = max(m["tensors"], key=lambda n: m["tensors"][n]["offset"])
+  last = max(m["tensors"], key=lambda n: export.tensor_entry(m, n)["offset"])
   with open(blob, "r+b") as f:
     f.truncate(os.path.getsize(blob) - 3)
   with pytest.raises(export.ArtifactError, match=f"tensor '{last}'.*truncated"):
@@ -404,7 +430,7 @@ def test_truncated_weights_are_refused_naming_the_tensor(artifact_copy):
 def test_changed_weight_bytes_are_refused_naming_the_tensor(artifact_copy):
   m = _manifest(artifact_copy)
   name = next(n for n in m["tensors"] if n.endswith("/codes"))
-  t = m["tensors"][name]
+  t = export.tensor_entry(m, name)
   blob = os.path.join(artifact_copy, export.BLOB)
   with open(blob, "r+b") as f:
     f.seek(t["offset"] + t["nbytes"] // 2)
@@ -424,8 +450,16 @@ def test_missing_manifest_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_binary_resnet18_artifact_is_20x_smaller_than_the_float_checkpoint(tmp_path):
+@pytest.mark.parametrize("which, target", [("bnn", 20.0), ("q8_resnet18", 3.8)])
+def test_resnet18_artifact_is_smaller_than_the_float_model_by_the_target(tmp_path, which,
+                                                                         target):
+  """Issue 7's must-reach figures, measured as benchmarks/export_size.py does: against the
+  float model's float32 weights (the stricter of the two; the orbax checkpoint, with the
+  optimizer state, is larger still)."""
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import export_size  # noqa: PLC0415
-  rows = export_size.measure(str(tmp_path), which=("bnn",))
-  assert rows["bnn"]["ratio_vs_float32"] >= 20
+  row = export_size.measure(str(tmp_path), which=(which,), steps=1)[which]
+  assert row["ratio_vs_float32"] >= target
+  assert row["ratio_vs_checkpoint"] >= row["ratio_vs_float32"]
+  assert row["artifact_bytes"] == row["results_model_bytes"]
+  assert row["check"]["argmax_equal"]
