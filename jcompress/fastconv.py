@@ -19,7 +19,8 @@ gradient stay XLA's own (both run near the matmul rate).
 
 `conv_general_dilated(...)` takes `lax.conv_general_dilated`'s arguments (flax's `nn.Conv`
 accepts it as its `conv_general_dilated` field); anything it does not cover (dilation,
-groups, string padding, other layouts, small outputs where the (Hq, Wq) grid wastes work) goes
+groups, string padding, other layouts, small outputs where the (Hq, Wq) grid wastes work:
+`MAX_GRID_WASTE`) goes
 to `lax.conv_general_dilated` unchanged. Values and gradients equal the reference within float
 rounding (the products are the same, summed in a different order); tests/test_fastconv.py.
 """
@@ -34,10 +35,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-#: Outputs with fewer pixels (H_out * W_out) than this keep XLA's own kernel gradient: there
-#: the flat-shift grid's padding wastes work ((H+2)(W+2)/(HW) = 1.56 at 8x8) and XLA's
-#: kernel-gradient convolution is already near its forward rate.
-MIN_OUTPUT_PIXELS = 256
+#: Convolutions whose flat-shift grid is larger than the output by more than this factor
+#: ((H_out + (k-1)//s) (W_out + (k-1)//s) / (H_out W_out): 1.13 at 32x32 and 3x3, 1.27 at 16x16
+#: or 8x8 with stride 2, 1.56 at 8x8 with stride 1) keep XLA's own kernel gradient: there the
+#: grid's padding wastes work and XLA's kernel-gradient convolution is near its forward rate.
+MAX_GRID_WASTE = 1.3
+
+#: Target size of one chunk's patches in `kernel_grad` (bytes): a few MB, cache-sized.
+CHUNK_BYTES = 6 * 2**20
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -49,14 +54,43 @@ def _conv(x, w, strides, padding, precision=None, preferred_element_type=None):
 
 
 def kernel_grad(x: jax.Array, g: jax.Array, kernel_size: int, stride: int,
-                padding: Sequence[tuple[int, int]], out_dtype: Any = None) -> jax.Array:
+                padding: Sequence[tuple[int, int]], out_dtype: Any = None,
+                chunk_bytes: int | None = None) -> jax.Array:
   """dW of the NHWC/HWIO convolution y = conv(x, W, stride, padding) for output gradient g.
 
   `x`: (N, H, W, C); `g`: (N, Ho, Wo, Co); square `kernel_size` and `stride`; `padding`
   ((top, bottom), (left, right)), all >= 0. Returns (k, k, C, Co) in `out_dtype` (g's dtype by
   default), accumulated in float32 at least. See the module docstring for the construction.
+
+  The batch is cut into chunks of as many images as keep one chunk's patches under
+  `chunk_bytes` (default `CHUNK_BYTES`; the largest divisor of N that fits, at least 1), summed
+  in a `lax.scan`: the patches then stay in cache instead of streaming a 9x copy of the
+  activations through memory (measured 2-2.5x faster than one big matmul at ResNet-18's CIFAR
+  stage 1).
   """
+  n = x.shape[0]
   k, s = kernel_size, stride
+  hq, wq = g.shape[1] + (k - 1) // s, g.shape[2] + (k - 1) // s
+  per_image = hq * wq * k * k * x.shape[-1] * jnp.dtype(x.dtype).itemsize
+  limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+  imgs = max([d for d in range(1, n + 1) if n % d == 0 and d * per_image <= limit] or [1])
+  acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, g.dtype))
+  if imgs < n:
+    xs = x.reshape(n // imgs, imgs, *x.shape[1:])
+    gs = g.reshape(n // imgs, imgs, *g.shape[1:])
+
+    def body(total, xg):
+      return total + _kernel_grad(xg[0], xg[1], k, s, padding, acc), None
+
+    total = jnp.zeros((k, k, x.shape[-1], g.shape[-1]), acc)
+    dw = lax.scan(body, total, (xs, gs))[0]
+  else:
+    dw = _kernel_grad(x, g, k, s, padding, acc)
+  return dw.astype(out_dtype or g.dtype)
+
+
+def _kernel_grad(x, g, k, s, padding, acc):
+  """`kernel_grad` of one chunk, in `acc`."""
   n, h, w_, c = x.shape
   _, ho, wo, co = g.shape
   (pt, _), (pl, _) = padding
@@ -80,9 +114,8 @@ def kernel_grad(x: jax.Array, g: jax.Array, kernel_size: int, stride: int,
       cols.append(lax.slice_in_dim(phases[phase], off, off + rows, axis=0))
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=1)   # (rows, k*k*C)
   gp = jnp.pad(g, ((0, 0), (0, hq - ho), (0, wq - wo), (0, 0))).reshape(rows, co)
-  acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, g.dtype))
   dw = lax.dot_general(patches, gp, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  return dw.reshape(k, k, c, co).astype(out_dtype or g.dtype)
+  return dw.reshape(k, k, c, co)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -133,7 +166,8 @@ def applies(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
     return False
   ho = (lhs_shape[1] + pt + pb - kh) // sh + 1
   wo = (lhs_shape[2] + pl + pr - kw) // sw + 1
-  return kh == 1 or ho * wo >= MIN_OUTPUT_PIXELS
+  waste = (ho + (kh - 1) // sh) * (wo + (kw - 1) // sw) / (ho * wo)
+  return waste <= MAX_GRID_WASTE
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
