@@ -7,8 +7,9 @@ truncated or corrupted one is skipped, with a warning, for the one before it) an
   DIR/export/weights.bin        the stored tensors, one after the other, raw (C order, no
                                 padding, no compression)
   DIR/export/inference.stablehlo  the inference function serialized with `jax.export`
-                                (StableHLO; it takes the stored tensors and the images, so it
-                                holds code, not weights)
+                                (StableHLO for cpu, cuda and tpu, symbolic batch size; it takes
+                                the stored tensors and the images, so it holds code, not
+                                weights: `load_stablehlo(path)(arrays, images)`)
 
 `manifest.json` + `weights.bin` are the artifact: their size on disk is results.json's
 `model_bytes` (`train.summarize` counts `artifact_nbytes(*artifact_arrays(exp, state))`, the same
@@ -722,31 +723,45 @@ def inference_fn(source) -> Callable:
 # ----------------------------------------------------------------------------- StableHLO
 
 
+#: The platforms the StableHLO is lowered for (one serialized module serves them all); where
+#: lowering for all of them fails, the current backend's alone.
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
 def export_stablehlo(manifest: dict, arrays: dict, path: str | None = None,
                      batch_size: int | None = None) -> tuple[bytes, dict]:
   """`jax.export` of `apply(arrays, images)` (the stored tensors and the images are its
-  arguments; the batch dimension is symbolic unless `batch_size` is given or the model does
-  not trace with a symbolic one). Returns (serialized bytes, info) and writes them to `path`."""
+  arguments, so the module holds code, not weights). The batch dimension is symbolic unless
+  `batch_size` is given (or the model does not trace with a symbolic one: batch 1); lowered for
+  `PLATFORMS` (or, failing that, the current backend). Returns (serialized bytes, info) and
+  writes the bytes to `path`."""
   from jax import export as jax_export  # noqa: PLC0415
   apply = make_apply(manifest)
   arg_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
   image_shape = tuple(manifest["model"]["image_shape"])
-  info: dict = {}
-  exported = None
-  if batch_size is None:
-    try:
-      (b,) = jax_export.symbolic_shape("b")
-      exported = jax_export.export(jax.jit(apply))(
-          arg_specs, jax.ShapeDtypeStruct((b, *image_shape), jnp.float32))
-      info["batch"] = "symbolic"
-    except Exception as e:  # noqa: BLE001  (a model that needs a static batch)
-      logging.warning("jax.export with a symbolic batch failed (%s: %s); exporting batch 1",
-                      type(e).__name__, str(e)[:200])
-      batch_size = 1
+  batches = [batch_size] if batch_size is not None else ["symbolic", 1]
+  errors = []
+  exported, info = None, {}
+  for platforms in (PLATFORMS, None):
+    for batch in batches:
+      dim = jax_export.symbolic_shape("b")[0] if batch == "symbolic" else int(batch)
+      try:
+        exported = jax_export.export(jax.jit(apply), platforms=platforms)(
+            arg_specs, jax.ShapeDtypeStruct((dim, *image_shape), jnp.float32))
+      except Exception as e:  # noqa: BLE001  (lowering errors come in many kinds)
+        errors.append(f"platforms={platforms or 'default'}, batch={batch}: "
+                      f"{type(e).__name__}: {str(e)[:200]}")
+        continue
+      info["batch"] = batch
+      break
+    if exported is not None:
+      break
   if exported is None:
-    exported = jax_export.export(jax.jit(apply))(
-        arg_specs, jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32))
-    info["batch"] = int(batch_size)
+    raise JCompressError("jax.export of the inference function failed: " + "; ".join(errors))
+  if errors:
+    logging.warning("jax.export: %s; exported with batch=%s for %s", "; ".join(errors),
+                    info["batch"], list(exported.platforms))
+    info["fallbacks"] = errors
   data = bytes(exported.serialize())
   info["platforms"] = list(exported.platforms)
   info["bytes"] = len(data)
@@ -872,6 +887,12 @@ def export_run(workdir: str, check_examples: int = 256) -> dict:
     if reported:
       summary["results_model_bytes"] = reported
       summary["size_vs_results"] = artifact_bytes / reported
+      if abs(artifact_bytes / reported - 1) > 0.02:
+        msg = (f"the artifact takes {artifact_bytes} bytes, {results_path} reports model_bytes "
+               f"{reported}: that results.json was written by an older jcompress (or another "
+               "checkpoint); the export's size is the artifact's")
+        logging.warning("%s", msg)
+        summary.setdefault("warnings", []).append(msg)
 
   logging.info("exported %s (step %d) to %s: %d bytes (manifest + weights), StableHLO %d bytes",
                workdir, step, out_dir, artifact_bytes, hlo_info["bytes"])

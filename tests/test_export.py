@@ -320,6 +320,7 @@ def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
 def test_stablehlo_deserializes_and_gives_the_same_logits(runs, logits, test_images, name):
   out = runs[name][2]["export_dir"]
   assert runs[name][2]["stablehlo"]["batch"] == "symbolic"
+  assert runs[name][2]["stablehlo"]["platforms"] == ["cpu", "cuda", "tpu"]
   call = export.load_stablehlo(os.path.join(out, export.STABLEHLO))
   _, arrays = export.load_artifact(out)
   got = np.asarray(call(arrays, test_images))
