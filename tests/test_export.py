@@ -313,6 +313,33 @@ def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
   np.testing.assert_array_equal(got, export._reference_logits(exp, state, images))  # noqa: SLF001
 
 
+@pytest.mark.parametrize("method", ["pq", "binary", "lowrank"])
+def test_other_methods_round_trip_without_training(runs, tmp_path, method):
+  """PQ codes + codebooks, packed signs of a non-BNN model, and a factorized (low-rank) model
+  rebuilt from the manifest's plan: the artifact's logits equal the eval path's."""
+  c = _base(train.load_workdir_config(runs["float"][0]).data_dir, 1, width=1.0)
+  if method == "pq":
+    c.pq = ml_collections.ConfigDict({"method": "pq", "subvector": 4, "bits": 4})
+  elif method == "binary":
+    c.binary = ml_collections.ConfigDict({"method": "xnor", "include": (".*",),
+                                          "exclude": transforms.DEFAULT_EXCLUDE})
+  else:
+    c.lowrank = ml_collections.ConfigDict({"method": "svd", "rank": 4})
+  exp = train.make_experiment(c)
+  state = train.create_state(exp)
+  arrays, manifest = export.artifact_arrays(exp, state)
+  encodings = {e["encoding"] for e in manifest["params"].values()}
+  assert encodings == ({"float", method} if method != "lowrank" else {"float"})
+  if method == "lowrank":
+    assert manifest["model"]["lowrank_plan"]
+  out = str(tmp_path / "artifact")
+  export.write_artifact(arrays, manifest, out)
+  images = np.random.RandomState(0).rand(16, 8, 8, 1).astype(np.float32)
+  got = np.asarray(export.inference_fn(out)(images))
+  np.testing.assert_allclose(got, export._reference_logits(exp, state, images),  # noqa: SLF001
+                             rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- StableHLO
 
 
