@@ -179,7 +179,6 @@ def _encode_leaf(path: str, x, earlier) -> tuple[dict, dict]:
   """(arrays named path/..., the leaf's manifest entry) of an exported leaf `x`.
 
   `earlier`: the sparse encoding an earlier transform gave this leaf, or None."""
-  from jcompress import packing  # noqa: PLC0415
   from jcompress import pq  # noqa: PLC0415
   if pq.is_pq(x):
     return ({f"{path}/codes": np.asarray(x.codes, np.uint8),
@@ -212,7 +211,6 @@ def _encode_leaf(path: str, x, earlier) -> tuple[dict, dict]:
     if "scale" in x:
       arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
     return arrays, {"encoding": "binary", "shape": [int(d) for d in x["shape"]]}
-  del packing
   arr = np.asarray(x)
   return {path: arr}, {"encoding": "float", "shape": list(arr.shape)}
 

@@ -22,7 +22,6 @@ import pytest
 from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import export
-from jcompress import packing
 from jcompress import train
 from jcompress import transforms
 from jcompress.errors import WorkdirError
