@@ -13,6 +13,7 @@ convolutions (no teacher backward pass), or it stops with an error.
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,6 +23,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 from jcompress import config as config_lib
 from jcompress import distill
@@ -95,14 +99,11 @@ def main(argv):
     block(1)
     runners[name] = (block, compile_s)
 
-  times = {"plain": [], "kd": []}
-  for _ in range(_REPEATS.value):
-    for name in ("plain", "kd"):
-      times[name].append(runners[name][0](_STEPS.value))
-  ratios = [k / p for k, p in zip(times["kd"], times["plain"])]
+  times = common.alternate({k: v[0] for k, v in runners.items()}, _STEPS.value, _REPEATS.value)
+  ratios = common.ratio(times["kd"], times["plain"])["all"]
   out = {
       "teacher": _TEACHER.value, "student": _STUDENT.value, "batch_size": _BATCH.value,
-      "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+      "device": common.device_name(), "cpu_count": os.cpu_count(),
       "student_images_per_second": round(float(np.median(
           [_STEPS.value * _BATCH.value / t for t in times["plain"]])), 1),
       "kd_images_per_second": round(float(np.median(

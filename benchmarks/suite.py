@@ -357,7 +357,13 @@ def main(argv):
       e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]
     r["peers"][name] = e
 
-  flops_from = "float_xla" if "float_xla" in infos else "float"
+  # The FLOPs of the float step are XLA's count for the step with its own convolution
+  # gradients (conv_impl="xla": forward, input and kernel gradient of every layer); the
+  # `float` step computes the same products, but its kernel gradients loop over batch chunks,
+  # which the cost analysis counts once.
+  flops_from = "float_xla"
+  if "float_xla" not in infos and "float" in runners:
+    infos["float_xla"] = common.make_train_runner(step_config("float_xla")[0], batch)[1]
   flops = infos.get(flops_from, {}).get("flops_per_step")
   if flops and "float" in r["train_steps"]:
     achieved = flops * r["train_steps"]["float"]["images_per_second"] / batch

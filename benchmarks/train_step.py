@@ -5,6 +5,9 @@ r"""Float train-step throughput and compile time of a model on the current devic
   python benchmarks/train_step.py --binary_bits=1     # also bnn_resnet18_cifar W1A1, as a ratio
   python benchmarks/train_step.py --qat_bits=4        # also the W4A4 QAT step, as a ratio
 
+All the figures of issue 8 in one run: benchmarks/suite.py. The runners and the timing loop
+live in benchmarks/common.py.
+
 Uses jcompress's own train step (make_train_step: forward, backward, SGD-momentum update with
 weight decay, BatchNorm statistics) on a fixed synthetic batch, so the figure is the step alone,
 not the input pipeline. Prints images/s (median over --repeats timed blocks of --steps steps)
@@ -19,22 +22,16 @@ blocks (float, QAT, float, ...) so that both see the same load on a shared machi
 
 import json
 import os
-import platform
-import time
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from jcompress import config as config_lib
-from jcompress import models
-from jcompress import train
-from jcompress import transforms
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "resnet18_cifar", "Registered model name.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -55,72 +52,25 @@ _QAT_ACT = flags.DEFINE_enum("qat_act", "pact", ["pact", "dorefa", "lsq"],
 
 
 def device_name() -> str:
-  d = jax.devices()[0]
-  kind = getattr(d, "device_kind", d.platform)
-  if d.platform == "cpu":
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-  return f"{d.platform} ({kind}) x{jax.device_count()}"
+  return common.device_name()
 
 
 def make_runner(model_name, batch_size, image_size, num_classes, dtype="float32",
-                binary_bits=0, qat_bits=0, qat_act="pact"):
+                binary_bits=0, qat_bits=0, qat_act="pact", model_kwargs=None):
   """(run_block(steps) -> seconds, info) for jcompress's train step of `model_name`, compiled.
 
   With `binary_bits`, the step trains binary weights (the `binary` sub-config's transform) and
   the model quantizes activations to that many bits. With `qat_bits`, the step fake-quantizes
   the weights (the `quant` sub-config's transform: uniform, per channel) and the model
-  quantizes every conv input but the stem with `qat_act`, both to that many bits.
+  quantizes every conv input but the stem with `qat_act`, both to that many bits
+  (`common.train_config` / `common.make_train_runner`).
   """
-  config = config_lib.base_config()
-  config.model, config.dtype = model_name, dtype
-  if binary_bits:
-    config.model_kwargs.num_bits = binary_bits
-  if qat_bits:
-    config.model_kwargs.act_quant = ml_collections.ConfigDict(
-        {"kind": qat_act, "bits": qat_bits})
-    config.quant = ml_collections.ConfigDict(
-        {"method": "uniform", "bits": qat_bits, "per_channel": True})
-  model = train.build_model(config, num_classes)
-  schedule = train.make_schedule(config)
-  tx = train.make_optimizer(config, schedule)
-  rng = jax.random.PRNGKey(0)
-  x = jax.random.normal(rng, (batch_size, image_size, image_size, 3), jnp.float32)
-  y = jax.random.randint(rng, (batch_size,), 0, num_classes)
-  variables = model.init(rng, x[:1], train=False)
-  params = variables["params"]
-  if binary_bits:
-    config.binary = ml_collections.ConfigDict(
-        {"method": "ste_sign", "include": (".*",), "exclude": transforms.DEFAULT_EXCLUDE})
-  transform = train.build_transform(config, params)
-  box = {"state": train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params), compression=transform.init(params, rng), rng=rng)}
-  batch = {"image": x, "label": y}
-  step_fn = jax.jit(train.make_train_step(model, tx, transform, schedule), donate_argnums=(0,))
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(box["state"], batch).compile()
-  compile_s = time.perf_counter() - t0
-
-  def run_block(steps):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      box["state"], m = compiled(box["state"], batch)
-    jax.block_until_ready((box["state"], m))
-    return time.perf_counter() - t0
-
-  run_block(1)   # warm-up
-  info = {"model": model_name, "batch_size": batch_size, "image_size": image_size,
-          "dtype": dtype, "binary_bits": binary_bits, "qat_bits": qat_bits,
-          "qat_act": qat_act if qat_bits else "", "params": models.count_params(params),
-          "compile_seconds": round(compile_s, 2), "device": device_name(),
-          "jax": jax.__version__}
-  return run_block, info
-
-
-def _rates(seconds, steps, batch_size):
-  rates = [steps * batch_size / t for t in seconds]
-  return {"images_per_second": round(float(np.median(rates)), 1),
-          "images_per_second_all": [round(r, 1) for r in rates]}
+  config = common.train_config(model_name, dtype, binary_bits, qat_bits, qat_act, model_kwargs)
+  run, info = common.make_train_runner(config, batch_size, image_size, num_classes)
+  info.update({"binary_bits": binary_bits, "qat_bits": qat_bits,
+               "qat_act": qat_act if qat_bits else "", "device": device_name(),
+               "jax": jax.__version__})
+  return run, info
 
 
 def measure_train_step(model_name, batch_size, image_size, num_classes, steps, repeats,
@@ -129,7 +79,7 @@ def measure_train_step(model_name, batch_size, image_size, num_classes, steps, r
   step of `model_name` (see `make_runner`)."""
   run, info = make_runner(model_name, batch_size, image_size, num_classes, dtype, binary_bits,
                           qat_bits, qat_act)
-  return {**info, **_rates([run(steps) for _ in range(repeats)], steps, batch_size)}
+  return {**info, **common.rates([run(steps) for _ in range(repeats)], steps, batch_size)}
 
 
 def measure_qat_vs_float(model_name, batch_size, image_size, num_classes, steps, repeats,
@@ -140,15 +90,11 @@ def measure_qat_vs_float(model_name, batch_size, image_size, num_classes, steps,
   run_f, info_f = make_runner(model_name, batch_size, image_size, num_classes, dtype)
   run_q, info_q = make_runner(model_name, batch_size, image_size, num_classes, dtype,
                               qat_bits=qat_bits, qat_act=qat_act)
-  t_f, t_q = [], []
-  for _ in range(repeats):
-    t_f.append(run_f(steps))
-    t_q.append(run_q(steps))
-  ratios = [q / f for q, f in zip(t_q, t_f)]
-  run_f_out = {**info_f, **_rates(t_f, steps, batch_size)}
-  run_q_out = {**info_q, **_rates(t_q, steps, batch_size),
-               "step_time_vs_float": round(float(np.median(ratios)), 3),
-               "step_time_vs_float_all": [round(r, 3) for r in ratios]}
+  t = common.alternate({"float": run_f, "qat": run_q}, steps, repeats)
+  rt = common.ratio(t["qat"], t["float"])
+  run_f_out = {**info_f, **common.rates(t["float"], steps, batch_size)}
+  run_q_out = {**info_q, **common.rates(t["qat"], steps, batch_size),
+               "step_time_vs_float": rt["median"], "step_time_vs_float_all": rt["all"]}
   run_q_out["images_per_second_vs_float"] = round(
       run_q_out["images_per_second"] / run_f_out["images_per_second"], 3)
   return run_f_out, run_q_out

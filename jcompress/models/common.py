@@ -47,7 +47,7 @@ from jcompress.errors import ConfigError
 #: input gradient, the kernel gradient as one patches-times-gradient matmul: `jcompress.fastconv`).
 CONV_IMPLS = ("xla", "fast")
 #: What a model without a `conv_impl` field (or with None) uses.
-DEFAULT_CONV_IMPL = "xla"
+DEFAULT_CONV_IMPL = "fast"
 
 # He / kaiming normal, fan_out mode, untruncated (torchvision's `kaiming_normal_(mode="fan_out")`).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
