@@ -36,8 +36,9 @@ Where each figure comes from
   `dtype=bfloat16`) elsewhere.
 * MACs: per image, from the jaxpr of `model.apply` (`structured.build_graph`'s layers, whose
   total is `structured.count_flops`); MACs the tracer cannot attribute to a kernel (the second
-  factor of a low-rank layer) are counted in the `other` row, so the total stays exact. As in Larq's model summary, a layer's MACs are counted
-  at the precision max(bits, abits): "1-bit MACs" need binary weights *and* binary inputs.
+  factor of a low-rank layer) are counted in the `other` row, so the total stays exact. As in
+  Larq's model summary, a layer's MACs are counted at the precision max(bits, abits): "1-bit
+  MACs" need binary weights *and* binary inputs.
   `binary_mac_share` = 1-bit MACs / all MACs.
 * structured sparsity, as Distiller's sparsity summary, on W: `filters` (Distiller's 3D): the
   fraction of output channels whose weights are all 0; `channels` (Ch): of input channels all
@@ -73,7 +74,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import binarize
-from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import pq as pq_lib
 from jcompress import prune
@@ -81,7 +81,6 @@ from jcompress import quantize
 from jcompress import structured
 from jcompress import train
 from jcompress import transforms
-from jcompress.errors import WorkdirError
 
 PyTree = Any
 
@@ -111,29 +110,7 @@ class Run:
 def load_run(workdir: str) -> Run:
   """The run in `workdir` (config from its config.json), restored from its newest readable
   checkpoint. WorkdirError when `workdir` holds no run or no checkpoint that restores."""
-  if not os.path.isdir(workdir):
-    raise WorkdirError(f"{workdir} is not a directory (expected the workdir of a run)")
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise WorkdirError(f"{workdir} holds no run: {os.path.join(workdir, 'config.json')} does "
-                       "not exist (give the --workdir a run was trained in)")
-  try:
-    config = train.load_workdir_config(workdir)
-  except (OSError, ValueError) as e:
-    raise WorkdirError(f"{os.path.join(workdir, 'config.json')} cannot be read: {e}") from e
-  with config.unlocked():   # workdirs of older versions: keys added since take their defaults
-    for k, v in config_lib.base_config().items():
-      if k not in config:
-        config[k] = v
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    raise WorkdirError(f"{ckpt_dir} holds no checkpoint to analyze (has the run saved one?)")
-  exp = train.make_experiment(config, load_teacher=False)
-  mngr = train.checkpoint_manager(workdir, exp.config, create=False)
-  try:
-    latest = mngr.latest_step()
-    state, _, step, skipped = train.restore_latest_valid(mngr, exp)
-  finally:
-    mngr.close()
+  exp, state, step, latest, skipped = train.load_workdir_run(workdir, "analyze")
   results = {}
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
@@ -142,8 +119,7 @@ def load_run(workdir: str) -> Run:
         results = json.load(f)
     except (OSError, json.JSONDecodeError):
       results = {}
-  return Run(workdir, exp, jax.device_get(state), int(step),
-             int(latest if latest is not None else step), list(skipped), results)
+  return Run(workdir, exp, jax.device_get(state), step, latest, list(skipped), results)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -508,7 +484,8 @@ def table_lines(rows: list[dict], totals: dict) -> tuple[list[str], list[list[st
     per = [(_h(r["macs"]) if r["macs"] and str(r["mac_bits"]) == p else "-") for p in precisions]
     cells.append([r["layer"], r["kind"], "x".join(map(str, r["shape"])) or "-", _h(r["params"]),
                   _bits(r["bits"]), _bits(r["abits"]), _pct(r["sparsity"]),
-                  _h(r["distinct"]), _h(r["distinct_per_filter"]), _h(r["float_bytes"]), _h(r["stored_bytes"]), _h(r["macs"])]
+                  _h(r["distinct"]), _h(r["distinct_per_filter"]), _h(r["float_bytes"]),
+                  _h(r["stored_bytes"]), _h(r["macs"])]
                  + per + [_pct(r["rows"]), _pct(r["channels"]), _pct(r["filters"])])
   cells.append(["total", "", "", _h(totals["params"]), "", "", _pct(totals["kernel_sparsity"]),
                 "", "", _h(totals["float_bytes"]), _h(totals["stored_bytes"]), _h(totals["macs"])]

@@ -22,7 +22,8 @@ What is stored, per parameter leaf of the model (named by its `/`-joined param p
   quant        P/codes [+ P/scale, P/zero_point, P/codebook]
                                                integer codes packed at their real bit-width
                                                (`quantize.pack_qtensor`, `packing.pack`)
-  sparse       P/bitmask, P/values             1 bit a weight + the non-zeros (`prune.sparse_encode`)
+  sparse       P/bitmask, P/values             1 bit a weight + the non-zeros
+                                               (`prune.sparse_encode`)
   csr          P/indptr, P/indices, P/values   where CSR is smaller (`prune.sparse_encode`)
   sparse_quant P/bitmask, P/codes, P/scale     pruned then quantized (symmetric uniform or
                                                pow2): the bitmask and the codes of the kept
@@ -52,9 +53,9 @@ import json
 import math
 import os
 import shutil
-import zlib
 from typing import Any
 from typing import Callable
+import zlib
 
 from absl import logging
 import jax
@@ -391,7 +392,7 @@ def write_artifact(arrays: dict, manifest: dict, directory: str) -> int:
       raise JCompressError(f"tensor '{name}': {a.nbytes} bytes, the manifest says {t['nbytes']}")
   blob = os.path.join(directory, BLOB)
   with open(blob + ".tmp", "wb") as f:
-    for name, a in arrays.items():
+    for a in arrays.values():
       f.write(np.asarray(a, order="C").tobytes())
   os.replace(blob + ".tmp", blob)
   path = os.path.join(directory, MANIFEST)
@@ -781,55 +782,6 @@ def load_stablehlo(path: str) -> Callable:
 # ----------------------------------------------------------------------------- export_run
 
 
-def restore_for_export(workdir: str):
-  """(exp, state, step, warnings) of workdir's newest readable checkpoint.
-
-  A checkpoint that cannot be restored (truncated or corrupted files) or restores to non-finite
-  params is skipped with a warning for the one before it. WorkdirError when there is no config,
-  no checkpoint, or no readable one."""
-  from jcompress import config as config_lib  # noqa: PLC0415
-  from jcompress import train  # noqa: PLC0415
-  if not os.path.isdir(workdir):
-    raise WorkdirError(f"--workdir {workdir} is not a directory")
-  config = train.load_workdir_config(workdir)
-  with config.unlocked():
-    for k, v in config_lib.base_config().items():
-      if k not in config:
-        config[k] = v
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True) \
-      if os.path.isdir(ckpt_dir) else []
-  if not steps:
-    raise WorkdirError(f"{ckpt_dir} holds no checkpoint to export (has the run in {workdir} "
-                       "saved one?)")
-  exp = train.make_experiment(config, load_teacher=False)
-  mngr = train.checkpoint_manager(workdir, exp.config, create=False)
-  warnings, failures = [], []
-  try:
-    for i, step in enumerate(steps):
-      try:
-        state, _ = train.restore_state(mngr, step, exp)
-        bad = [p for p, x in zip(transforms_lib.leaf_paths(state.params),
-                                 jax.tree.leaves(jax.device_get(state.params)))
-               if np.issubdtype(np.asarray(x).dtype, np.floating)
-               and not np.all(np.isfinite(np.asarray(x)))]
-        if bad:
-          raise ValueError(f"params leaf '{bad[0]}' holds NaN or Inf")
-      except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        failures.append(f"step {step} ({reason})")
-        if i + 1 < len(steps):
-          msg = (f"checkpoint {os.path.join(ckpt_dir, str(step))} cannot be read ({reason}); "
-                 f"falling back to the previous checkpoint, step {steps[i + 1]}")
-          logging.warning("%s", msg)
-          warnings.append(msg)
-        continue
-      return exp, state, step, warnings
-  finally:
-    mngr.close()
-  raise WorkdirError(f"no checkpoint in {ckpt_dir} can be read: " + "; ".join(failures))
-
-
 def _reference_logits(exp, state, images) -> np.ndarray:
   """The trained model's eval path: transform.apply, then model.apply in eval mode."""
 
@@ -852,7 +804,9 @@ def export_run(workdir: str, check_examples: int = 256) -> dict:
   """
   from jcompress import data as data_lib  # noqa: PLC0415
   from jcompress import train  # noqa: PLC0415
-  exp, state, step, warnings = restore_for_export(workdir)
+  exp, state, step, _, skipped = train.load_workdir_run(workdir, "export")
+  warnings = [f"checkpoint {s} could not be read; falling back to the previous checkpoint, "
+              f"step {step}" for s in skipped]
   arrays, manifest = artifact_arrays(exp, state)
   out_dir = os.path.join(workdir, "export")
   tmp_dir = out_dir + ".tmp"

@@ -782,10 +782,11 @@ def restore_latest_valid(mngr: ocp.CheckpointManager,
   """The newest checkpoint of `mngr` that restores, passing over unreadable ones.
 
   Steps are tried newest first with `restore_state`; one that fails (a truncated or corrupted
-  file, a tree that does not fit the model) is logged as a warning and the previous one is
-  tried. Returns `(state, meta, step, skipped)`, `skipped` holding one line per newer
-  checkpoint passed over ("step N: reason"), empty when the latest restored. Raises
-  WorkdirError naming the checkpoint directory when it holds no checkpoint or none restores.
+  file, a tree that does not fit the model) or restores to NaN/Inf params is logged as a warning
+  and the previous one is tried. Returns `(state, meta, step, skipped)`, `skipped` holding one
+  line per newer checkpoint passed over ("step N: reason"), empty when the latest restored.
+  Raises WorkdirError naming the checkpoint directory when it holds no checkpoint or none
+  restores.
   """
   where = str(mngr.directory)
   steps = sorted(mngr.all_steps(), reverse=True)
@@ -795,7 +796,12 @@ def restore_latest_valid(mngr: ocp.CheckpointManager,
   for step in steps:
     try:
       state, meta = restore_state(mngr, step, exp)
-      jax.block_until_ready(state)
+      leaves = zip(transforms_lib.leaf_paths(state.params),
+                   jax.tree.leaves(jax.device_get(state.params)))
+      bad = [p for p, x in leaves
+             if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
+      if bad:
+        raise ValueError(f"params leaf '{bad[0]}' holds NaN or Inf")
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       skipped.append(f"step {step}: {type(e).__name__}: {reason[:300]}")
@@ -808,6 +814,38 @@ def restore_latest_valid(mngr: ocp.CheckpointManager,
                       steps[0])
     return state, meta, step, skipped
   raise WorkdirError(f"no checkpoint in {where} can be restored: " + "; ".join(skipped))
+
+
+def load_workdir_run(workdir: str, what: str) -> tuple[Experiment, TrainState, int, int, list]:
+  """The run in `workdir` for --mode=`what` (analyze, export): its Experiment, from its
+  config.json (keys added to jcompress since filled from `config.base_config()`), and its newest
+  checkpoint that restores (`restore_latest_valid`). Returns `(exp, state, step, latest_step,
+  skipped)`. WorkdirError when `workdir` holds no run or no checkpoint that restores."""
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir} is not a directory (expected the workdir of a run)")
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise WorkdirError(f"{workdir} holds no run: {os.path.join(workdir, 'config.json')} does "
+                       "not exist (give the --workdir a run was trained in)")
+  try:
+    config = load_workdir_config(workdir)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{os.path.join(workdir, 'config.json')} cannot be read: {e}") from e
+  with config.unlocked():
+    for k, v in config_lib.base_config().items():
+      if k not in config:
+        config[k] = v
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise WorkdirError(f"{ckpt_dir} holds no checkpoint to {what} (has the run in {workdir} "
+                       "saved one?)")
+  exp = make_experiment(config, load_teacher=False)
+  mngr = checkpoint_manager(workdir, exp.config, create=False)
+  try:
+    latest = mngr.latest_step()
+    state, _, step, skipped = restore_latest_valid(mngr, exp)
+  finally:
+    mngr.close()
+  return exp, state, int(step), int(latest if latest is not None else step), skipped
 
 
 class MetricWriter:
