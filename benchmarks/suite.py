@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -107,31 +109,52 @@ class Peer:
   """A peer benchmark process (benchmarks/peers/protocol.py) as a runner."""
 
   def __init__(self, args: list, env: dict | None = None, timeout: int = 900):
+    import tempfile  # noqa: PLC0415
+    self.stderr = tempfile.TemporaryFile("w+")   # a file, so a chatty peer never blocks on it
     self.proc = subprocess.Popen(
         [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=HERE)
+        stderr=self.stderr, text=True, env={**os.environ, **(env or {})}, cwd=HERE)
     self.timeout = timeout
+    self.lines = queue.Queue()
+    threading.Thread(target=self._pump, daemon=True).start()
     line = self._read()
     if line is None or not line.get("ready"):
       raise RuntimeError(self._reason())
     self.info = line["info"]
 
+  def _pump(self):
+    for line in self.proc.stdout:
+      self.lines.put(line)
+    self.lines.put(None)   # EOF
+
   def _read(self):
-    import select  # noqa: PLC0415
-    ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-    if not ready:
-      return None
-    line = self.proc.stdout.readline()
-    try:
-      return json.loads(line) if line else None
-    except json.JSONDecodeError:
-      return None
+    """The peer's next JSON line (other stdout lines are skipped); None at EOF or timeout."""
+    deadline = time.time() + self.timeout
+    while True:
+      try:
+        line = self.lines.get(timeout=max(0.0, deadline - time.time()))
+      except queue.Empty:
+        return None
+      if line is None:
+        self.lines.put(None)
+        return None
+      try:
+        out = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(out, dict):
+        return out
 
   def _reason(self) -> str:
+    try:   # stdout closed: the process is exiting; give it a moment to report its status
+      self.proc.wait(10)
+    except subprocess.TimeoutExpired:
+      pass
     if self.proc.poll() is None:
       self.proc.kill()
       return f"did not start within {self.timeout} s"
-    err = [ln for ln in self.proc.stderr.read().splitlines() if ln.strip()]
+    self.stderr.seek(0)
+    err = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
     return (err[-1] if err else f"exit code {self.proc.returncode}")[:200]
 
   def __call__(self, steps: int) -> float:
