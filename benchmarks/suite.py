@@ -277,7 +277,7 @@ def targets(r: dict) -> list:
 
 def markdown(r: dict, command: str) -> str:
   d = r["device"]
-  lines = [f"# jcompress speed suite", "",
+  lines = ["# jcompress speed suite", "",
            f"`{command}`", "",
            f"device: {d['device']}; platform {d['platform']} ({d['device_kind']}), "
            f"jax {d['jax']}; load average at start {r['load_start']}, at end {r['load_end']}", "",
@@ -303,7 +303,8 @@ def markdown(r: dict, command: str) -> str:
   ff = r.get("float_flops")
   if ff:
     lines += ["", f"float step: {ff['gflop_per_step']:.1f} GFLOP per step (XLA cost analysis of "
-              f"the {ff['flops_from']} step), {ff['achieved_gflops']:.1f} GFLOP/s achieved by `float` = "
+              f"the {ff['flops_from']} step), {ff['achieved_gflops']:.1f} GFLOP/s achieved by "
+              "`float` = "
               f"{100 * ff['share_of_f32_matmul']:.0f}% of the float32 matmul rate."]
   if r.get("inference"):
     lines += ["", "| inference (eval) | images/s | first call s |", "|---|---|---|"]
@@ -390,7 +391,8 @@ def main(argv):
   flops = infos.get(flops_from, {}).get("flops_per_step")
   if flops and "float" in r["train_steps"]:
     achieved = flops * r["train_steps"]["float"]["images_per_second"] / batch
-    r["float_flops"] = {"flops_from": flops_from, "gflop_per_step": flops / 1e9, "achieved_gflops": achieved / 1e9,
+    r["float_flops"] = {"flops_from": flops_from, "gflop_per_step": flops / 1e9,
+                        "achieved_gflops": achieved / 1e9,
                         "share_of_f32_matmul": achieved / 1e9 / r["matmul"]["float32"],
                         "share_of_bf16_matmul": achieved / 1e9 / r["matmul"]["bfloat16"]}
   if _INFER.value:

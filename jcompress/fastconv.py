@@ -32,8 +32,8 @@ from typing import Any
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 #: Convolutions whose flat-shift grid is larger than the output by more than this factor
 #: ((H_out + (k-1)//s) (W_out + (k-1)//s) / (H_out W_out): 1.13 at 32x32 and 3x3, 1.27 at 16x16

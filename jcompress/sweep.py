@@ -25,6 +25,8 @@ model size, the Pareto front marked); unfinished points are listed as missing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import csv
 import hashlib
 import importlib.util
@@ -34,11 +36,10 @@ import math
 import os
 import re
 import textwrap
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ml_collections
 from absl import logging
+import ml_collections
 
 from jcompress import config as config_lib
 from jcompress.errors import ConfigError
@@ -482,10 +483,10 @@ def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[
   """One panel of sweep.png: the points inside `ylim`, labelled with their overrides and
   accuracy (but those within `unlabelled`, an accuracy band another panel zooms on), the
   Pareto front as a step line, the float model's accuracy as a dashed line."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
   from matplotlib.ticker import FixedLocator  # noqa: PLC0415
   from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
   from matplotlib.ticker import NullFormatter  # noqa: PLC0415
-  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   cmap = plt.get_cmap("tab10")
   groups: dict[str, list[dict]] = {}

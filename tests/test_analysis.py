@@ -14,7 +14,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""benchmarks/suite.py's peers: a missing or failing peer is skipped with its reason, never a figure."""
+"""benchmarks/suite.py's peers: a missing or failing peer is skipped with its reason, never a
+figure."""
 
 import importlib.util
 import os

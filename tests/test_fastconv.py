@@ -1,10 +1,10 @@
 """The matmul kernel gradient of jcompress.fastconv against XLA's own convolution gradients."""
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from jcompress import fastconv
 from jcompress import models
@@ -128,9 +128,9 @@ def test_model_loss_and_gradients_equal_xla(name, kwargs):
                               mutable=["batch_stats"])[0]
       return train.cross_entropy(logits, y), logits
 
-    (l, logits), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(v["params"]).jaxpr
-    out[impl] = (l, logits, grads, train.count_primitive(jaxpr, "conv_general_dilated"))
+    out[impl] = (value, logits, grads, train.count_primitive(jaxpr, "conv_general_dilated"))
   np.testing.assert_allclose(out["fast"][1], out["xla"][1], rtol=0, atol=0)
   np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=1e-6)
   flat_f = jax.tree_util.tree_leaves_with_path(out["fast"][2])

@@ -144,7 +144,8 @@ def test_apply_overrides_keeps_the_config_and_types():
   assert new.seed == 3 and c.seed == 0 and c.optimizer.learning_rate == 0.1
   with pytest.raises(ConfigError, match="unknown config key 'optimizer.lr'"):
     sweep.apply_overrides(c, {"optimizer.lr": 0.1})
-  with pytest.raises(ConfigError, match="unknown config key 'seed.x' \('seed' is a int, not a sub-config"):
+  with pytest.raises(ConfigError,
+                     match=r"unknown config key 'seed.x' \('seed' is a int, not a sub-config"):
     sweep.apply_overrides(c, {"seed.x": 1})
   with pytest.raises(ConfigError, match="'optimizer' is a sub-config"):
     sweep.apply_overrides(c, {"optimizer": "adam"})
