@@ -79,20 +79,27 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
-def load_config_file(spec: str, key: str = "config") -> ml_collections.ConfigDict:
-  """The config of `"path/to/experiment.py:arg"` (what --config takes), for configs that name
-  other runs' configs (`teacher_config`). Errors name `key` and the file."""
-  path, _, arg = spec.partition(":")
+def load_experiment_module(path: str, what: str):
+  """The experiment file at `path` imported as a module; a missing file or one that fails to
+  load is a ConfigError starting with `what` (the flag or config key that named the file)."""
   if not os.path.isfile(path):
-    raise ConfigError(f"config key '{key}': config file '{path}' does not exist")
+    raise ConfigError(f"{what}: config file '{path}' does not exist")
   module_spec = importlib.util.spec_from_file_location(
       "jcompress_experiment_" + re.sub(r"\W", "_", path), path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # noqa: BLE001  (any failure of the file is a config error)
-    raise ConfigError(f"config key '{key}': config file '{path}' failed to load: "
+    raise ConfigError(f"{what}: config file '{path}' failed to load: "
                       f"{type(e).__name__}: {e}") from e
+  return module
+
+
+def load_config_file(spec: str, key: str = "config") -> ml_collections.ConfigDict:
+  """The config of `"path/to/experiment.py:arg"` (what --config takes), for configs that name
+  other runs' configs (`teacher_config`). Errors name `key` and the file."""
+  path, _, arg = spec.partition(":")
+  module = load_experiment_module(path, f"config key '{key}'")
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config key '{key}': '{path}' defines no get_config(arg)")
   return module.get_config(arg or None)

@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 import csv
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -157,15 +156,7 @@ def point_label(point: Point, keys: Sequence[str] | None = None) -> str:
 def load_sweep(spec: str) -> list[Point]:
   """The points of `get_sweep(arg)` in the experiment file of `spec` ("path.py:arg")."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config: experiment file '{path}' does not exist")
-  module_spec = importlib.util.spec_from_file_location(
-      "jcompress_sweep_" + re.sub(r"\W", "_", path), path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001  (any failure of the file is a config error)
-    raise ConfigError(f"experiment file '{path}' failed to load: {type(e).__name__}: {e}") from e
+  module = config_lib.load_experiment_module(path, "--config")
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"--mode=sweep: '{path}' defines no get_sweep(arg); add one returning "
                       "the list of config overrides to run (jcompress.sweep.product / zipit)")
