@@ -602,6 +602,18 @@ def _label_layers(ax, names):
   ax.set_xlim(-0.6, len(names) - 0.4)
 
 
+def _finish_layer_bars(plt, fig, ax, names, ylabel: str, title: str, path: str) -> None:
+  """Layer names under the bars, labels, legend outside the axes; saves and closes `fig`."""
+  _label_layers(ax, names)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
 def plot_sparsity(rows: list[dict], path: str, title: str) -> None:
   """Per-layer bars: the zeros' share, and the share of all-zero filters and input channels."""
   plt = _plt()
@@ -615,15 +627,8 @@ def plot_sparsity(rows: list[dict], path: str, title: str) -> None:
   for i, (key, label, color) in enumerate(series):
     ax.bar(x + (i - 1) * width, [100 * (r[key] or 0) for r in layers], width, label=label,
            color=color)
-  _label_layers(ax, names)
   ax.set_ylim(0, 105)
-  ax.set_ylabel("zeros (%)")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
+  _finish_layer_bars(plt, fig, ax, names, "zeros (%)", title, path)
 
 
 def plot_bits(rows: list[dict], path: str, title: str) -> None:
@@ -643,14 +648,7 @@ def plot_bits(rows: list[dict], path: str, title: str) -> None:
   ax.set_yticks([1, 2, 4, 8, 16, 32])
   ax.set_yticklabels(["1", "2", "4", "8", "16", "32"])
   ax.set_ylim(0.7, 64)
-  _label_layers(ax, names)
-  ax.set_ylabel("bits")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
+  _finish_layer_bars(plt, fig, ax, names, "bits", title, path)
 
 
 # ----------------------------------------------------------------------------- outputs

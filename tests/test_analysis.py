@@ -54,11 +54,6 @@ def tiny_config(data_dir, steps, **kw):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
   """{name: workdir} of a float run (checkpoints at 20 and 40) and the pruned, quantized and
   binary runs, the first two fine-tuned or quantized from the float one."""

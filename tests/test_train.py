@@ -48,11 +48,6 @@ EXPERIMENT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def experiment_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("experiments") / "tiny.py"
   path.write_text(EXPERIMENT)
