@@ -119,10 +119,13 @@ def train_config(model_name: str, dtype: str = "float32", binary_bits: int = 0,
 
 
 def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
-                      num_classes: int = 10, teacher_config=None, seed: int = 0):
+                      num_classes: int = 10, teacher_config=None, seed: int = 0,
+                      feed=None):
   """(run_block, info) for jcompress's `make_train_step` of `config` on a fixed synthetic batch,
   compiled (state donated), warmed up by one step. With `teacher_config`, the step distills
-  from that (randomly initialised) teacher: Hinton's KD, teacher forward only.
+  from that (randomly initialised) teacher: Hinton's KD, teacher forward only. With `feed` (an
+  iterator of {"image", "label"} numpy batches of the same shapes, e.g. `data.train_iterator`),
+  every step takes the next batch from it, as the train loop does, instead of the fixed one.
 
   `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
   (`flops_per_step`, None where the backend gives none), and the jitted step's lowering.
@@ -163,7 +166,7 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
     t0 = time.perf_counter()
     m = None
     for _ in range(steps):
-      box["state"], m = compiled(box["state"], batch, *extra)
+      box["state"], m = compiled(box["state"], batch if feed is None else next(feed), *extra)
     jax.block_until_ready((box["state"], m))
     return time.perf_counter() - t0
 

@@ -9,7 +9,10 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
   accumulation) and int8 (int32 accumulation): the yardstick for achieved FLOP/s;
 * train steps (`train.make_train_step`, state donated, one synthetic batch), all timed in
   alternating blocks of --steps steps (a, b, c, ..., a, b, c, ...; median of --repeats) so that
-  their ratios see the same load: `float` (resnet18_cifar), `float_xla` (the same with
+  their ratios see the same load: `float` (resnet18_cifar), `float_fed` (the same step fed by
+  the real input pipeline, `data.train_iterator` of the offline `digits` at 32x32x3 with its
+  augmentation, the in-memory path CIFAR-10 takes: its step time over `float`'s says whether
+  the pipeline starves the step), `float_xla` (the same with
   `conv_impl="xla"`: XLA's own convolution gradients), `qat` (W4A4: uniform per-channel weights,
   PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar with binary weights), `kd`
   (bnn_resnet18_cifar W1A1 distilled from a ResNet-18 teacher, teacher forward in the step);
@@ -51,7 +54,7 @@ from jcompress import bnn_infer  # noqa: E402
 from jcompress import config as config_lib  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
-STEPS = ("float", "float_xla", "qat", "w1a1", "w1a2", "kd")
+STEPS = ("float", "float_fed", "float_xla", "qat", "w1a1", "w1a2", "kd")
 PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,6 +68,8 @@ _INFER = flags.DEFINE_boolean("inference", True, "Time float and packed-binary i
 _BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "int8", "bnn_infer compute of the packed net.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
 _PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "TFDS data_dir of `float_fed`'s `digits` (default: a temp dir).")
 
 
 # ----------------------------------------------------------------------------- machine rates
@@ -90,6 +95,8 @@ def matmul_rates(n: int, repeats: int = 5) -> dict:
 def step_config(name: str):
   if name == "float":
     return common.train_config("resnet18_cifar"), None
+  if name == "float_fed":
+    return common.train_config("resnet18_cifar"), None
   if name == "float_xla":
     return common.train_config("resnet18_cifar", model_kwargs={"conv_impl": "xla"}), None
   if name == "qat":
@@ -103,6 +110,15 @@ def step_config(name: str):
     teacher.model = "resnet18_cifar"
     return common.train_config("bnn_resnet18_cifar", binary_bits=1), teacher
   raise ValueError(name)
+
+
+def pipeline_feed(batch: int, data_dir: str | None):
+  """The train loop's input pipeline: `digits` at 32x32x3, augmented, batches of `batch`."""
+  import tempfile  # noqa: PLC0415
+
+  from jcompress import data as data_lib  # noqa: PLC0415
+  return data_lib.train_iterator("digits", batch_size=batch, seed=0, image_size=32,
+                                 augment=True, data_dir=data_dir or tempfile.mkdtemp())
 
 
 class Peer:
@@ -265,6 +281,9 @@ def targets(r: dict) -> list:
     rt = st.get(k, {}).get("step_time_vs_float")
     rows.append((f"{k} step time <= 1.1x float", "n/a" if rt is None else f"{rt:.3f}x",
                  None if rt is None else rt <= 1.1))
+  rt = st.get("float_fed", {}).get("step_time_vs_float")
+  rows.append(("input pipeline never starves: float_fed step time <= 1.05x float",
+               "n/a" if rt is None else f"{rt:.3f}x", None if rt is None else rt <= 1.05))
   share = r.get("float_flops", {}).get("share_of_f32_matmul")
   rows.append(("float step FLOP/s >= 60% of f32 matmul", "n/a" if share is None else
                f"{100 * share:.0f}%", None if share is None else share >= 0.6))
@@ -316,7 +335,8 @@ def markdown(r: dict, command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-WHAT = {"float": "resnet18_cifar float32", "float_xla": "same, conv_impl=xla",
+WHAT = {"float": "resnet18_cifar float32", "float_fed": "same, fed by the input pipeline",
+        "float_xla": "same, conv_impl=xla",
         "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
         "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}
 
@@ -337,7 +357,9 @@ def main(argv):
     if name not in STEPS:
       raise app.UsageError(f"--only: unknown step {name!r}, expected some of {STEPS}")
     config, teacher = step_config(name)
-    runners[name], infos[name] = common.make_train_runner(config, batch, teacher_config=teacher)
+    feed = pipeline_feed(batch, _DATA_DIR.value) if name == "float_fed" else None
+    runners[name], infos[name] = common.make_train_runner(config, batch, teacher_config=teacher,
+                                                          feed=feed)
     print(f"compiled {name}: {infos[name]['compile_seconds']} s", flush=True)
   peers, skipped = {}, {}
   for name in [p for p in _PEERS.value if p]:
