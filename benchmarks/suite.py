@@ -8,14 +8,16 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
 * machine rates: a --matmul_n square `jnp.dot` timed in float32, bfloat16 (float32
   accumulation) and int8 (int32 accumulation): the yardstick for achieved FLOP/s;
 * train steps (`train.make_train_step`, state donated, one synthetic batch), all timed in
-  alternating blocks of --steps steps (a, b, c, ..., a, b, c, ...; median of --repeats) so that
-  their ratios see the same load: `float` (resnet18_cifar), `float_fed` (the same step fed by
-  the real input pipeline, `data.train_iterator` of the offline `digits` at 32x32x3 with its
-  augmentation, the in-memory path CIFAR-10 takes: its step time over `float`'s says whether
-  the pipeline starves the step), `float_xla` (the same with
+  alternating blocks of --steps steps (a, b, c, ..., then the same in a new order every round;
+  median of --repeats) so that their ratios see the same load: `float` (resnet18_cifar),
+  `float_fed` (the same step fed by the real input pipeline, `data.train_iterator` of the
+  offline `digits` at 32x32x3 with its augmentation, the in-memory path CIFAR-10 takes: its
+  step time over `float`'s says whether the pipeline starves the step), `float_xla` (the same with
   `conv_impl="xla"`: XLA's own convolution gradients), `qat` (W4A4: uniform per-channel weights,
-  PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar with binary weights), `kd`
-  (bnn_resnet18_cifar W1A1 distilled from a ResNet-18 teacher, teacher forward in the step);
+  PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar with binary weights), `w1a1_bf16`
+  and `w1a1_int8` (W1A1 with the block convolutions' forward in exact bf16 / int8 products,
+  model field `binary_compute`), `kd` (bnn_resnet18_cifar W1A1 distilled from a ResNet-18
+  teacher, teacher forward in the step);
 * peers, each in its own process speaking benchmarks/peers/protocol.py and timed in the same
   alternation: `torch_float`, `torch_w1a1` (PyTorch eager) and `larq_w1a1` (Keras/Larq on TF).
   A peer that is not installed or fails is listed as skipped with its reason, never as a figure;
@@ -54,7 +56,7 @@ from jcompress import bnn_infer  # noqa: E402
 from jcompress import config as config_lib  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
-STEPS = ("float", "float_fed", "float_xla", "qat", "w1a1", "w1a2", "kd")
+STEPS = ("float", "float_fed", "float_xla", "qat", "w1a1", "w1a1_bf16", "w1a1_int8", "w1a2", "kd")
 PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -103,6 +105,9 @@ def step_config(name: str):
     return common.train_config("resnet18_cifar", qat_bits=4, qat_act="pact"), None
   if name == "w1a1":
     return common.train_config("bnn_resnet18_cifar", binary_bits=1), None
+  if name in ("w1a1_bf16", "w1a1_int8"):
+    return common.train_config("bnn_resnet18_cifar", binary_bits=1, model_kwargs={
+        "binary_compute": name.split("_")[1]}), None
   if name == "w1a2":
     return common.train_config("bnn_resnet18_cifar", binary_bits=2), None
   if name == "kd":
@@ -338,6 +343,7 @@ def markdown(r: dict, command: str) -> str:
 WHAT = {"float": "resnet18_cifar float32", "float_fed": "same, fed by the input pipeline",
         "float_xla": "same, conv_impl=xla",
         "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
+        "w1a1_bf16": "W1A1, forward in bf16", "w1a1_int8": "W1A1, forward in int8",
         "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}
 
 
@@ -372,8 +378,13 @@ def main(argv):
       print(f"peer {name} ready: {peer.info}", flush=True)
 
   times = {k: [] for k in (*runners, *peers)}
-  for _ in range(repeats):
-    for name, run in (*runners.items(), *peers.items()):
+  order = [*runners.items(), *peers.items()]
+  for rep in range(repeats):
+    # A new order every round, so that no variant always follows the same one (a peer's
+    # thread pools may still spin for a moment after its block), and a short pause after each
+    # peer block for the same reason.
+    for i in np.random.default_rng(rep).permutation(len(order)) if rep else range(len(order)):
+      name, run = order[i]
       if name in skipped:
         continue
       try:
@@ -381,6 +392,8 @@ def main(argv):
       except RuntimeError as e:   # a peer that died mid-run
         skipped[name] = f"failed while running: {e}"
         peers[name].close()
+      if name in peers:
+        time.sleep(0.5)
   for p in peers.values():
     p.close()
 

@@ -185,3 +185,67 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                   feature_group_count=feature_group_count,
                                   batch_group_count=batch_group_count, precision=precision,
                                   preferred_element_type=preferred_element_type)
+
+
+# ----------------------------------------------------------------------------- exact narrow forward
+
+#: Narrow forward computes of a binary convolution (`narrow_conv_general_dilated`): operand
+#: dtype and accumulator. Both are exact for integer operands of magnitude <= 127: bfloat16
+#: holds every integer up to 256 and the products accumulate in float32 (exact below 2^24);
+#: int8 accumulates in int32.
+NARROW_COMPUTE = {"bf16": (jnp.bfloat16, jnp.float32), "int8": (jnp.int8, jnp.int32)}
+
+
+def narrow_conv_general_dilated(compute: str, levels: int, base=None):
+  """A `lax.conv_general_dilated` for a binary convolution whose forward runs in `compute`.
+
+  Exact under two preconditions the caller guarantees (`jcompress.models.bnn_resnet` checks
+  them where the model is built for training: `train.resolve_binary_compute`): the input's
+  values are integers over `levels`, `k / levels` with |k| <= `levels` <= 127 (the output of
+  `binarize.quantize_activation`: sign for 1 bit, `levels = 2^(b-1) - 1` for b signed bits),
+  and the kernel's values are -1 or +1 (a sign binarizer). The forward then computes
+  `conv(round(x * levels), w) / levels` with both operands in `NARROW_COMPUTE[compute]`'s
+  dtype: integer products and sums, exact, so for `levels == 1` the result is bitwise the
+  float32 convolution's, otherwise within one float32 rounding of it.
+
+  The backward is `base`'s (default `lax.conv_general_dilated`; `conv_general_dilated` of this
+  module for the matmul kernel gradient) on the float values: the output gradient is not an
+  integer, so neither gradient has an exact narrow form.
+  """
+  if compute not in NARROW_COMPUTE:
+    raise ValueError(f"narrow compute must be one of {tuple(NARROW_COMPUTE)}, got {compute!r}")
+  if not 1 <= levels <= 127:
+    raise ValueError(f"levels must be in 1..127 for an exact narrow conv, got {levels}")
+  dt, acc = NARROW_COMPUTE[compute]
+  base = base or lax.conv_general_dilated
+
+  def conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None):
+    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+              batch_group_count=batch_group_count)
+
+    def reference(x, w):
+      return base(x, w, window_strides, padding, precision=precision,
+                  preferred_element_type=preferred_element_type, **kw)
+
+    @jax.custom_vjp
+    def narrow(x, w):
+      xq = jnp.round(x.astype(jnp.float32) * levels).astype(dt)
+      y = lax.conv_general_dilated(xq, w.astype(dt), window_strides, padding,
+                                   preferred_element_type=acc, **kw).astype(jnp.float32)
+      if levels != 1:
+        y = y / levels
+      return y.astype(preferred_element_type or jnp.result_type(x.dtype, w.dtype))
+
+    def fwd(x, w):
+      return narrow(x, w), (x, w)
+
+    def bwd(res, g):
+      return jax.vjp(reference, *res)[1](g)
+
+    narrow.defvjp(fwd, bwd)
+    return narrow(lhs, rhs)
+
+  return conv_fn

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -352,6 +353,8 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
 
   abstract_params, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
   transform = build_transform(config, abstract_params)
+  if lowrank_plan is None:
+    model = resolve_binary_compute(config, model, abstract_params)
   distill = None
   if load_teacher and config.get("teacher"):
     distill = make_distillation(config, info, model, init)
@@ -361,6 +364,50 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   exp.abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated), abstract)
   return exp
+
+
+#: Block convolutions of the binary ResNets whose forward `binary_compute` narrows.
+BINARY_BLOCK_CONVS = r"stage\d+_block\d+/(conv1|conv2|shortcut_conv)/kernel$"
+
+
+def resolve_binary_compute(config, model, params):
+  """`model` with its `binary_compute` field checked and "auto" resolved.
+
+  "bf16" and "int8" are exact only where every block convolution's kernel is +-1: the config's
+  `binary` sub-config must be enabled with a sign binarizer (not "xnor", whose kernels are
+  alpha * sign) and select every block conv kernel (`BINARY_BLOCK_CONVS`); otherwise a
+  ConfigError names `model_kwargs.binary_compute`. "auto" becomes "bf16" where those hold on a
+  GPU or TPU (bf16 products run faster there) and "f32" otherwise: on CPU the narrow forward
+  measured no faster (benchmarks/suite.py's `w1a1_bf16` and `w1a1_int8` rows).
+  """
+  requested = getattr(model, "binary_compute", None)
+  if requested in (None, "f32"):
+    return model
+  from jcompress import binarize  # noqa: PLC0415
+  tr = transforms_lib
+  why = None
+  binary = config.get("binary")
+  if binary is None or not binary.get("enabled", True):
+    why = "the config has no enabled `binary` sub-config, so the block kernels are float"
+  elif binary.method not in binarize.BINARIZERS or binary.method == "xnor":
+    why = f"binary.method {binary.method!r} does not give +-1 kernels"
+  else:
+    mask = tr.select(params, tuple(binary.include), tuple(binary.exclude), key="binary.include")
+    flat = dict(zip(tr.leaf_paths(params), jax.tree_util.tree_leaves(mask)))
+    block = [p for p in flat if re.search(BINARY_BLOCK_CONVS, p)]
+    missed = [p for p in block if not flat[p]]
+    if not block:
+      why = "the model has no binary block convolutions"
+    elif missed:
+      why = (f"binary.include/exclude leave {len(missed)} block conv kernel(s) float, "
+             f"e.g. {missed[0]}")
+  if requested == "auto":
+    fast = jax.default_backend() in ("gpu", "tpu") and why is None
+    return model.clone(binary_compute="bf16" if fast else "f32")
+  if why is not None:
+    raise ConfigError(f"config key 'model_kwargs.binary_compute': {requested!r} computes the "
+                      f"binary convolutions exactly only when their kernels are +-1, but {why}")
+  return model
 
 
 def lowrank_model(config, info, model) -> tuple[Any, tuple]:

@@ -62,7 +62,11 @@ from jcompress.models.common import conv
 from jcompress.models.common import global_avg_pool
 from jcompress.models.common import head
 from jcompress.models.common import resnet_stem
+from jcompress.models.common import root_field
 from jcompress.models.common import scale_channels
+
+#: Values of the `binary_compute` model field (None: "f32").
+BINARY_COMPUTE = (None, "auto", "f32", "bf16", "int8")
 
 
 def check_num_bits(num_bits: Any, model: str) -> None:
@@ -97,14 +101,19 @@ class BinaryBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    # The root model's `binary_compute`: the three convs below see inputs on the grid
+    # k / levels (the quantizer's output) and, when it is set, +-1 kernels.
+    levels = 1 if self.num_bits == 1 else 2 ** (self.num_bits - 1) - 1
+    narrow = (root_field(self, "binary_compute"), levels)
     y = quantize(batch_norm(self, train, "bn1")(x), self.num_bits)
-    y = conv(self, self.features, 3, self.strides, name="conv1")(y)
+    y = conv(self, self.features, 3, self.strides, name="conv1", narrow=narrow)(y)
     y = quantize(batch_norm(self, train, "bn2")(y), self.num_bits)
-    y = conv(self, self.features, 3, name="conv2")(y)
+    y = conv(self, self.features, 3, name="conv2", narrow=narrow)(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = quantize(batch_norm(self, train, "shortcut_bn")(x), self.num_bits)
-      shortcut = conv(self, self.features, 3, self.strides, name="shortcut_conv")(shortcut)
+      shortcut = conv(self, self.features, 3, self.strides, name="shortcut_conv",
+                      narrow=narrow)(shortcut)
     return y + shortcut
 
 
@@ -122,6 +131,12 @@ class BNNResNet(nn.Module):
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
     conv_impl: "xla" or "fast" convolution gradients (see `jcompress.models.common`).
+    binary_compute: the dtype of the block convolutions' forward (`BINARY_COMPUTE`): "bf16" or
+      "int8" (exact narrow products, `fastconv.narrow_conv_general_dilated`) when the block
+      kernels are +-1, which the model cannot see: `train.make_experiment` allows them only
+      when the `binary` transform binarizes every block conv with a sign, and resolves
+      "auto" there (bf16 on GPU/TPU, f32 on CPU, where narrow products are not faster).
+      None, "f32" and an unresolved "auto": float32, as the other layers.
   """
 
   num_classes: int
@@ -134,11 +149,15 @@ class BNNResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_impl: Any = None
+  binary_compute: Any = None
 
   def __post_init__(self):
     name = type(self).__name__
     check_width(self.width, name)
     check_num_bits(self.num_bits, name)
+    if self.binary_compute not in BINARY_COMPUTE:
+      raise ConfigError(f"model {name!r}: `binary_compute` must be one of {BINARY_COMPUTE}, "
+                        f"got {self.binary_compute!r}")
     if not self.stage_sizes or not all(
         isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
         for n in self.stage_sizes

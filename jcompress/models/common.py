@@ -119,11 +119,15 @@ def conv(
     strides: int = 1,
     groups: int = 1,
     name: str | None = None,
+    narrow: tuple[str, int] | None = None,
 ) -> Callable:
   """A bias-free square convolution with PyTorch padding and He fan_out init.
 
   Must be called inside a `@nn.compact` method of `module`, which provides `dtype`.
   `groups == features == C_in` gives a depthwise convolution (`feature_group_count`).
+  `narrow = (compute, levels)` with `compute` "bf16" or "int8" runs the forward in that dtype
+  (`fastconv.narrow_conv_general_dilated`: exact only for inputs on the grid k / levels and
+  +-1 kernels, which the caller guarantees); "f32" or None: the ordinary convolution.
   Returns a function of the input; the root model's `channels`, `act_quant` and `padding`
   fields act here (see the module docstring).
   """
@@ -143,6 +147,9 @@ def conv(
   if impl == "fast":
     from jcompress import fastconv  # noqa: PLC0415
     conv_fn = fastconv.conv_general_dilated
+  if narrow is not None and narrow[0] not in (None, "f32", "auto"):
+    from jcompress import fastconv  # noqa: PLC0415
+    conv_fn = fastconv.narrow_conv_general_dilated(narrow[0], narrow[1], base=conv_fn)
   quantizer = None
   if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
     from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)

@@ -1,0 +1,168 @@
+"""Exact narrow forward of the binary convolutions (`binary_compute`, issue 8 item 3).
+
++-1 kernels times activations on the grid k / levels are integer products: in bfloat16 (f32
+accumulation) or int8 (int32 accumulation) they are exact. Checked here: the conv and the whole
+BNN give the float32 values and gradients, the jaxpr really holds bf16 / int8 convolutions,
+and the config check refuses the narrow forward where the kernels are not +-1.
+"""
+
+import jax
+from jax import lax
+import jax.extend
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jcompress import binarize
+from jcompress import config as config_lib
+from jcompress import fastconv
+from jcompress import train
+from jcompress import transforms
+from jcompress.errors import ConfigError
+from jcompress.models import get_model
+
+NARROW = {"bf16": (jnp.bfloat16, jnp.float32), "int8": (jnp.int8, jnp.int32)}
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_eqns(jaxpr):
+  """Every conv_general_dilated equation of a (closed) jaxpr, sub-jaxprs included."""
+  out = []
+
+  def walk(jp):
+    out.extend(e for e in jp.eqns if e.primitive.name == "conv_general_dilated")
+    for sub in jax.extend.core.subjaxprs(jp):
+      walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return out
+
+
+def narrow_eqns(jaxpr, compute):
+  dt, acc = NARROW[compute]
+  return [e for e in conv_eqns(jaxpr)
+          if all(v.aval.dtype == dt for v in e.invars)
+          and e.params["preferred_element_type"] == acc]
+
+
+@pytest.mark.parametrize("compute", ["bf16", "int8"])
+@pytest.mark.parametrize("levels,stride", [(1, 1), (1, 2), (3, 1), (127, 1)])
+def test_narrow_conv_equals_float32_conv(compute, levels, stride):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(levels + stride), 3)
+  x = jax.random.randint(kx, (2, 8, 8, 16), -levels, levels + 1) / levels
+  if levels == 1:
+    x = jnp.where(x == 0, 1.0, x)   # sign activations: +-1
+  w = jnp.sign(jax.random.normal(kw, (3, 3, 16, 8)))
+  pad = ((1, 1), (1, 1))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+  fn = fastconv.narrow_conv_general_dilated(compute, levels)
+  narrow = lambda x, w: fn(x, w, (stride, stride), pad, dimension_numbers=DN)
+  y_ref, y = ref(x, w), jax.jit(narrow)(x, w)
+  assert y.dtype == jnp.float32
+  if levels == 1:
+    np.testing.assert_array_equal(y, y_ref)   # integer sums: bitwise
+  else:
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  grads_ref = jax.vjp(ref, x, w)[1](g)
+  grads = jax.jit(lambda x, w, g: jax.vjp(narrow, x, w)[1](g))(x, w, g)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+  # The forward really is a narrow convolution; the backward stays float32.
+  jaxpr = jax.make_jaxpr(lambda x, w, g: jax.vjp(narrow, x, w)[1](g))(x, w, g)
+  convs = conv_eqns(jaxpr)
+  assert len(narrow_eqns(jaxpr, compute)) == 1
+  assert sum(all(v.aval.dtype == jnp.float32 for v in e.invars) for e in convs) == len(convs) - 1
+
+
+def test_narrow_conv_refuses_what_it_cannot_compute_exactly():
+  with pytest.raises(ValueError, match="levels"):
+    fastconv.narrow_conv_general_dilated("int8", 128)
+  with pytest.raises(ValueError, match="bf16"):
+    fastconv.narrow_conv_general_dilated("int4", 1)
+
+
+@pytest.fixture(scope="module")
+def bnn():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  out = {}
+  for bits in (1, 2):
+    model = get_model("bnn_resnet20", 10, num_bits=bits, width=0.5)
+    v = jax.jit(lambda r, model=model: model.init(r, x, train=False))(jax.random.PRNGKey(1))
+    out[bits] = (v, binarize.binary_weights(v["params"]))
+  return x, out
+
+
+def _loss(model, transform, params, batch_stats, x):
+  out, _ = model.apply({"params": transform.apply(params, {}), "batch_stats": batch_stats}, x,
+                       train=True, mutable=["batch_stats"])
+  return jnp.sum(out[0] ** 2), out[0]
+
+
+@pytest.mark.parametrize("compute", ["bf16", "int8"])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_bnn_with_narrow_forward_gives_the_float32_logits_and_gradients(bnn, compute, bits):
+  x, nets = bnn
+  v, transform = nets[bits]
+  results, jaxprs = {}, {}
+  for c in ("f32", compute):
+    model = get_model("bnn_resnet20", 10, num_bits=bits, width=0.5, binary_compute=c)
+    fn = jax.value_and_grad(lambda p, model=model: _loss(model, transform, p, v["batch_stats"], x),
+                            has_aux=True)
+    results[c] = jax.jit(fn)(v["params"])
+    jaxprs[c] = jax.make_jaxpr(fn)(v["params"])
+  (_, y_ref), g_ref = results["f32"]
+  (_, y), g = results[compute]
+  np.testing.assert_array_equal(y, y_ref) if bits == 1 else np.testing.assert_allclose(
+      y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Every block conv (9 blocks x 2 + 2 projection shortcuts) runs narrow; the stem does not.
+  assert len(narrow_eqns(jaxprs[compute], compute)) == 20
+  assert len(narrow_eqns(jaxprs["f32"], compute)) == 0
+
+
+def _config(**binary):
+  c = config_lib.base_config()
+  c.model, c.data, c.width = "bnn_resnet20", "digits", 0.25
+  c.model_kwargs.num_bits = 1
+  if binary is not None:
+    c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (r".*",),
+                                          "exclude": transforms.DEFAULT_EXCLUDE, **binary})
+  return c
+
+
+@pytest.mark.parametrize("compute", ["bf16", "int8", "auto"])
+def test_make_experiment_keeps_or_resolves_binary_compute(data_dir, compute):
+  c = _config()
+  c.data_dir = data_dir
+  c.model_kwargs.binary_compute = compute
+  exp = train.make_experiment(c, load_teacher=False)
+  expected = compute if compute != "auto" else (
+      "bf16" if jax.default_backend() in ("gpu", "tpu") else "f32")
+  assert exp.model.binary_compute == expected
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"method": "xnor"}, "binary.method 'xnor' does not give"),
+    ({"exclude": transforms.DEFAULT_EXCLUDE + ("stage2_block0/conv1",)},
+     "stage2_block0/conv1"),
+    (None, "no enabled `binary` sub-config"),
+])
+def test_narrow_binary_compute_needs_sign_kernels_on_every_block_conv(data_dir, change, match):
+  c = _config(**(change or {}))
+  if change is None:
+    del c["binary"]
+  c.data_dir = data_dir
+  c.model_kwargs.binary_compute = "int8"
+  with pytest.raises(ConfigError, match=r"model_kwargs\.binary_compute") as e:
+    train.make_experiment(c, load_teacher=False)
+  assert match in str(e.value)
+  c.model_kwargs.binary_compute = "auto"   # auto falls back to float32 instead
+  assert train.make_experiment(c, load_teacher=False).model.binary_compute == "f32"
+
+
+def test_unknown_binary_compute_is_a_config_error():
+  with pytest.raises(ConfigError, match="binary_compute"):
+    get_model("bnn_resnet20", 10, binary_compute="fp8")
