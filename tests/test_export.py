@@ -22,6 +22,7 @@ import pytest
 from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import export
+from jcompress import structured
 from jcompress import train
 from jcompress import transforms
 from jcompress.errors import WorkdirError
@@ -77,6 +78,12 @@ def runs(tmp_path_factory):
     for k, v in extra.items():
       c[k] = v
     run(name, c)
+  # Structured pruning: the filters are gone, the smaller model's widths are model fields.
+  c = _base(data_dir, 2)
+  c.init_from = out["float"][0]
+  c.structured = structured.default_config()
+  c.structured.flops_target = 0.5
+  run("structured", c)
   c = _base(data_dir, 4, model="bnn_resnet20", width=0.25)
   c.model_kwargs.num_bits = 1
   c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (".*",),
@@ -125,7 +132,7 @@ def logits(runs, test_images, tmp_path_factory):
   return get
 
 
-ALL = ["float", "q8", "km4", "prune", "prune_q4", "bnn"]
+ALL = ["float", "q8", "km4", "prune", "prune_q4", "structured", "bnn"]
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -171,6 +178,20 @@ def test_bytes_on_disk_are_results_model_bytes(runs, name):
   assert abs(on_disk / results["model_bytes"] - 1) <= 0.02
   assert on_disk == results["model_bytes"]
   assert summary["size_vs_results"] == 1.0
+
+
+def test_structured_artifact_holds_only_the_kept_filters(runs):
+  """The physically smaller model: its widths are manifest model fields, its tensors are the
+  kept filters only, and the artifact is smaller than the float model's."""
+  m_float, a_float = export.load_artifact(runs["float"][2]["export_dir"])
+  m_sp, a_sp = export.load_artifact(runs["structured"][2]["export_dir"])
+  assert m_sp["model"]["kwargs"]["channels"]
+  n_float = sum(a_float[p].size for p in m_float["params"])
+  n_sp = sum(a_sp[p].size for p in m_sp["params"])
+  assert n_sp < n_float
+  assert n_sp == runs["structured"][1]["params"]
+  assert runs["structured"][1]["model_bytes"] < runs["float"][1]["model_bytes"]
+  assert {e["encoding"] for e in m_sp["params"].values()} == {"float"}
 
 
 def _kernels(manifest, encoding):
