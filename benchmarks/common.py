@@ -42,8 +42,11 @@ def device_info() -> dict:
   jax version, and a one-line `device` string."""
   d = jax.devices()[0]
   kind = getattr(d, "device_kind", d.platform)
+  from jcompress import fastconv  # noqa: PLC0415
   info = {"platform": d.platform, "device_kind": kind, "device_count": jax.device_count(),
-          "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "jax": jax.__version__}
+          "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "conv_impl_auto": fastconv.default_conv_impl()}
   if d.platform == "cpu":
     info["device"] = f"cpu: {info['cpu']} ({info['cpu_cores']} cores)"
   else:

@@ -10,14 +10,15 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
 * train steps (`train.make_train_step`, state donated, one synthetic batch), all timed in
   alternating blocks of --steps steps (a, b, c, ..., then the same in a new order every round;
   median of --repeats) so that their ratios see the same load: `float` (resnet18_cifar),
-  `float_fed` (the same step fed by the real input pipeline, `data.train_iterator` of the
-  offline `digits` at 32x32x3 with its augmentation, the in-memory path CIFAR-10 takes: its
-  step time over `float`'s says whether the pipeline starves the step), `float_xla` (the same with
-  `conv_impl="xla"`: XLA's own convolution gradients), `qat` (W4A4: uniform per-channel weights,
-  PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar with binary weights), `w1a1_bf16`
-  and `w1a1_int8` (W1A1 with the block convolutions' forward in exact bf16 / int8 products,
-  model field `binary_compute`), `kd` (bnn_resnet18_cifar W1A1 distilled from a ResNet-18
-  teacher, teacher forward in the step);
+  `float_fed` (the same step fed by the real input pipeline, `data.train_iterator` of the offline
+  `digits` at 32x32x3 with its augmentation, the in-memory path CIFAR-10 takes: its step time over
+  `float`'s says whether the pipeline starves the step), `float_xla` (the same with
+  `conv_impl="xla"`: XLA's own convolution gradients), `float_fast` (`conv_impl="fast"`: the
+  matmul kernel gradient; `float` uses "auto", one of the two: `device.conv_impl_auto`), `qat`
+  (W4A4: uniform per-channel weights, PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar
+  with binary weights), `w1a1_bf16` and `w1a1_int8` (W1A1 with the block convolutions' forward in
+  exact bf16 / int8 products, model field `binary_compute`), `kd` (bnn_resnet18_cifar W1A1
+  distilled from a ResNet-18 teacher, teacher forward in the step);
 * peers, each in its own process speaking benchmarks/peers/protocol.py and timed in the same
   alternation: `torch_float`, `torch_w1a1` (PyTorch eager) and `larq_w1a1` (Keras/Larq on TF).
   A peer that is not installed or fails is listed as skipped with its reason, never as a figure;
@@ -56,7 +57,8 @@ from jcompress import bnn_infer  # noqa: E402
 from jcompress import config as config_lib  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
-STEPS = ("float", "float_fed", "float_xla", "qat", "w1a1", "w1a1_bf16", "w1a1_int8", "w1a2", "kd")
+STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_bf16", "w1a1_int8",
+         "w1a2", "kd")
 PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -99,8 +101,9 @@ def step_config(name: str):
     return common.train_config("resnet18_cifar"), None
   if name == "float_fed":
     return common.train_config("resnet18_cifar"), None
-  if name == "float_xla":
-    return common.train_config("resnet18_cifar", model_kwargs={"conv_impl": "xla"}), None
+  if name in ("float_xla", "float_fast"):
+    return common.train_config("resnet18_cifar", model_kwargs={
+        "conv_impl": name.split("_")[1]}), None
   if name == "qat":
     return common.train_config("resnet18_cifar", qat_bits=4, qat_act="pact"), None
   if name == "w1a1":
@@ -305,6 +308,8 @@ def markdown(r: dict, command: str) -> str:
            f"`{command}`", "",
            f"device: {d['device']}; platform {d['platform']} ({d['device_kind']}), "
            f"jax {d['jax']}; load average at start {r['load_start']}, at end {r['load_end']}", "",
+           f"XLA_FLAGS `{d.get('xla_flags', '')}`; conv_impl \"auto\" = "
+           f"{d.get('conv_impl_auto')!r}", "",
            f"batch {r['batch_size']}, 32x32x3, ResNet-18 with the CIFAR stem; train steps timed in "
            f"alternating blocks of {r['steps']} steps, median of {r['repeats']}.", "",
            "| machine | rate |", "|---|---|"]
@@ -341,7 +346,7 @@ def markdown(r: dict, command: str) -> str:
 
 
 WHAT = {"float": "resnet18_cifar float32", "float_fed": "same, fed by the input pipeline",
-        "float_xla": "same, conv_impl=xla",
+        "float_xla": "same, conv_impl=xla", "float_fast": "same, conv_impl=fast",
         "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
         "w1a1_bf16": "W1A1, forward in bf16", "w1a1_int8": "W1A1, forward in int8",
         "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}

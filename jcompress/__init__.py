@@ -1,9 +1,14 @@
 """jcompress: compression of computer-vision models as functions of Flax parameter trees."""
 
-from jcompress.errors import ConfigError
-from jcompress.errors import DataError
-from jcompress.errors import JCompressError
-from jcompress.errors import WorkdirError
+from jcompress import fastconv as _fastconv
+
+# Before any computation: XLA:CPU's convolutions on Eigen (unless XLA_FLAGS says otherwise).
+_fastconv.configure_xla_cpu()
+
+from jcompress.errors import ConfigError  # noqa: E402
+from jcompress.errors import DataError  # noqa: E402
+from jcompress.errors import JCompressError  # noqa: E402
+from jcompress.errors import WorkdirError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,14 @@ contiguous row slices side by side, and G is g zero-padded to the same (Hq, Wq) 
 zeros cancel every row that would wrap around a border). The forward convolution and the input
 gradient stay XLA's own (both run near the matmul rate).
 
+Which is faster depends on XLA:CPU's convolution kernels. With YNNPACK convolutions (the jax
+0.10 default on CPU) the kernel gradient above is 2-2.5x faster than XLA's; with XLA's Eigen
+convolutions (`XLA_CPU_FLAG`, which `import jcompress` adds to XLA_FLAGS: `configure_xla_cpu`)
+XLA's own convolutions and gradients are faster still, 115 against 78 GFLOP/s over
+resnet18_cifar's convolutions, and beat this kernel gradient. Models default to
+`conv_impl="auto"`, which takes `default_conv_impl()`: "xla" on GPU/TPU and on Eigen, "fast"
+on YNNPACK.
+
 `conv_general_dilated(...)` takes `lax.conv_general_dilated`'s arguments (flax's `nn.Conv`
 accepts it as its `conv_general_dilated` field); anything it does not cover (dilation,
 groups, string padding, other layouts, small outputs where the (Hq, Wq) grid wastes work:
@@ -28,6 +36,8 @@ rounding (the products are the same, summed in a different order); tests/test_fa
 from __future__ import annotations
 
 import functools
+import os
+import re
 from typing import Any
 from typing import Sequence
 
@@ -45,6 +55,51 @@ MAX_GRID_WASTE = 1.3
 CHUNK_BYTES = 6 * 2**20
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+# ----------------------------------------------------------------------------- XLA:CPU's kernels
+
+#: The XLA:CPU option that chooses which operations go to the YNNPACK library.
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+#: What `configure_xla_cpu` adds to XLA_FLAGS: YNNPACK for matmuls only, so that convolutions
+#: run on XLA's Eigen kernels. On the 2-core AVX2 CPU (benchmarks/conv_rates.py, batch 64)
+#: resnet18_cifar's convolutions ran at 115 GFLOP/s with it against 78 without (stage 1's
+#: 64-channel convs: 139/126 GFLOP/s forward/input gradient against 48-72), and XLA's own
+#: kernel gradients (72-140 GFLOP/s) beat `kernel_grad` (47-79) there.
+XLA_CPU_FLAG = f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT"
+
+
+def configure_xla_cpu() -> bool:
+  """Adds `XLA_CPU_FLAG` to the XLA_FLAGS environment variable, unless the user's XLA_FLAGS
+  already set that option (theirs wins) or jax's backends are already initialized (too late:
+  the flags are read once). `import jcompress` calls it. Returns whether it added the flag."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if YNN_OPTION in flags:
+    return False
+  try:
+    from jax._src import xla_bridge  # noqa: PLC0415
+    if xla_bridge.backends_are_initialized():
+      return False
+  except (ImportError, AttributeError):
+    pass
+  os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
+  return True
+
+
+def cpu_convs_on_eigen() -> bool:
+  """Whether XLA_FLAGS keeps YNNPACK away from convolutions (`XLA_CPU_FLAG`, or the user's own
+  setting of `YNN_OPTION` without CONVOLUTION)."""
+  m = re.search(YNN_OPTION + r"=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  return bool(m) and "CONVOLUTION" not in m.group(1)
+
+
+def default_conv_impl() -> str:
+  """What `conv_impl="auto"` (every model's default) means here: XLA's own convolution and
+  gradients ("xla") on GPU/TPU and on a CPU whose convolutions run on Eigen, where they are
+  fastest; the matmul kernel gradient ("fast") on a CPU whose convolutions go to YNNPACK,
+  whose kernel gradients are slow (1-2 GFLOP/s at 32x32: see the module docstring)."""
+  if jax.default_backend() != "cpu" or cpu_convs_on_eigen():
+    return "xla"
+  return "fast"
 
 
 def _conv(x, w, strides, padding, precision=None, preferred_element_type=None):

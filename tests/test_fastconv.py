@@ -1,4 +1,9 @@
-"""The matmul kernel gradient of jcompress.fastconv against XLA's own convolution gradients."""
+"""The matmul kernel gradient of jcompress.fastconv against XLA's own convolution gradients,
+and the XLA:CPU flag that `import jcompress` sets (convolutions on Eigen, conv_impl "auto")."""
+
+import os
+import subprocess
+import sys
 
 import jax
 from jax import lax
@@ -145,3 +150,34 @@ def test_unknown_conv_impl_is_a_config_error():
   model = models.get_model("resnet18_cifar", 10, width=0.125, conv_impl="cudnn")
   with pytest.raises(ConfigError, match="conv_impl"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def _fresh_process(code, xla_flags=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  return out.stdout.strip().splitlines()[-2:]
+
+
+REPORT = ("import os; {pre}import jcompress; from jcompress import fastconv; "
+          "print(repr(os.environ.get('XLA_FLAGS', ''))); print(fastconv.default_conv_impl())")
+
+
+def test_import_puts_cpu_convolutions_on_eigen_and_auto_picks_xla():
+  flags, impl = _fresh_process(REPORT.format(pre=""))
+  assert fastconv.XLA_CPU_FLAG in flags and impl == "xla"
+  # Other flags of the user's are kept beside it.
+  flags, impl = _fresh_process(REPORT.format(pre=""), "--xla_cpu_enable_fast_math=false")
+  assert "--xla_cpu_enable_fast_math=false" in flags and fastconv.XLA_CPU_FLAG in flags
+
+
+def test_user_setting_or_a_running_backend_is_left_alone_and_auto_picks_fast():
+  own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+  flags, impl = _fresh_process(REPORT.format(pre=""), own)
+  assert flags == repr(own) and impl == "fast"
+  # jax already computed something: the flags were read, adding one would be a lie.
+  early = "import jax; jax.numpy.zeros(1).block_until_ready(); "
+  flags, impl = _fresh_process(REPORT.format(pre=early))
+  assert flags == repr("") and impl == "fast"

@@ -19,8 +19,9 @@ block it sits in, so that compression code needs no per-architecture plumbing:
 * `act_quant`: an activation quantizer spec (`{"kind": ..., "bits": ...}`, see
   `jcompress.actquant.make_quantizer`) applied to the input of every convolution except
   `stem_conv` (quantization-aware training of activations). None or kind "none": off.
-* `conv_impl`: "xla" or "fast" (`CONV_IMPLS`; the kernel gradient as a matmul, same values,
-  see `jcompress.fastconv`); None: `DEFAULT_CONV_IMPL`.
+* `conv_impl`: "auto", "xla" or "fast" (`CONV_IMPLS`; "fast": the kernel gradient as a
+  matmul, same values, see `jcompress.fastconv`; "auto" picks the faster one for the platform);
+  None: `DEFAULT_CONV_IMPL` ("auto").
 * `padding`: "torch" (default, symmetric as above) or "same" (XLA/TF "SAME", as Keras's
   `ZeroPadding2D(correct_pad)` + "valid" does for stride-2 convolutions; for imported Keras
   weights).
@@ -43,11 +44,13 @@ import jax.numpy as jnp
 
 from jcompress.errors import ConfigError
 
-#: `conv_impl` values: "xla" (plain `lax.conv_general_dilated`) or "fast" (the same forward and
-#: input gradient, the kernel gradient as one patches-times-gradient matmul: `jcompress.fastconv`).
-CONV_IMPLS = ("xla", "fast")
+#: `conv_impl` values: "xla" (plain `lax.conv_general_dilated`), "fast" (the same forward and
+#: input gradient, the kernel gradient as one patches-times-gradient matmul: `jcompress.fastconv`)
+#: or "auto" (`fastconv.default_conv_impl()`: "xla" on GPU/TPU and on CPU with XLA's Eigen
+#: convolutions, which `import jcompress` selects; "fast" on CPU with YNNPACK convolutions).
+CONV_IMPLS = ("auto", "xla", "fast")
 #: What a model without a `conv_impl` field (or with None) uses.
-DEFAULT_CONV_IMPL = "fast"
+DEFAULT_CONV_IMPL = "auto"
 
 # He / kaiming normal, fan_out mode, untruncated (torchvision's `kaiming_normal_(mode="fan_out")`).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -143,6 +146,9 @@ def conv(
   impl = root_field(module, "conv_impl", DEFAULT_CONV_IMPL)
   if impl not in CONV_IMPLS:
     raise ConfigError(f"model field `conv_impl` must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    from jcompress import fastconv  # noqa: PLC0415
+    impl = fastconv.default_conv_impl()
   conv_fn = None
   if impl == "fast":
     from jcompress import fastconv  # noqa: PLC0415
