@@ -34,9 +34,10 @@ After training, `freeze` turns a BNN ResNet (`jcompress.models.bnn_resnet`, weig
 
 Binary convolutions are then exact integer arithmetic: the codes (+-1, or q in -m..m) and the
 +-1 weights give an integer sum |acc| <= K m <= 9 * 512 * 127 < 2^24, computed as int8 x int8 ->
-int32 (`compute="int8"`, the default: the fastest on the CPU this was written on, see
-benchmarks/bnn_inference.py), bf16 x bf16 -> f32 or f32 x f32 (both exact: the integers fit the
-significand) or, for num_bits = 1, XNOR + popcount on packed words (`compute="xnor"`):
+int32 (`compute="int8"`), bf16 x bf16 -> f32 or f32 x f32 (both exact: the integers fit the
+significand) or, for num_bits = 1, XNOR + popcount on packed words (`compute="xnor"`;
+`compute="auto"`, the default, takes the fastest exact kind where the artifact is loaded:
+`fastest_compute`):
 
     sum_i a_i w_i = K - 2 popcount(bits(a) xor bits(w))  over the K fan-in signs,
 
@@ -81,7 +82,19 @@ PyTree = Any
 FORMAT = "jcompress.bnn_infer/1"
 
 #: How binary convolutions are computed (meta["compute"]).
-COMPUTE = ("int8", "bf16", "f32", "xnor")
+COMPUTE = ("auto", "int8", "bf16", "f32", "xnor")
+
+
+def fastest_compute() -> str:
+  """What `compute="auto"` (the default) means where the artifact is loaded: "int8" on a CPU
+  whose XLA convolutions run on YNNPACK (int8 x int8 -> int32 was the fastest there), "f32" on a
+  CPU with XLA's Eigen convolutions (`fastconv.XLA_CPU_FLAG`, set by `import jcompress`: their
+  int8 convolution measured ~50x slower than float32, 1.5 against 115 images/s for ResNet-18
+  in benchmarks/suite.py), "bf16" on GPU/TPU. All are exact (see the module docstring)."""
+  from jcompress import fastconv  # noqa: PLC0415
+  if jax.default_backend() != "cpu":
+    return "bf16"
+  return "f32" if fastconv.cpu_convs_on_eigen() else "int8"
 
 #: Weight binarizers whose frozen form this module knows (config key `binary.method`).
 METHODS = ("ste_sign", "approx_sign", "swish_sign", "xnor")
@@ -238,7 +251,7 @@ def _freeze_arrays(params: PyTree, batch_stats: PyTree, meta: dict, eps: float) 
 def freeze(params: PyTree, batch_stats: PyTree, model, *, method: str = "ste_sign",
            include: str | Sequence[str] = (r".*",),
            exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
-           compute: str = "int8") -> dict:
+           compute: str = "auto") -> dict:
   """The packed artifact of a trained BNN ResNet (see the module docstring).
 
   Args:
@@ -328,7 +341,7 @@ def expected_arrays(model, meta: dict) -> tuple[dict, PyTree]:
 
 
 def abstract_artifact(model, *, method: str = "ste_sign", in_channels: int = 3,
-                      compute: str = "int8") -> dict:
+                      compute: str = "auto") -> dict:
   """The artifact `freeze` would give for `model`, with `jax.ShapeDtypeStruct` leaves.
 
   No params needed and nothing computed: `artifact_nbytes(abstract_artifact(model))` sizes a
@@ -416,6 +429,8 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   if compute == "xnor" and meta["num_bits"] != 1:
     raise ConfigError(f"`compute`='xnor' needs num_bits=1, the artifact has "
                       f"num_bits={meta['num_bits']}")
+  if compute == "auto":
+    compute = fastest_compute()
   meta["compute"] = compute
   if compute == "xnor":
     return {"meta": meta, **_arrays(frozen)}
@@ -435,7 +450,12 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   return out
 
 
+def _resolve(compute: str) -> str:
+  return fastest_compute() if compute == "auto" else compute
+
+
 def _compute_dtype(compute: str):
+  compute = _resolve(compute)
   return {"int8": jnp.int8, "bf16": jnp.bfloat16, "f32": jnp.float32, "xnor": jnp.int8}[compute]
 
 
@@ -517,7 +537,7 @@ def _to_float(acc: jax.Array, entry: dict, num_bits: int) -> jax.Array:
 
 
 def _forward(arrays: dict, images: jax.Array, meta: _Static) -> jax.Array:
-  nb, compute = meta["num_bits"], meta["compute"]
+  nb, compute = meta["num_bits"], _resolve(meta["compute"])
   code_dtype = _compute_dtype(compute)
   stem = arrays["stem"]
   x = jnp.asarray(images, jnp.float32)

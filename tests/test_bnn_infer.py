@@ -177,7 +177,7 @@ def test_binary_convs_run_in_int8_with_int32_accumulation(nets, images):
   """Walks the jaxpr: every binary conv reads int8 and accumulates in int32; only the stem is
   a float conv."""
   net = nets(1)
-  runtime = bnn_infer.load(net.frozen)
+  runtime = bnn_infer.load(net.frozen, compute="int8")
   jaxpr = jax.make_jaxpr(bnn_infer._forward, static_argnums=(2,))(
       bnn_infer._arrays(runtime), images, bnn_infer._Static(runtime["meta"]))
   convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
@@ -337,3 +337,18 @@ def test_full_size_binary_ratios():
   s18 = bnn_infer.artifact_nbytes(bnn_infer.abstract_artifact(get_model("bnn_resnet18_cifar", 10)))
   assert s18["binary_ratio"] == 32.0
   assert s18["binary_bits_per_weight"] == 1.0
+
+
+def test_auto_compute_takes_the_fastest_exact_kind_where_it_is_loaded(nets, images):
+  """The artifact stores "auto"; loading resolves it: f32 on a CPU whose XLA convolutions run on
+  Eigen (their int8 convolution is slow), int8 on YNNPACK, bf16 on GPU/TPU; same logits."""
+  from jcompress import fastconv  # noqa: PLC0415
+  net = nets(1)
+  assert bnn_infer._meta(net.frozen)["compute"] == "auto"   # noqa: SLF001
+  runtime = bnn_infer.load(net.frozen)
+  want = ("bf16" if jax.default_backend() != "cpu" else
+          "f32" if fastconv.cpu_convs_on_eigen() else "int8")
+  assert runtime["meta"]["compute"] == bnn_infer.fastest_compute() == want
+  np.testing.assert_array_equal(
+      bnn_infer.packed_apply(runtime, images),
+      bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images))
