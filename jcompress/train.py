@@ -355,6 +355,9 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   transform = build_transform(config, abstract_params)
   if lowrank_plan is None:
     model = resolve_binary_compute(config, model, abstract_params)
+  elif config.get("model_kwargs", {}).get("binary_compute") in ("bf16", "int8"):
+    raise ConfigError("config key 'model_kwargs.binary_compute': the narrow forward needs the "
+                      "binary block convolutions, which `lowrank` factorizes; leave it unset")
   distill = None
   if load_teacher and config.get("teacher"):
     distill = make_distillation(config, info, model, init)

@@ -166,3 +166,14 @@ def test_narrow_binary_compute_needs_sign_kernels_on_every_block_conv(data_dir, 
 def test_unknown_binary_compute_is_a_config_error():
   with pytest.raises(ConfigError, match="binary_compute"):
     get_model("bnn_resnet20", 10, binary_compute="fp8")
+
+
+def test_narrow_binary_compute_with_lowrank_is_refused(data_dir):
+  from jcompress import lowrank  # noqa: PLC0415
+  c = _config()
+  c.data_dir = data_dir
+  c.lowrank = lowrank.default_config()
+  c.lowrank.rank = 2
+  c.model_kwargs.binary_compute = "bf16"
+  with pytest.raises(ConfigError, match=r"model_kwargs\.binary_compute.*lowrank"):
+    train.make_experiment(c, load_teacher=False)
