@@ -387,6 +387,12 @@ def main(argv):
 
   times = {k: [] for k in (*runners, *peers)}
   order = [*runners.items(), *peers.items()]
+  for name, run in order:   # one untimed step each: every process warm before the first block
+    try:
+      run(1)
+    except RuntimeError as e:
+      skipped[name] = f"failed while running: {e}"
+      peers[name].close()
   for rep in range(repeats):
     # A new order every round, so that no variant always follows the same one (a peer's
     # thread pools may still spin for a moment after its block), and a short pause after each
