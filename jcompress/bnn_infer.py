@@ -248,6 +248,21 @@ def _freeze_arrays(params: PyTree, batch_stats: PyTree, meta: dict, eps: float) 
   return out
 
 
+def is_block_conv(path: str) -> bool:
+  """Whether a `/`-joined leaf path lies in a block convolution (conv1, conv2, shortcut_conv)."""
+  return "/" in path and path.split("/")[-2] in _BINARY_CONVS
+
+
+def block_conv_selection(params: PyTree, include: str | Sequence[str] = (r".*",),
+                         exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE) -> dict:
+  """{leaf path: whether the `binary` selection (`include`/`exclude`, as `binarize.
+  binary_weights` takes them) treats it as a BNN ResNet's block convolutions are meant to be}:
+  False for a block conv kernel left float or another leaf binarized, in tree order."""
+  mask = transforms.select(params, include, exclude, kernels_only=True, key="binary.include")
+  return {path: bool(selected) == is_block_conv(path)
+          for path, selected in zip(transforms.leaf_paths(params), jax.tree.leaves(mask))}
+
+
 def freeze(params: PyTree, batch_stats: PyTree, model, *, method: str = "ste_sign",
            include: str | Sequence[str] = (r".*",),
            exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
@@ -288,13 +303,11 @@ def freeze(params: PyTree, batch_stats: PyTree, model, *, method: str = "ste_sig
   abstract = _abstract_variables(model, in_ch)
   _compare_trees(params, abstract["params"], "params")
   _compare_trees(batch_stats, abstract["batch_stats"], "batch_stats")
-  mask = transforms.select(params, include, exclude, kernels_only=True, key="binary.include")
-  for path, selected in zip(transforms.leaf_paths(params), jax.tree.leaves(mask)):
-    is_block_conv = path.split("/")[-2] in _BINARY_CONVS if "/" in path else False
-    if bool(selected) != is_block_conv:
-      raise ConfigError(f"config key 'binary.include': packed inference binarizes exactly the "
-                        f"block convolutions {_BINARY_CONVS}; leaf '{path}' is "
-                        f"{'selected' if selected else 'not selected'}")
+  wrong = [p for p, ok in block_conv_selection(params, include, exclude).items() if not ok]
+  if wrong:
+    raise ConfigError(f"config key 'binary.include': packed inference binarizes exactly the "
+                      f"block convolutions {_BINARY_CONVS}; leaf '{wrong[0]}' is "
+                      f"{'not selected' if is_block_conv(wrong[0]) else 'selected'}")
   meta = _spec(model, params, method, compute)
   arrays = jax.jit(_freeze_arrays, static_argnums=(2, 3))(
       params, batch_stats, _Static(meta), float(model.bn_epsilon))
@@ -429,8 +442,7 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   if compute == "xnor" and meta["num_bits"] != 1:
     raise ConfigError(f"`compute`='xnor' needs num_bits=1, the artifact has "
                       f"num_bits={meta['num_bits']}")
-  if compute == "auto":
-    compute = fastest_compute()
+  compute = _resolve(compute)
   meta["compute"] = compute
   if compute == "xnor":
     return {"meta": meta, **_arrays(frozen)}
@@ -455,7 +467,6 @@ def _resolve(compute: str) -> str:
 
 
 def _compute_dtype(compute: str):
-  compute = _resolve(compute)
   return {"int8": jnp.int8, "bf16": jnp.bfloat16, "f32": jnp.float32, "xnor": jnp.int8}[compute]
 
 

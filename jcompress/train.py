@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -369,25 +368,21 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   return exp
 
 
-#: Block convolutions of the binary ResNets whose forward `binary_compute` narrows.
-BINARY_BLOCK_CONVS = r"stage\d+_block\d+/(conv1|conv2|shortcut_conv)/kernel$"
-
-
 def resolve_binary_compute(config, model, params):
   """`model` with its `binary_compute` field checked and "auto" resolved.
 
   "bf16" and "int8" are exact only where every block convolution's kernel is +-1: the config's
   `binary` sub-config must be enabled with a sign binarizer (not "xnor", whose kernels are
-  alpha * sign) and select every block conv kernel (`BINARY_BLOCK_CONVS`); otherwise a
-  ConfigError names `model_kwargs.binary_compute`. "auto" becomes "bf16" where those hold on a
-  GPU or TPU (bf16 products run faster there) and "f32" otherwise: on CPU the narrow forward
-  measured no faster (benchmarks/suite.py's `w1a1_bf16` and `w1a1_int8` rows).
+  alpha * sign) and select every block conv kernel (`bnn_infer.block_conv_selection`);
+  otherwise a ConfigError names `model_kwargs.binary_compute`. "auto" becomes "bf16" where
+  those hold on a GPU or TPU (bf16 products run faster there) and "f32" otherwise: on CPU the
+  narrow forward measured no faster (benchmarks/suite.py's `w1a1_bf16` and `w1a1_int8` rows).
   """
   requested = getattr(model, "binary_compute", None)
   if requested in (None, "f32"):
     return model
   from jcompress import binarize  # noqa: PLC0415
-  tr = transforms_lib
+  from jcompress import bnn_infer  # noqa: PLC0415
   why = None
   binary = config.get("binary")
   if binary is None or not binary.get("enabled", True):
@@ -395,10 +390,10 @@ def resolve_binary_compute(config, model, params):
   elif binary.method not in binarize.BINARIZERS or binary.method == "xnor":
     why = f"binary.method {binary.method!r} does not give +-1 kernels"
   else:
-    mask = tr.select(params, tuple(binary.include), tuple(binary.exclude), key="binary.include")
-    flat = dict(zip(tr.leaf_paths(params), jax.tree_util.tree_leaves(mask)))
-    block = [p for p in flat if re.search(BINARY_BLOCK_CONVS, p)]
-    missed = [p for p in block if not flat[p]]
+    selection = bnn_infer.block_conv_selection(params, tuple(binary.include),
+                                               tuple(binary.exclude))
+    block = [p for p in selection if bnn_infer.is_block_conv(p)]
+    missed = [p for p in block if not selection[p]]
     if not block:
       why = "the model has no binary block convolutions"
     elif missed:

@@ -56,3 +56,7 @@ def test_targets_without_peers_are_not_claimed():
   assert rows["float train step >= 1.2x PyTorch eager"][1] is None
   assert rows["w1a1 step time <= 1.1x float"] == ("1.050x", True)
   assert rows["float step FLOP/s >= 60% of f32 matmul"] == ("30%", False)
+  starve = "input pipeline never starves: float_fed step time <= 1.05x float"
+  assert rows[starve] == ("n/a", None)
+  r["train_steps"]["float_fed"] = {"images_per_second": 8.0, "step_time_vs_float": 1.25}
+  assert {n: (f, ok) for n, f, ok in suite.targets(r)}[starve] == ("1.250x", False)

@@ -42,6 +42,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jcompress import fastconv
 from jcompress.errors import ConfigError
 
 #: `conv_impl` values: "xla" (plain `lax.conv_general_dilated`), "fast" (the same forward and
@@ -147,14 +148,9 @@ def conv(
   if impl not in CONV_IMPLS:
     raise ConfigError(f"model field `conv_impl` must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    from jcompress import fastconv  # noqa: PLC0415
     impl = fastconv.default_conv_impl()
-  conv_fn = None
-  if impl == "fast":
-    from jcompress import fastconv  # noqa: PLC0415
-    conv_fn = fastconv.conv_general_dilated
+  conv_fn = fastconv.conv_general_dilated if impl == "fast" else None
   if narrow is not None and narrow[0] not in (None, "f32", "auto"):
-    from jcompress import fastconv  # noqa: PLC0415
     conv_fn = fastconv.narrow_conv_general_dilated(narrow[0], narrow[1], base=conv_fn)
   quantizer = None
   if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
