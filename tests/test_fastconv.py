@@ -120,11 +120,11 @@ def test_falls_back_where_it_does_not_apply():
 def test_model_loss_and_gradients_equal_xla(name, kwargs):
   """A whole model with conv_impl='fast': the same logits and parameter gradients as 'xla', and
   its gradient jaxpr has one convolution fewer per eligible layer (the kernel gradient became a
-  dot_general)."""
+  dot_general); with 'staged', bitwise the same as 'xla'."""
   x = jax.random.normal(jax.random.PRNGKey(5), (4, 32, 32, 3))
   y = jnp.arange(4) % 10
   out = {}
-  for impl in ("xla", "fast"):
+  for impl in ("xla", "fast", "staged"):
     model = models.get_model(name, 10, conv_impl=impl, **kwargs)
     v = model.init(jax.random.PRNGKey(0), x[:1])
 
@@ -143,6 +143,48 @@ def test_model_loss_and_gradients_equal_xla(name, kwargs):
   for path, gf in flat_f:
     assert rel_err(gf, flat_x[path]) < 1e-4, jax.tree_util.keystr(path)
   assert out["fast"][3] < out["xla"][3]
+  # "staged" runs XLA's own convolutions and gradients: the same values.
+  for a, b in zip(jax.tree.leaves(out["staged"][:3]), jax.tree.leaves(out["xla"][:3])):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dims", [NHWC, ("NCHW", "OIHW", "NCHW")])
+def test_staged_conv_gradients_are_xla_s(dims):
+  """conv_impl "staged": XLA's own forward and gradients, bitwise (only stored first), for
+  stride 1 and 2, a depthwise conv, and another layout."""
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 9, 9, 8))
+  g = jax.random.normal(jax.random.PRNGKey(7), (2, 5, 5, 8))
+  if dims[0] == "NCHW":
+    x, g = x.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
+  for groups, cin in ((1, 8), (8, 1)):
+    w = jax.random.normal(jax.random.PRNGKey(8), (3, 3, cin, 8))
+    if dims[1] == "OIHW":
+      w = w.transpose(3, 2, 0, 1)
+    kw = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=dims,
+              feature_group_count=groups)
+
+    def run(conv, x=x, w=w, kw=kw):
+      y, vjp = jax.vjp(lambda a, b: conv(a, b, **kw), x, w)
+      return (y, *vjp(g))
+
+    ref = jax.jit(lambda x, w: run(lax.conv_general_dilated, x, w))(x, w)
+    got = jax.jit(lambda x, w: run(fastconv.staged_conv_general_dilated, x, w))(x, w)
+    for a, b in zip(got, ref):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_materialize_keeps_values_and_the_conditional():
+  """`materialize` returns its input (also -0.0, inf, nan and bfloat16) and XLA keeps the
+  conditional that makes it a fusion boundary (if XLA ever folds it, the staged kernel
+  gradient loses its speed, not its values: this test says so)."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x = jnp.array([-0.0, 1.5, -2.0, jnp.inf, -jnp.inf, jnp.nan], dtype)
+    np.testing.assert_array_equal(jax.jit(fastconv.materialize)(x), x)
+  f = jax.jit(lambda a, b: jnp.transpose(fastconv.materialize(jax.nn.relu(a * b + 1.0))))
+  a = jnp.ones((4, 8))
+  hlo = f.lower(a, a).compile().as_text()
+  if jax.default_backend() == "cpu":
+    assert "conditional(" in hlo
 
 
 def test_unknown_conv_impl_is_a_config_error():
@@ -165,9 +207,9 @@ REPORT = ("import os; {pre}import jcompress; from jcompress import fastconv; "
           "print(repr(os.environ.get('XLA_FLAGS', ''))); print(fastconv.default_conv_impl())")
 
 
-def test_import_puts_cpu_convolutions_on_eigen_and_auto_picks_xla():
+def test_import_puts_cpu_convolutions_on_eigen_and_auto_picks_staged():
   flags, impl = _fresh_process(REPORT.format(pre=""))
-  assert fastconv.XLA_CPU_FLAG in flags and impl == "xla"
+  assert fastconv.XLA_CPU_FLAG in flags and impl == "staged"
   # Other flags of the user's are kept beside it.
   flags, impl = _fresh_process(REPORT.format(pre=""), "--xla_cpu_enable_fast_math=false")
   assert "--xla_cpu_enable_fast_math=false" in flags and fastconv.XLA_CPU_FLAG in flags

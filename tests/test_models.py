@@ -435,6 +435,62 @@ def test_batchnorm_train_updates_running_stats_eval_does_not(small, images):
   assert not np.allclose(train_one[0], train_logits[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_equals_flax_batchnorm(dtype, train):
+  """`common.BatchNorm` (closed-form gradient, channel sums as products on CPU) against flax's
+  `nn.BatchNorm`: the same variables, outputs, running-average updates and gradients (input,
+  scale, bias), train and eval, float32 and bfloat16 compute; also for a 2-D input (a Dense's
+  output) and a channel whose values are all equal (variance 0)."""
+  from jcompress.models.common import BatchNorm  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(3, impl="rbg"), (8, 5, 5, 16)) * 3 + 1
+  x = x.at[..., 0].set(2.0)
+  for inp in (x, x[:, 0, 0, :]):
+    kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    ours, ref = BatchNorm(**kw), nn.BatchNorm(**kw)
+    v_ref, v_ours = ref.init(KEY, inp), ours.init(KEY, inp)
+    assert jax.tree.map(jnp.shape, v_ref) == jax.tree.map(jnp.shape, v_ours)
+    c = inp.shape[-1]
+    params = {"scale": jnp.linspace(-2.0, 2.0, c), "bias": jnp.arange(c, dtype=jnp.float32)}
+    stats = {"mean": jnp.linspace(0.0, 1.0, c), "var": jnp.linspace(0.5, 2.0, c)}
+
+    def loss(p, x, m):
+      y, upd = m.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+      weights = jnp.arange(c, dtype=jnp.float32)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights), (y, upd["batch_stats"])
+
+    out = {}
+    for name, m in (("ref", ref), ("ours", ours)):
+      fn = jax.jit(jax.value_and_grad(lambda p, x, m=m: loss(p, x, m), (0, 1), has_aux=True))
+      (_, (y, upd)), grads = fn(params, inp)
+      out[name] = (y, upd, grads)
+    assert out["ours"][0].dtype == out["ref"][0].dtype == dtype
+    np.testing.assert_allclose(np.asarray(out["ours"][0], np.float32),
+                               np.asarray(out["ref"][0], np.float32), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 out["ours"][1], out["ref"][1])
+    for a, b in zip(jax.tree.leaves(out["ours"][2]), jax.tree.leaves(out["ref"][2])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_batchnorm_channel_sums_are_products_on_cpu():
+  """Train mode's four channel sums (mean, mean of squares; the gradient's two) are products
+  with a ones vector on CPU (`common.channel_sum`), not XLA reductions."""
+  from jcompress.models.common import BatchNorm  # noqa: PLC0415
+  from jcompress.train import count_primitive  # noqa: PLC0415
+  bn = BatchNorm(use_running_average=False)
+  x = jnp.ones((4, 3, 3, 8))
+  v = bn.init(KEY, x)
+  def grad(x):
+    y, vjp = jax.vjp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], x)
+    return vjp(y)[0]
+
+  jaxpr = jax.make_jaxpr(grad)(x).jaxpr
+  if jax.default_backend() == "cpu":
+    assert count_primitive(jaxpr, "dot_general") == 4
+    assert count_primitive(jaxpr, "reduce_sum") == 0
+
+
 def test_bn_epsilon_field_reaches_batchnorm(images):
   # With running var 0.01, eps 1e-3 vs 1e-5 changes the output by ~5%: the field must be used.
   for eps in (1e-3, 1e-5):
@@ -597,7 +653,8 @@ def test_same_padding_puts_the_extra_zero_row_after():
   # Stride-2 3x3 on an even input: torch pads (1, 1), TF/Keras "SAME" pads (0, 1).
   x = jnp.zeros((1, 8, 8, 3))
   for padding, want in (("torch", ((1, 1), (1, 1))), ("same", ((0, 1), (0, 1)))):
-    model = get_model("small_cnn", 10, width=0.25, padding=padding)
+    # conv_impl "xla": the convolutions sit in the top-level jaxpr (not in a custom_vjp).
+    model = get_model("small_cnn", 10, width=0.25, padding=padding, conv_impl="xla")
     variables = model.init(jax.random.PRNGKey(0), x)
     jaxpr = jax.make_jaxpr(model.apply)(variables, x)
     pads = [tuple(map(tuple, e.params["padding"])) for e in jaxpr.eqns

@@ -130,7 +130,8 @@ class BNNResNet(nn.Module):
     cifar_stem: 3x3 stride-1 stem and no max pool instead of 7x7/2 + max pool 3x3/2.
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
-    conv_impl: "auto", "xla" or "fast" convolution gradients (see `jcompress.models.common`).
+    conv_impl: "auto", "xla", "staged" or "fast" convolution gradients (see
+      `jcompress.models.common`).
     binary_compute: the dtype of the block convolutions' forward (`BINARY_COMPUTE`): "bf16" or
       "int8" (exact narrow products, `fastconv.narrow_conv_general_dilated`) when the block
       kernels are +-1, which the model cannot see: `train.make_experiment` allows them only

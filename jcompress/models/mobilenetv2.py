@@ -105,7 +105,7 @@ class MobileNetV2(nn.Module):
   channels: Any = None   # per-conv widths, QAT activation quantizer, padding: models/common.py
   act_quant: Any = None
   padding: str = "torch"
-  conv_impl: Any = None   # "auto", "xla" or "fast" conv gradients (jcompress.models.common)
+  conv_impl: Any = None   # conv gradients: CONV_IMPLS of jcompress.models.common
   input_norm: Any = None
 
   def __post_init__(self):

@@ -134,8 +134,8 @@ class CifarResNet(nn.Module):
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
     channels, act_quant, padding, conv_impl: see `jcompress.models.common` (per-conv widths of
-      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "xla" or
-      "fast" convolution gradients).
+      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "auto",
+      "xla", "staged" or "fast" convolution gradients).
   """
 
   num_classes: int
@@ -207,8 +207,8 @@ class ResNet(nn.Module):
     stride_in_1x1: Bottleneck stride on the first 1x1 conv (Keras's ResNet50, v1) instead of
       the 3x3 (torchvision, v1.5).
     channels, act_quant, padding, conv_impl: see `jcompress.models.common` (per-conv widths of
-      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "xla" or
-      "fast" convolution gradients).
+      a pruned model, the activation quantizer of QAT, "torch" or "same" padding, "auto",
+      "xla", "staged" or "fast" convolution gradients).
     input_norm: `(scale, shift, reverse)` applied to the input first (`common.normalize_input`):
       the preprocessing that imported weights expect; None: the input as given.
   """

@@ -124,7 +124,7 @@ class ShuffleNetV2(nn.Module):
   channels: Any = None   # per-conv widths, QAT activation quantizer, padding: models/common.py
   act_quant: Any = None
   padding: str = "torch"
-  conv_impl: Any = None   # "auto", "xla" or "fast" conv gradients (jcompress.models.common)
+  conv_impl: Any = None   # conv gradients: CONV_IMPLS of jcompress.models.common
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
