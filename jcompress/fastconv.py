@@ -21,9 +21,10 @@ Which is faster depends on XLA:CPU's convolution kernels. With YNNPACK convoluti
 0.10 default on CPU) the kernel gradient above is 2-2.5x faster than XLA's; with XLA's Eigen
 convolutions (`XLA_CPU_FLAG`, which `import jcompress` adds to XLA_FLAGS: `configure_xla_cpu`)
 XLA's own convolutions and gradients are faster still, 115 against 78 GFLOP/s over
-resnet18_cifar's convolutions, and beat this kernel gradient. Models default to
-`conv_impl="auto"`, which takes `default_conv_impl()`: "xla" on GPU/TPU and on Eigen, "fast"
-on YNNPACK.
+resnet18_cifar's convolutions, and beat this kernel gradient; there the kernel gradient's
+operands are stored before XLA transposes them (`staged_conv_general_dilated`, below). Models
+default to `conv_impl="auto"`, which takes `default_conv_impl()`: "xla" on GPU/TPU, "staged"
+on Eigen, "fast" on YNNPACK.
 
 `conv_general_dilated(...)` takes `lax.conv_general_dilated`'s arguments (flax's `nn.Conv`
 accepts it as its `conv_general_dilated` field); anything it does not cover (dilation,
@@ -291,16 +292,20 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
     return conv(x, w)
 
   def fwd(x, w):
-    return conv(x, w), (x, w)
+    # Which operands need a gradient (static): the stem's input, a frozen kernel need none.
+    return conv(x.value, w.value), (x.value, w.value, x.perturbed, w.perturbed)
 
   def bwd(res, g):
-    x, w = res
-    dx = jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0]
-    xs, gs = materialize(x), materialize(g)
-    dw = jax.vjp(lambda w_: conv(xs, w_), w)[1](gs)[0]
+    x, w, need_dx, need_dw = res
+    dx = dw = None
+    if need_dx:
+      dx = jax.linear_transpose(lambda x_: conv(x_, w), x)(g)[0]
+    if need_dw:
+      xs = materialize(x)
+      dw = jax.linear_transpose(lambda w_: conv(xs, w_), w)(materialize(g))[0]
     return dx, dw
 
-  staged.defvjp(fwd, bwd)
+  staged.defvjp(fwd, bwd, symbolic_zeros=True)
   return staged(lhs, rhs)
 
 

@@ -1,0 +1,100 @@
+r"""Where a compiled train step's time goes, op by op, from XLA's own trace.
+
+  python benchmarks/step_profile.py                          # float resnet18_cifar, batch 64
+  python benchmarks/step_profile.py --binary_bits=1          # the BNN W1A1 step
+  python benchmarks/step_profile.py --conv_impl=xla --top=40
+
+Runs `--steps` steps of jcompress's train step (the runner of benchmarks/suite.py) under
+`jax.profiler.trace` with XLA:CPU's per-operation trace events on
+(`--xla_cpu_enable_xprof_traceme`, added to XLA_FLAGS here, before jax starts), reads the trace
+back with `jax.profiler.ProfileData` and prints milliseconds per step by operation kind (the HLO
+name without its number: `transpose_copy_fusion`, `wrapped_reduce-window`, `dot`, ...) and the
+`--top` single operations. What XLA emits itself (fusions, copies, transposes, reductions) is
+timed whole; a convolution or matmul handed to a library (Eigen, YNNPACK) shows only while it is
+dispatched, so the step's wall time minus the traced operations is printed as "library calls
+and gaps": mostly the convolutions.
+
+This is how the BatchNorm reductions (XLA:CPU's windowed reductions, 0.35 s of a 2.5 s step)
+and the fused transposes before the kernel gradients (0.5 s) were found; see README "Speed".
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import tempfile
+
+TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG}".strip()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", None, "Model (default resnet18_cifar, or "
+                             "bnn_resnet18_cifar with --binary_bits).")
+_BINARY = flags.DEFINE_integer("binary_bits", 0, "BNN activation bits (0: no BNN).")
+_QAT = flags.DEFINE_integer("qat_bits", 0, "QAT weight and activation bits (0: none).")
+_IMPL = flags.DEFINE_string("conv_impl", None, "Model field conv_impl (default: the model's).")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Traced steps (after one untraced).")
+_TOP = flags.DEFINE_integer("top", 20, "Single operations listed.")
+
+
+def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
+  """Nanoseconds by operation name and by kind (name up to its first '.') of the XLA trace
+  events in `trace_dir` (the thunk executor's own events and Python's are left out)."""
+  by_op, by_kind = collections.Counter(), collections.Counter()
+  paths = [os.path.join(d, f) for d, _, fs in os.walk(trace_dir) for f in fs
+           if f.endswith(".xplane.pb")]
+  for path in paths:
+    data = jax.profiler.ProfileData.from_file(path)
+    for plane in data.planes:
+      for line in plane.lines:
+        if not line.name.startswith("tf_XLA"):
+          continue
+        for event in line.events:
+          name = event.name
+          if name.startswith(("ThunkExecutor", "end: ", "$")):
+            continue
+          by_op[name] += event.duration_ns
+          by_kind[name.split(".")[0]] += event.duration_ns
+  return by_op, by_kind
+
+
+def main(argv):
+  del argv
+  model = _MODEL.value or ("bnn_resnet18_cifar" if _BINARY.value else "resnet18_cifar")
+  kwargs = {"conv_impl": _IMPL.value} if _IMPL.value else None
+  config = common.train_config(model, binary_bits=_BINARY.value, qat_bits=_QAT.value,
+                               model_kwargs=kwargs)
+  run, _ = common.make_train_runner(config, batch_size=_BATCH.value)
+  run(1)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    seconds = run(_STEPS.value)
+    jax.profiler.stop_trace()
+    by_op, by_kind = op_times(trace_dir)
+  n = _STEPS.value
+  step_ms = 1e3 * seconds / n
+  traced_ms = sum(by_kind.values()) / 1e6 / n
+  print(f"{model}, batch {_BATCH.value}, {common.device_name()}; XLA_FLAGS "
+        f"`{os.environ.get('XLA_FLAGS', '')}`")
+  print(f"step {step_ms:.0f} ms under the trace ({_BATCH.value / step_ms * 1e3:.1f} images/s); "
+        f"traced operations {traced_ms:.0f} ms; library calls and gaps "
+        f"{step_ms - traced_ms:.0f} ms\n")
+  print("| operation kind | ms per step |\n|---|---|")
+  for kind, ns in by_kind.most_common():
+    if ns / 1e6 / n >= 1.0:
+      print(f"| {kind} | {ns / 1e6 / n:.1f} |")
+  print(f"\n| top {_TOP.value} operations | ms per step |\n|---|---|")
+  for op, ns in by_op.most_common(_TOP.value):
+    print(f"| {op} | {ns / 1e6 / n:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
