@@ -14,7 +14,8 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
   `digits` at 32x32x3 with its augmentation, the in-memory path CIFAR-10 takes: its step time over
   `float`'s says whether the pipeline starves the step), `float_xla` (the same with
   `conv_impl="xla"`: XLA's own convolution gradients), `float_fast` (`conv_impl="fast"`: the
-  matmul kernel gradient; `float` uses "auto", one of the two: `device.conv_impl_auto`), `qat`
+  matmul kernel gradient; `float` uses "auto": "staged" on a CPU with Eigen convolutions, XLA's
+  gradients with stored operands; see `device.conv_impl_auto`), `qat`
   (W4A4: uniform per-channel weights, PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar
   with binary weights), `w1a1_bf16` and `w1a1_int8` (W1A1 with the block convolutions' forward in
   exact bf16 / int8 products, model field `binary_compute`), `kd` (bnn_resnet18_cifar W1A1

@@ -454,7 +454,7 @@ def test_batchnorm_equals_flax_batchnorm(dtype, train):
     params = {"scale": jnp.linspace(-2.0, 2.0, c), "bias": jnp.arange(c, dtype=jnp.float32)}
     stats = {"mean": jnp.linspace(0.0, 1.0, c), "var": jnp.linspace(0.5, 2.0, c)}
 
-    def loss(p, x, m):
+    def loss(p, x, m, stats=stats, c=c):
       y, upd = m.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
       weights = jnp.arange(c, dtype=jnp.float32)
       return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights), (y, upd["batch_stats"])
