@@ -433,8 +433,9 @@ def main(argv):
 
   # The FLOPs of the float step are XLA's count for the step with its own convolution
   # gradients (conv_impl="xla": forward, input and kernel gradient of every layer); the
-  # `float` step computes the same products, but its kernel gradients loop over batch chunks,
-  # which the cost analysis counts once.
+  # `float` step computes the same products (under "staged" its strided input gradients skip
+  # the zeros XLA's dilated form multiplies; under "fast" its kernel gradients loop over batch
+  # chunks, which the cost analysis counts once).
   flops_from = "float_xla"
   if "float_xla" not in infos and "float" in runners:
     infos["float_xla"] = common.make_train_runner(step_config("float_xla")[0], batch)[1]
