@@ -205,23 +205,31 @@ def _is_nhwc(dimension_numbers) -> bool:
   return tuple(dimension_numbers) == _NHWC
 
 
-def applies(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
-            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-            batch_group_count=1) -> bool:
-  """Whether `conv_general_dilated` takes the matmul kernel gradient for these arguments."""
+def _plain_2d(lhs_shape, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count, batch_group_count) -> bool:
+  """A 2-D NHWC/HWIO convolution without dilation or groups, with explicit non-negative
+  padding: what `kernel_grad` and `phase_input_grad` are written for."""
   if len(lhs_shape) != 4 or feature_group_count != 1 or batch_group_count != 1:
     return False
   if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
     return False
   if not _is_nhwc(dimension_numbers) or isinstance(padding, str):
     return False
+  return min(v for p in padding for v in p) >= 0
+
+
+def applies(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
+            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+            batch_group_count=1) -> bool:
+  """Whether `conv_general_dilated` takes the matmul kernel gradient for these arguments."""
+  if not _plain_2d(lhs_shape, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                   feature_group_count, batch_group_count):
+    return False
   kh, kw = rhs_shape[0], rhs_shape[1]
   sh, sw = tuple(window_strides)
   if kh != kw or sh != sw:
     return False
   (pt, pb), (pl, pr) = tuple(tuple(p) for p in padding)
-  if min(pt, pb, pl, pr) < 0:
-    return False
   ho = (lhs_shape[1] + pt + pb - kh) // sh + 1
   wo = (lhs_shape[2] + pl + pr - kw) // sw + 1
   waste = (ho + (kh - 1) // sh) * (wo + (kw - 1) // sw) / (ho * wo)
@@ -309,19 +317,13 @@ def phase_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int],
   return full[:, pt:pt + h, pl:pl + wd, :]
 
 
-def _phase_applies(x_shape, w_shape, g_shape, window_strides, padding, kw) -> bool:
-  """Whether "staged" takes `phase_input_grad`: a strided 2-D NHWC/HWIO convolution without
-  dilation or groups, explicit non-negative padding, an output of >= PHASE_MIN_PIXELS."""
-  if len(x_shape) != 4 or all(st == 1 for st in window_strides):
+def _phase_applies(x_shape, g_shape, window_strides, padding, kw) -> bool:
+  """Whether "staged" takes `phase_input_grad`: a strided `_plain_2d` convolution without a
+  `preferred_element_type`, whose output has >= PHASE_MIN_PIXELS pixels."""
+  if all(st == 1 for st in window_strides) or kw["preferred_element_type"] is not None:
     return False
-  if not _is_nhwc(kw["dimension_numbers"]) or isinstance(padding, str):
-    return False
-  if kw["feature_group_count"] != 1 or kw["batch_group_count"] != 1:
-    return False
-  if any(d != 1 for d in (kw["lhs_dilation"] or (1, 1))) or any(
-      d != 1 for d in (kw["rhs_dilation"] or (1, 1))):
-    return False
-  if kw["preferred_element_type"] is not None or min(v for p in padding for v in p) < 0:
+  if not _plain_2d(x_shape, padding, kw["lhs_dilation"], kw["rhs_dilation"],
+                   kw["dimension_numbers"], kw["feature_group_count"], kw["batch_group_count"]):
     return False
   return g_shape[1] * g_shape[2] >= PHASE_MIN_PIXELS
 
@@ -337,8 +339,8 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
   producers those transposes cost more than the convolution itself (about 0.5 s of a 2.5 s
   ResNet-18 step at batch 64; benchmarks/step_profile.py). Here the backward passes the saved
   input and the output gradient through `materialize` first, then runs XLA's own transpose
-  rule: the same operations on the same values (tests/test_fastconv.py checks the gradients
-  bitwise), the transposes now plain copies (the step's transposes: 0.5 s -> 0.13 s).
+  rule: the same operations on the same values (tests/test_fastconv.py checks the kernel
+  gradients bitwise), the transposes now plain copies (the step's transposes: 0.5 s -> 0.13 s).
 
   The input gradient of a strided convolution with an output of >= PHASE_MIN_PIXELS pixels
   is `phase_input_grad` (XLA's multiplies the zeros of a dilated gradient): the same products
@@ -364,7 +366,7 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
   def bwd(res, g):
     x, w, need_dx, need_dw = res
     dx = dw = None
-    if need_dx and _phase_applies(x.shape, w.shape, g.shape, window_strides, padding, kw):
+    if need_dx and _phase_applies(x.shape, g.shape, window_strides, padding, kw):
       pad = tuple(tuple(int(v) for v in p) for p in padding)
       dx = phase_input_grad(g, w, x.shape, tuple(window_strides), pad).astype(x.dtype)
     elif need_dx:

@@ -188,19 +188,26 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
-def count_primitive(jaxpr, name: str) -> int:
-  """Occurrences of primitive `name` in a jaxpr and all its sub-jaxprs (pjit, custom_vjp, ...):
-  what a compiled step really computes, e.g. `count_primitive(jax.make_jaxpr(step)(...).jaxpr,
-  "conv_general_dilated")` tells a teacher's forward-only pass from a forward + backward one."""
-  count = 0
+def primitive_eqns(jaxpr, name: str) -> list:
+  """The equations of primitive `name` in a jaxpr (or closed jaxpr) and all its sub-jaxprs
+  (pjit, custom_vjp, cond branches, ...), in program order."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  out = []
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
+    if eqn.primitive.name == name:
+      out.append(eqn)
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          count += count_primitive(inner, name)
-  return count
+        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+          out.extend(primitive_eqns(sub, name))
+  return out
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive `name` in a jaxpr and all its sub-jaxprs (`primitive_eqns`):
+  what a compiled step really computes, e.g. `count_primitive(jax.make_jaxpr(step)(...).jaxpr,
+  "conv_general_dilated")` tells a teacher's forward-only pass from a forward + backward one."""
+  return len(primitive_eqns(jaxpr, name))
 
 
 def make_eval_step(model, transform: transforms_lib.ParamTransform) -> Callable:

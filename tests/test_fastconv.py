@@ -189,20 +189,6 @@ PHASE_CASES = [
 ]
 
 
-def _conv_eqns(jaxpr):
-  """The conv_general_dilated equations of a jaxpr and its sub-jaxprs."""
-  out = []
-  for e in jaxpr.eqns:
-    if e.primitive.name == "conv_general_dilated":
-      out.append(e)
-    for p in e.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          out.extend(_conv_eqns(inner))
-  return out
-
-
 @pytest.mark.parametrize("case", PHASE_CASES)
 def test_phase_input_grad_equals_xla(case):
   n, h, w_, c, co, k, s, pad = case
@@ -224,7 +210,7 @@ def test_staged_takes_the_phase_input_grad_from_256_output_pixels():
     w = jnp.ones((3, 3, 2, 2))
     f = lambda x_, w_: jnp.sum(fastconv.staged_conv_general_dilated(  # noqa: E731
         x_, w_, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC))
-    convs = _conv_eqns(jax.make_jaxpr(jax.grad(f))(x, w).jaxpr)
+    convs = train.primitive_eqns(jax.make_jaxpr(jax.grad(f))(x, w), "conv_general_dilated")
     dilated = [e for e in convs if tuple(e.params["lhs_dilation"]) != (1, 1)]
     assert (not dilated) == phases, (side, [e.params["lhs_dilation"] for e in convs])
 

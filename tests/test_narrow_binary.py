@@ -8,7 +8,6 @@ and the config check refuses the narrow forward where the kernels are not +-1.
 
 import jax
 from jax import lax
-import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -28,15 +27,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 def conv_eqns(jaxpr):
   """Every conv_general_dilated equation of a (closed) jaxpr, sub-jaxprs included."""
-  out = []
-
-  def walk(jp):
-    out.extend(e for e in jp.eqns if e.primitive.name == "conv_general_dilated")
-    for sub in jax.extend.core.subjaxprs(jp):
-      walk(sub)
-
-  walk(jaxpr.jaxpr)
-  return out
+  return train.primitive_eqns(jaxpr, "conv_general_dilated")
 
 
 def narrow_eqns(jaxpr, compute):
