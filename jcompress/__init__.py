@@ -4,6 +4,8 @@ from jcompress import fastconv as _fastconv
 
 # Before any computation: XLA:CPU's convolutions on Eigen (unless XLA_FLAGS says otherwise).
 _fastconv.configure_xla_cpu()
+# XLA:CPU's per-call temporary buffers reused from the heap, not mapped afresh (glibc only).
+_fastconv.configure_cpu_malloc()
 
 from jcompress.errors import ConfigError  # noqa: E402
 from jcompress.errors import DataError  # noqa: E402

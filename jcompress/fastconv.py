@@ -36,9 +36,11 @@ rounding (the products are the same, summed in a different order); tests/test_fa
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
+import sys
 from typing import Any
 from typing import Sequence
 
@@ -84,6 +86,43 @@ def configure_xla_cpu() -> bool:
     pass
   os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
   return True
+
+
+#: glibc `mallopt` parameters (malloc.h) that `configure_cpu_malloc` sets.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+#: Environment variables by which a user chooses glibc's malloc behaviour: with any of them
+#: set, `configure_cpu_malloc` leaves malloc alone.
+MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
+def configure_cpu_malloc() -> bool:
+  """Lets glibc's malloc keep and reuse the large blocks XLA:CPU allocates for every run.
+
+  XLA:CPU allocates a compiled function's temporary buffer (336 MB for resnet18_cifar's train
+  step at batch 64) on each call and frees it at the end. glibc serves a block that large with
+  a fresh `mmap` (or, from a worker thread's arena, falls back to one) and unmaps it on `free`,
+  so every step touched 340 MB of new pages: 87,000 page faults and 0.3 s of kernel time per
+  step on the 2-core CPU. One arena, no `mmap` for large blocks and no trimming of the heap's
+  top make the freed buffer stay in the heap, where the next step finds it (0 faults per step,
+  float train step 28.9 -> 32.0 images/s, median of 4 alternated processes; README "Speed").
+  The process then keeps its peak heap (2.2 GB against 1.6 GB of RSS for that benchmark).
+
+  Linux with glibc only, and only where the user chose nothing (`MALLOC_ENV` unset: their
+  settings or a preloaded allocator win). `import jcompress` calls it; calling it again is
+  harmless. Returns whether the settings were applied.
+  """
+  if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV):
+    return False
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    libc.gnu_get_libc_version()   # glibc, not musl: its mallopt ignores these parameters
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  return all(mallopt(param, value) == 1 for param, value in (
+      (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def cpu_convs_on_eigen() -> bool:

@@ -265,3 +265,38 @@ def test_user_setting_or_a_running_backend_is_left_alone_and_auto_picks_fast():
   early = "import jax; jax.numpy.zeros(1).block_until_ready(); "
   flags, impl = _fresh_process(REPORT.format(pre=early))
   assert flags == repr("") and impl == "fast"
+
+
+FAULTS = """
+import resource
+import jax, jax.numpy as jnp
+import jcompress
+from jcompress import fastconv
+x, ones = jnp.ones((8192, 2048)), jnp.ones((1, 8192))
+f = jax.jit(lambda x: ones @ (x * 2.0 + 1.0))   # a 64 MB temporary per call
+def faults():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+calls = [faults() for _ in range(24)]
+print(fastconv.configure_cpu_malloc())
+print(min(calls[4:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_import_makes_xla_temporaries_reuse_the_heap():
+  # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
+  env = {k: v for k, v in os.environ.items() if k not in fastconv.MALLOC_ENV}
+  # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap
+  # grows to its peak some still fault); mapped afresh, every call faults on every page.
+  run = lambda extra: subprocess.run(
+      [sys.executable, "-c", FAULTS], env={**env, **extra}, capture_output=True, text=True,
+      timeout=300, check=True).stdout.split()[-2:]
+  applied, fewest = run({})
+  if applied == "False":
+    pytest.skip("not glibc")
+  assert int(fewest) < 2000, f"{fewest} page faults in every call despite the malloc settings"
+  # The user's own malloc setting wins: nothing is changed, and the temporary faults again.
+  applied, fewest = run({"MALLOC_ARENA_MAX": "8"})
+  assert applied == "False" and int(fewest) > 8000, fewest
