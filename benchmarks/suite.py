@@ -56,6 +56,7 @@ import common  # noqa: E402
 from jcompress import binarize  # noqa: E402
 from jcompress import bnn_infer  # noqa: E402
 from jcompress import config as config_lib  # noqa: E402
+from jcompress import fastconv  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
 STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_bf16", "w1a1_int8",
@@ -76,6 +77,10 @@ _INFER = flags.DEFINE_boolean("inference", True, "Time float and packed-binary i
 _BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "auto", "bnn_infer compute of the packed net.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
 _PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
+_PEER_MALLOC = flags.DEFINE_boolean(
+    "peer_malloc", False, "Start the peers with the glibc malloc settings that "
+    "JCOMPRESS_CPU_MALLOC=1 gives this process (fastconv.configure_cpu_malloc): run both sides "
+    "with them to compare like with like.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data_dir of `float_fed`'s `digits` (default: a temp dir).")
 
@@ -203,8 +208,8 @@ class Peer:
         self.proc.kill()
 
 
-def start_peer(name: str, batch: int, timeout: int):
-  """(Peer, None) or (None, reason it is skipped)."""
+def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
+  """(Peer, None) or (None, reason it is skipped); `malloc`: with `fastconv.malloc_env()`."""
   if name.startswith("torch"):
     try:
       import importlib.util  # noqa: PLC0415
@@ -225,6 +230,8 @@ def start_peer(name: str, batch: int, timeout: int):
     env = {"TF_USE_LEGACY_KERAS": "1"}
   else:
     return None, f"unknown peer {name!r}"
+  if malloc:
+    env = {**(env or {}), **fastconv.malloc_env()}
   try:
     return Peer(args, env, timeout), None
   except (RuntimeError, OSError) as e:
@@ -314,6 +321,9 @@ def markdown(r: dict, command: str) -> str:
            f"jax {d['jax']}; load average at start {r['load_start']}, at end {r['load_end']}", "",
            f"XLA_FLAGS `{d.get('xla_flags', '')}`; conv_impl \"auto\" = "
            f"{d.get('conv_impl_auto')!r}", "",
+           f"glibc malloc settings of JCOMPRESS_CPU_MALLOC=1 (one arena, no mmap, no trim: "
+           f"fastconv.configure_cpu_malloc): {'on' if r.get('malloc') else 'off'} in this process, "
+           f"{'on' if r.get('peer_malloc') else 'off'} in the peers'.", "",
            f"batch {r['batch_size']}, 32x32x3, ResNet-18 with the CIFAR stem; train steps timed in "
            f"alternating blocks of {r['steps']} steps, median of {r['repeats']}.", "",
            "| machine | rate |", "|---|---|"]
@@ -362,7 +372,8 @@ def main(argv):
   batch, steps, repeats = _BATCH.value, _STEPS.value, _REPEATS.value
   r = {"device": common.device_info(), "batch_size": batch, "steps": steps, "repeats": repeats,
        "load_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-       "matmul_n": _MATMUL_N.value}
+       "matmul_n": _MATMUL_N.value, "malloc": fastconv.malloc_configured,
+       "peer_malloc": _PEER_MALLOC.value}
   print(f"device: {r['device']['device']}", flush=True)
   r["matmul"] = matmul_rates(_MATMUL_N.value)
   print(f"matmul rates: {r['matmul']}", flush=True)
@@ -378,7 +389,7 @@ def main(argv):
     print(f"compiled {name}: {infos[name]['compile_seconds']} s", flush=True)
   peers, skipped = {}, {}
   for name in [p for p in _PEERS.value if p]:
-    peer, why = start_peer(name, batch, _PEER_TIMEOUT.value)
+    peer, why = start_peer(name, batch, _PEER_TIMEOUT.value, _PEER_MALLOC.value)
     if peer is None:
       skipped[name] = why
       print(f"peer {name} skipped: {why}", flush=True)

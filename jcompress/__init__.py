@@ -4,8 +4,9 @@ from jcompress import fastconv as _fastconv
 
 # Before any computation: XLA:CPU's convolutions on Eigen (unless XLA_FLAGS says otherwise).
 _fastconv.configure_xla_cpu()
-# XLA:CPU's per-call temporary buffers reused from the heap, not mapped afresh (glibc only).
-_fastconv.configure_cpu_malloc()
+# Opt-in (JCOMPRESS_CPU_MALLOC=1): XLA:CPU's per-call temporaries reused from the heap.
+if _fastconv.MALLOC_OPT_IN in __import__("os").environ:
+  _fastconv.configure_cpu_malloc()
 
 from jcompress.errors import ConfigError  # noqa: E402
 from jcompress.errors import DataError  # noqa: E402

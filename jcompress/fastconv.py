@@ -88,8 +88,16 @@ def configure_xla_cpu() -> bool:
   return True
 
 
-#: glibc `mallopt` parameters (malloc.h) that `configure_cpu_malloc` sets.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+#: What `configure_cpu_malloc` sets: glibc `mallopt` parameter (malloc.h), value, and the
+#: environment variable that sets the same in a process started with it (`malloc_env`).
+MALLOC_SETTINGS = ((-8, 1, "MALLOC_ARENA_MAX"),                  # M_ARENA_MAX
+                   (-4, 0, "MALLOC_MMAP_MAX_"),                  # M_MMAP_MAX
+                   (-1, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"))    # M_TRIM_THRESHOLD
+#: Whether `configure_cpu_malloc` has applied `MALLOC_SETTINGS` in this process.
+malloc_configured = False
+#: With this environment variable set (to anything), `import jcompress` calls
+#: `configure_cpu_malloc`.
+MALLOC_OPT_IN = "JCOMPRESS_CPU_MALLOC"
 #: Environment variables by which a user chooses glibc's malloc behaviour: with any of them
 #: set, `configure_cpu_malloc` leaves malloc alone.
 MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
@@ -108,9 +116,14 @@ def configure_cpu_malloc() -> bool:
   float train step 28.9 -> 32.0 images/s, median of 4 alternated processes; README "Speed").
   The process then keeps its peak heap (2.2 GB against 1.6 GB of RSS for that benchmark).
 
+  Not the default: with one arena the threads of an in-process tf.data pipeline share its lock,
+  and the step fed by the real pipeline took 1.06-1.16x the synthetic step's time against 1.01x
+  without (benchmarks/suite.py `float_fed`). `import jcompress` calls it where the environment
+  sets `MALLOC_OPT_IN` (JCOMPRESS_CPU_MALLOC=1), before jax starts its threads.
+
   Linux with glibc only, and only where the user chose nothing (`MALLOC_ENV` unset: their
-  settings or a preloaded allocator win). `import jcompress` calls it; calling it again is
-  harmless. Returns whether the settings were applied.
+  settings or a preloaded allocator win); calling it again is harmless. Returns whether the
+  settings were applied.
   """
   if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV):
     return False
@@ -121,8 +134,15 @@ def configure_cpu_malloc() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):
     return False
-  return all(mallopt(param, value) == 1 for param, value in (
-      (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
+  global malloc_configured
+  malloc_configured = all(mallopt(param, value) == 1 for param, value, _ in MALLOC_SETTINGS)
+  return malloc_configured
+
+
+def malloc_env() -> dict:
+  """The environment variables that give a new process `configure_cpu_malloc`'s settings
+  (benchmarks/suite.py --peer_malloc starts its peers with them)."""
+  return {name: str(value) for _, value, name in MALLOC_SETTINGS}
 
 
 def cpu_convs_on_eigen() -> bool:

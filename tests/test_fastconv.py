@@ -279,24 +279,28 @@ def faults():
   f(x).block_until_ready()
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 calls = [faults() for _ in range(24)]
-print(fastconv.configure_cpu_malloc())
+print(fastconv.malloc_configured)
 print(min(calls[4:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_import_makes_xla_temporaries_reuse_the_heap():
+def test_opt_in_malloc_settings_make_xla_temporaries_reuse_the_heap():
   # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
-  env = {k: v for k, v in os.environ.items() if k not in fastconv.MALLOC_ENV}
+  env = {k: v for k, v in os.environ.items()
+         if k not in fastconv.MALLOC_ENV and k != fastconv.MALLOC_OPT_IN}
   # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap
   # grows to its peak some still fault); mapped afresh, every call faults on every page.
   run = lambda extra: subprocess.run(
       [sys.executable, "-c", FAULTS], env={**env, **extra}, capture_output=True, text=True,
       timeout=300, check=True).stdout.split()[-2:]
-  applied, fewest = run({})
+  opt_in = {fastconv.MALLOC_OPT_IN: "1"}
+  applied, fewest = run(opt_in)
   if applied == "False":
     pytest.skip("not glibc")
   assert int(fewest) < 2000, f"{fewest} page faults in every call despite the malloc settings"
-  # The user's own malloc setting wins: nothing is changed, and the temporary faults again.
-  applied, fewest = run({"MALLOC_ARENA_MAX": "8"})
-  assert applied == "False" and int(fewest) > 8000, fewest
+  # Not opted in (the default), or the user's own malloc setting: malloc is left alone, and
+  # the temporary faults on every call.
+  for extra in ({}, {**opt_in, "MALLOC_ARENA_MAX": "8"}):
+    applied, fewest = run(extra)
+    assert applied == "False" and int(fewest) > 8000, (extra, fewest)
