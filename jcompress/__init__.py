@@ -1,11 +1,13 @@
 """jcompress: compression of computer-vision models as functions of Flax parameter trees."""
 
+import os as _os
+
 from jcompress import fastconv as _fastconv
 
 # Before any computation: XLA:CPU's convolutions on Eigen (unless XLA_FLAGS says otherwise).
 _fastconv.configure_xla_cpu()
 # Opt-in (JCOMPRESS_CPU_MALLOC=1): XLA:CPU's per-call temporaries reused from the heap.
-if _fastconv.MALLOC_OPT_IN in __import__("os").environ:
+if _os.environ.get(_fastconv.MALLOC_OPT_IN) == "1":
   _fastconv.configure_cpu_malloc()
 
 from jcompress.errors import ConfigError  # noqa: E402

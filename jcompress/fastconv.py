@@ -95,8 +95,7 @@ MALLOC_SETTINGS = ((-8, 1, "MALLOC_ARENA_MAX"),                  # M_ARENA_MAX
                    (-1, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"))    # M_TRIM_THRESHOLD
 #: Whether `configure_cpu_malloc` has applied `MALLOC_SETTINGS` in this process.
 malloc_configured = False
-#: With this environment variable set (to anything), `import jcompress` calls
-#: `configure_cpu_malloc`.
+#: With this environment variable set to "1", `import jcompress` calls `configure_cpu_malloc`.
 MALLOC_OPT_IN = "JCOMPRESS_CPU_MALLOC"
 #: Environment variables by which a user chooses glibc's malloc behaviour: with any of them
 #: set, `configure_cpu_malloc` leaves malloc alone.
