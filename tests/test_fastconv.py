@@ -236,10 +236,13 @@ def test_unknown_conv_impl_is_a_config_error():
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 
 
-def _fresh_process(code, xla_flags=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _fresh_process(code, xla_flags=None, drop=(), **extra_env):
+  """The last two lines `code` prints in a new interpreter, whose environment is this one's
+  without XLA_FLAGS and `drop`, plus `xla_flags` and `extra_env`."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in drop}
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
+  env.update(extra_env)
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300, check=True)
   return out.stdout.strip().splitlines()[-2:]
@@ -287,13 +290,10 @@ print(min(calls[4:]))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_opt_in_malloc_settings_make_xla_temporaries_reuse_the_heap():
   # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
-  env = {k: v for k, v in os.environ.items()
-         if k not in fastconv.MALLOC_ENV and k != fastconv.MALLOC_OPT_IN}
   # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap
   # grows to its peak some still fault); mapped afresh, every call faults on every page.
-  run = lambda extra: subprocess.run(
-      [sys.executable, "-c", FAULTS], env={**env, **extra}, capture_output=True, text=True,
-      timeout=300, check=True).stdout.split()[-2:]
+  run = lambda extra: _fresh_process(  # noqa: E731
+      FAULTS, drop=(*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_IN), **extra)
   opt_in = {fastconv.MALLOC_OPT_IN: "1"}
   applied, fewest = run(opt_in)
   if applied == "False":
