@@ -78,9 +78,9 @@ _BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "auto", "bnn_infer compute of 
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
 _PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
 _PEER_MALLOC = flags.DEFINE_boolean(
-    "peer_malloc", False, "Start the peers with the glibc malloc settings that "
-    "JCOMPRESS_CPU_MALLOC=1 gives this process (fastconv.configure_cpu_malloc): run both sides "
-    "with them to compare like with like.")
+    "peer_malloc", False, "Start the peers with the glibc malloc settings that `import "
+    "jcompress` gives this process (fastconv.configure_cpu_malloc; not with "
+    "JCOMPRESS_CPU_MALLOC=0): run both sides with them to compare like with like.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data_dir of `float_fed`'s `digits` (default: a temp dir).")
 
@@ -321,8 +321,9 @@ def markdown(r: dict, command: str) -> str:
            f"jax {d['jax']}; load average at start {r['load_start']}, at end {r['load_end']}", "",
            f"XLA_FLAGS `{d.get('xla_flags', '')}`; conv_impl \"auto\" = "
            f"{d.get('conv_impl_auto')!r}", "",
-           f"glibc malloc settings of JCOMPRESS_CPU_MALLOC=1 (one arena, no mmap, no trim: "
-           f"fastconv.configure_cpu_malloc): {'on' if r.get('malloc') else 'off'} in this process, "
+           f"glibc malloc settings (no mmap, no trim; CPU computations run in the calling thread: "
+           f"fastconv.configure_cpu_malloc, off with JCOMPRESS_CPU_MALLOC=0): "
+           f"{'on' if r.get('malloc') else 'off'} in this process, "
            f"{'on' if r.get('peer_malloc') else 'off'} in the peers'.", "",
            f"batch {r['batch_size']}, 32x32x3, ResNet-18 with the CIFAR stem; train steps timed in "
            f"alternating blocks of {r['steps']} steps, median of {r['repeats']}.", "",

@@ -6,8 +6,8 @@ from jcompress import fastconv as _fastconv
 
 # Before any computation: XLA:CPU's convolutions on Eigen (unless XLA_FLAGS says otherwise).
 _fastconv.configure_xla_cpu()
-# Opt-in (JCOMPRESS_CPU_MALLOC=1): XLA:CPU's per-call temporaries reused from the heap.
-if _os.environ.get(_fastconv.MALLOC_OPT_IN) == "1":
+# XLA:CPU's per-call temporaries reused from the heap (off with JCOMPRESS_CPU_MALLOC=0).
+if _os.environ.get(_fastconv.MALLOC_OPT_OUT) != "0":
   _fastconv.configure_cpu_malloc()
 
 from jcompress.errors import ConfigError  # noqa: E402

@@ -90,13 +90,12 @@ def configure_xla_cpu() -> bool:
 
 #: What `configure_cpu_malloc` sets: glibc `mallopt` parameter (malloc.h), value, and the
 #: environment variable that sets the same in a process started with it (`malloc_env`).
-MALLOC_SETTINGS = ((-8, 1, "MALLOC_ARENA_MAX"),                  # M_ARENA_MAX
-                   (-4, 0, "MALLOC_MMAP_MAX_"),                  # M_MMAP_MAX
+MALLOC_SETTINGS = ((-4, 0, "MALLOC_MMAP_MAX_"),                  # M_MMAP_MAX
                    (-1, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"))    # M_TRIM_THRESHOLD
 #: Whether `configure_cpu_malloc` has applied `MALLOC_SETTINGS` in this process.
 malloc_configured = False
-#: With this environment variable set to "1", `import jcompress` calls `configure_cpu_malloc`.
-MALLOC_OPT_IN = "JCOMPRESS_CPU_MALLOC"
+#: `import jcompress` calls `configure_cpu_malloc` unless this environment variable is "0".
+MALLOC_OPT_OUT = "JCOMPRESS_CPU_MALLOC"
 #: Environment variables by which a user chooses glibc's malloc behaviour: with any of them
 #: set, `configure_cpu_malloc` leaves malloc alone.
 MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
@@ -108,21 +107,23 @@ def configure_cpu_malloc() -> bool:
 
   XLA:CPU allocates a compiled function's temporary buffer (336 MB for resnet18_cifar's train
   step at batch 64) on each call and frees it at the end. glibc serves a block that large with
-  a fresh `mmap` (or, from a worker thread's arena, falls back to one) and unmaps it on `free`,
-  so every step touched 340 MB of new pages: 87,000 page faults and 0.3 s of kernel time per
-  step on the 2-core CPU. One arena, no `mmap` for large blocks and no trimming of the heap's
-  top make the freed buffer stay in the heap, where the next step finds it (0 faults per step,
-  float train step 28.9 -> 32.0 images/s, median of 4 alternated processes; README "Speed").
-  The process then keeps its peak heap (2.2 GB against 1.6 GB of RSS for that benchmark).
+  a fresh `mmap` and unmaps it on `free`, so every step touched 340 MB of new pages: 87,000
+  page faults and 0.3 s of kernel time per step on the 2-core CPU. Here no `mmap` for large
+  blocks and no trimming of the heap's top keep the freed buffer in the main heap, where the
+  next step finds it; and jax's CPU computations run in the calling thread
+  (`jax_cpu_enable_async_dispatch` off; single-device computations only), so that they
+  allocate from that heap: run on jax's dispatch thread, from a thread arena whose heaps hold
+  64 MB at most, glibc maps a large block whatever `mmap` limit is set. With both: 0-300 faults
+  per step, float train step 29.7 -> 35.0 images/s, fed by the tf.data pipeline 29.1 -> 36.2
+  (medians of 3 alternated processes; README "Speed"). The process keeps its peak heap (2.2
+  against 1.6 GB of RSS for that benchmark). jax releases the GIL while a computation runs
+  inline, so Python threads keep running; one malloc arena for all threads (the earlier
+  recipe) served the step as well but slowed an in-process tf.data pipeline.
 
-  Not the default: with one arena the threads of an in-process tf.data pipeline share its lock,
-  and the step fed by the real pipeline took 1.06-1.16x the synthetic step's time against 1.01x
-  without (benchmarks/suite.py `float_fed`). `import jcompress` calls it where the environment
-  sets `MALLOC_OPT_IN` (JCOMPRESS_CPU_MALLOC=1), before jax starts its threads.
-
-  Linux with glibc only, and only where the user chose nothing (`MALLOC_ENV` unset: their
-  settings or a preloaded allocator win); calling it again is harmless. Returns whether the
-  settings were applied.
+  `import jcompress` calls it unless the environment sets `MALLOC_OPT_OUT`
+  (JCOMPRESS_CPU_MALLOC=0). Linux with glibc only, and only where the user chose nothing
+  (`MALLOC_ENV` unset: their settings or a preloaded allocator win, and dispatch stays as it
+  is); calling it again is harmless. Returns whether the settings were applied.
   """
   if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV):
     return False
@@ -135,6 +136,8 @@ def configure_cpu_malloc() -> bool:
     return False
   global malloc_configured
   malloc_configured = all(mallopt(param, value) == 1 for param, value, _ in MALLOC_SETTINGS)
+  if malloc_configured:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   return malloc_configured
 
 

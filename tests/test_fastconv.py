@@ -282,25 +282,26 @@ def faults():
   f(x).block_until_ready()
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 calls = [faults() for _ in range(24)]
-print(fastconv.malloc_configured)
+print(fastconv.malloc_configured, jax.config.read('jax_cpu_enable_async_dispatch'))
 print(min(calls[4:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_opt_in_malloc_settings_make_xla_temporaries_reuse_the_heap():
+def test_import_lets_xla_temporaries_reuse_the_heap_unless_opted_out():
   # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
   # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap
   # grows to its peak some still fault); mapped afresh, every call faults on every page.
   run = lambda extra: _fresh_process(  # noqa: E731
-      FAULTS, drop=(*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_IN), **extra)
-  opt_in = {fastconv.MALLOC_OPT_IN: "1"}
-  applied, fewest = run(opt_in)
-  if applied == "False":
+      FAULTS, drop=(*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_OUT), **extra)
+  applied, fewest = run({})
+  if applied.startswith("False"):
     pytest.skip("not glibc")
+  # Applied by default, with the computations run in the calling thread (its heap).
+  assert applied == "True False", applied
   assert int(fewest) < 2000, f"{fewest} page faults in every call despite the malloc settings"
-  # Not opted in (the default), or the user's own malloc setting: malloc is left alone, and
-  # the temporary faults on every call.
-  for extra in ({}, {**opt_in, "MALLOC_ARENA_MAX": "8"}):
+  # Opted out, or the user's own malloc setting: malloc and dispatch are left alone, and the
+  # temporary faults on every call.
+  for extra in ({fastconv.MALLOC_OPT_OUT: "0"}, {"MALLOC_ARENA_MAX": "8"}):
     applied, fewest = run(extra)
-    assert applied == "False" and int(fewest) > 8000, (extra, fewest)
+    assert applied == "False True" and int(fewest) > 8000, (extra, applied, fewest)
