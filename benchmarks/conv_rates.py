@@ -4,9 +4,9 @@ kernel gradient timed alone, as jcompress's train step computes them, beside PyT
   python benchmarks/conv_rates.py                 # about 2 min on 2 CPUs
   python benchmarks/conv_rates.py --torch=false   # without the PyTorch columns
 
-For each distinct convolution of resnet18_cifar (batch --batch_size, 32x32 input): the forward
-(`lax.conv_general_dilated`, XLA's), the input gradient (its transpose, XLA's) and the kernel
-gradient (`fastconv.kernel_grad` where `conv_impl="fast"` takes it, XLA's otherwise), best of
+For each distinct convolution of resnet18_cifar (batch --batch_size, 32x32 input): the forward,
+the input gradient and the kernel gradient as the model's convolution computes them with
+--conv_impl ("auto": what the models pick here, `fastconv.default_conv_impl`), best of
 --repeats, in GFLOP/s (2 x MACs / s); the seconds they add up to per step (times how many
 such convs the network has), to compare with the whole step's time from benchmarks/suite.py.
 With PyTorch installed, the same convolution in channels-last layout (its fastest on CPU):
@@ -34,6 +34,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per figure (best reported).")
 _TORCH = flags.DEFINE_boolean("torch", True, "Time PyTorch's convolutions too when installed.")
 _OUT = flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")
+_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "staged", "fast"],
+                          "The models' conv_impl whose gradients are timed.")
 
 #: resnet18_cifar's convolutions: (input side, C_in, C_out, kernel, stride, how many).
 RESNET18_CIFAR = (
@@ -50,9 +52,9 @@ def best(fn, *args, repeats: int) -> float:
   return min(common.block_runner(fn, *args)(1) for _ in range(repeats))
 
 
-def jax_times(n, h, cin, cout, k, s, repeats):
-  """(forward, input gradient, kernel gradient) seconds and whether the kernel gradient is
-  fastconv's."""
+def jax_times(n, h, cin, cout, k, s, impl, repeats):
+  """(forward, input gradient, kernel gradient) seconds of the convolution as `impl` computes
+  it (each gradient alone: a vjp with respect to one operand)."""
   p = (k - 1) // 2
   pad = ((p, p), (p, p))
   ho = (h + 2 * p - k) // s + 1
@@ -60,16 +62,14 @@ def jax_times(n, h, cin, cout, k, s, repeats):
   x = jax.random.normal(kx, (n, h, h, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
   g = jax.random.normal(kg, (n, ho, ho, cout))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=DN)
+  fn = {"xla": lax.conv_general_dilated, "fast": fastconv.conv_general_dilated,
+        "staged": fastconv.staged_conv_general_dilated}[impl]
+  conv = lambda x, w: fn(x, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
   fwd = jax.jit(conv)
-  dx = jax.jit(lambda g, w: jax.linear_transpose(lambda x_: conv(x_, w), x)(g)[0])
-  fast = fastconv.applies(x.shape, w.shape, (s, s), pad, dimension_numbers=DN)
-  if fast:
-    dw = jax.jit(lambda x, g: fastconv.kernel_grad(x, g, k, s, pad))
-  else:
-    dw = jax.jit(lambda x, g: jax.linear_transpose(lambda w_: conv(x, w_), w)(g)[0])
-  return (best(fwd, x, w, repeats=repeats), best(dx, g, w, repeats=repeats),
-          best(dw, x, g, repeats=repeats), fast)
+  dx = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
+  dw = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
+  return (best(fwd, x, w, repeats=repeats), best(dx, x, w, g, repeats=repeats),
+          best(dw, x, w, g, repeats=repeats))
 
 
 def torch_times(n, h, cin, cout, k, s, repeats):
@@ -107,16 +107,17 @@ def torch_times(n, h, cin, cout, k, s, repeats):
 def main(argv):
   del argv
   n, repeats = _BATCH.value, _REPEATS.value
+  impl = fastconv.default_conv_impl() if _IMPL.value == "auto" else _IMPL.value
   rows, total = [], {"forward": 0.0, "input_grad": 0.0, "kernel_grad": 0.0, "torch_all": 0.0}
-  print(f"device: {common.device_name()}; batch {n}, resnet18_cifar convolutions", flush=True)
+  print(f"device: {common.device_name()}; batch {n}, resnet18_cifar convolutions, "
+        f"conv_impl {impl!r}", flush=True)
   for h, cin, cout, k, s, count in RESNET18_CIFAR:
     ho = (h + 2 * ((k - 1) // 2) - k) // s + 1
     gflop = 2 * n * ho * ho * cin * cout * k * k / 1e9
-    tf, tx, tw, fast = jax_times(n, h, cin, cout, k, s, repeats)
+    tf, tx, tw = jax_times(n, h, cin, cout, k, s, impl, repeats)
     tt = torch_times(n, h, cin, cout, k, s, repeats) if _TORCH.value else None
     row = {"conv": f"{h}x{h} {cin}->{cout} {k}x{k}/{s}", "count": count, "gflop": gflop,
            "forward": gflop / tf, "input_grad": gflop / tx, "kernel_grad": gflop / tw,
-           "kernel_grad_impl": "fastconv" if fast else "xla",
            "seconds_per_step": count * (tf + tx + tw)}
     total["forward"] += count * tf
     total["input_grad"] += count * tx
@@ -134,11 +135,11 @@ def main(argv):
   if has_torch:
     head += " torch fwd | torch fwd+bwd |"
     sep += "---|---|"
-  lines = ["GFLOP/s (2 x MACs / s), best of %d; s per step: forward + both gradients x count"
-           % repeats, "", head, sep]
+  lines = [f"GFLOP/s (2 x MACs / s), conv_impl {impl!r}, best of {repeats}; s per step: forward "
+           "+ both gradients x count", "", head, sep]
   for r in rows:
     line = (f"| {r['conv']} | {r['count']} | {r['forward']:.0f} | {r['input_grad']:.0f} | "
-            f"{r['kernel_grad']:.0f} ({r['kernel_grad_impl']}) | {r['seconds_per_step']:.3f} |")
+            f"{r['kernel_grad']:.0f} | {r['seconds_per_step']:.3f} |")
     if has_torch:
       line += f" {r.get('torch_forward', 0):.0f} | {r.get('torch_all', 0):.0f} |"
     lines.append(line)
@@ -153,7 +154,8 @@ def main(argv):
   print("\n".join(lines))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
-      json.dump({"device": common.device_info(), "batch_size": n, "rows": rows,
+      json.dump({"device": common.device_info(), "batch_size": n, "conv_impl": impl,
+                 "rows": rows,
                  "seconds": total, "gflop_per_step": flops}, f, indent=2)
 
 
