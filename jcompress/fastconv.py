@@ -121,11 +121,14 @@ def configure_cpu_malloc() -> bool:
   recipe) served the step as well but slowed an in-process tf.data pipeline.
 
   `import jcompress` calls it unless the environment sets `MALLOC_OPT_OUT`
-  (JCOMPRESS_CPU_MALLOC=0). Linux with glibc only, and only where the user chose nothing
-  (`MALLOC_ENV` unset: their settings or a preloaded allocator win, and dispatch stays as it
-  is); calling it again is harmless. Returns whether the settings were applied.
+  (JCOMPRESS_CPU_MALLOC=0). Linux with glibc only; only where jax computes on the CPU
+  (`_computes_on_cpu`: elsewhere the settings would only keep freed host memory); and only
+  where the user chose nothing (`MALLOC_ENV` unset: their settings or a preloaded allocator
+  win, and dispatch stays as it is). Calling it again is harmless. Returns whether the
+  settings were applied.
   """
-  if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV):
+  if (not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV)
+      or not _computes_on_cpu()):
     return False
   try:
     libc = ctypes.CDLL(None)
@@ -139,6 +142,20 @@ def configure_cpu_malloc() -> bool:
   if malloc_configured:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
   return malloc_configured
+
+
+def _computes_on_cpu() -> bool:
+  """Whether jax's default backend will be the CPU, without starting a backend: the first of
+  `jax_platforms` (JAX_PLATFORMS) where set, else whether no GPU/TPU plugin is installed (jax
+  finds them in the `jax_plugins` namespace or entry points; libtpu)."""
+  import importlib.metadata  # noqa: PLC0415
+  import importlib.util  # noqa: PLC0415
+  platforms = str(jax.config.jax_platforms or "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu")):
+    return False
+  return not importlib.metadata.entry_points(group="jax_plugins")
 
 
 def malloc_env() -> dict:

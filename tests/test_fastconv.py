@@ -305,3 +305,15 @@ def test_import_lets_xla_temporaries_reuse_the_heap_unless_opted_out():
   for extra in ({fastconv.MALLOC_OPT_OUT: "0"}, {"MALLOC_ARENA_MAX": "8"}):
     applied, fewest = run(extra)
     assert applied == "False True" and int(fewest) > 8000, (extra, applied, fewest)
+
+
+def test_malloc_settings_only_where_jax_computes_on_the_cpu():
+  # JAX_PLATFORMS naming an accelerator first: malloc and dispatch left alone (import only, no
+  # backend starts); naming the CPU first: applied.
+  code = ("import jax, jcompress; from jcompress import fastconv; "
+          "print(fastconv.malloc_configured); "
+          "print(jax.config.values['jax_cpu_enable_async_dispatch'])")
+  drop = (*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_OUT)
+  assert _fresh_process(code, drop=drop, JAX_PLATFORMS="tpu,cpu") == ["False", "True"]
+  if sys.platform.startswith("linux"):
+    assert _fresh_process(code, drop=drop, JAX_PLATFORMS="cpu") == ["True", "False"]
