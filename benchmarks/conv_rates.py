@@ -23,7 +23,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -62,8 +61,7 @@ def jax_times(n, h, cin, cout, k, s, impl, repeats):
   x = jax.random.normal(kx, (n, h, h, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
   g = jax.random.normal(kg, (n, ho, ho, cout))
-  fn = {"xla": lax.conv_general_dilated, "fast": fastconv.conv_general_dilated,
-        "staged": fastconv.staged_conv_general_dilated}[impl]
+  fn = fastconv.conv_function(impl)
   conv = lambda x, w: fn(x, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])

@@ -458,6 +458,15 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
   return staged(lhs, rhs)
 
 
+def conv_function(impl: str):
+  """The `lax.conv_general_dilated` stand-in of a model's `conv_impl` ("auto": `default_conv_impl`):
+  what models.common passes to flax's Conv, and what benchmarks/conv_rates.py times."""
+  if impl == "auto":
+    impl = default_conv_impl()
+  return {"xla": lax.conv_general_dilated, "fast": conv_general_dilated,
+          "staged": staged_conv_general_dilated}[impl]
+
+
 # ----------------------------------------------------------------------------- exact narrow forward
 
 #: Narrow forward computes of a binary convolution (`narrow_conv_general_dilated`): operand
