@@ -131,7 +131,8 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
   every step takes the next batch from it, as the train loop does, instead of the fixed one.
 
   `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
-  (`flops_per_step`, None where the backend gives none), and the jitted step's lowering.
+  (`flops_per_step`, None where the backend gives none), and a BNN's `binary_compute`
+  (its "auto" resolved by `train.resolve_binary_compute`, as `train.make_experiment` does).
   """
   from jcompress import distill  # noqa: PLC0415
 
@@ -145,6 +146,7 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
   variables = jax.jit(lambda r: model.init(r, x[:1], train=False))(rng)
   params = variables["params"]
   transform = train.build_transform(config, params)
+  model = train.resolve_binary_compute(config, model, params)   # as make_experiment does
   extra, kd = (), None
   if teacher_config is not None:
     teacher = train.build_model(teacher_config, num_classes)
@@ -176,6 +178,7 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
   run_block(1)   # warm-up
   info = {"model": config.model, "batch_size": batch_size, "image_size": image_size,
           "dtype": config.dtype, "params": models.count_params(params),
+          "binary_compute": getattr(model, "binary_compute", None),
           "compile_seconds": round(compile_s, 2), "flops_per_step": xla_flops(compiled)}
   return run_block, info
 

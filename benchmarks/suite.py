@@ -17,9 +17,11 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
   matmul kernel gradient; `float` uses "auto": "staged" on a CPU with Eigen convolutions, XLA's
   gradients with stored operands; see `device.conv_impl_auto`), `qat`
   (W4A4: uniform per-channel weights, PACT activations), `w1a1` and `w1a2` (bnn_resnet18_cifar
-  with binary weights), `w1a1_bf16` and `w1a1_int8` (W1A1 with the block convolutions' forward in
-  exact bf16 / int8 products, model field `binary_compute`), `kd` (bnn_resnet18_cifar W1A1
-  distilled from a ResNet-18 teacher, teacher forward in the step);
+  with binary weights; the block convolutions' forward as the model field `binary_compute`'s
+  default "auto" picks: XNOR-popcount on a CPU, bf16 on GPU/TPU), `w1a1_f32`, `w1a1_bf16`,
+  `w1a1_int8` and `w1a1_xnor` (W1A1 with that forward in float32, in exact bf16 / int8
+  products, or by XNOR-popcount), `kd` (bnn_resnet18_cifar W1A1 distilled from a ResNet-18
+  teacher, teacher forward in the step);
 * peers, each in its own process speaking benchmarks/peers/protocol.py and timed in the same
   alternation: `torch_float`, `torch_w1a1` (PyTorch eager) and `larq_w1a1` (Keras/Larq on TF).
   A peer that is not installed or fails is listed as skipped with its reason, never as a figure;
@@ -59,11 +61,12 @@ from jcompress import config as config_lib  # noqa: E402
 from jcompress import fastconv  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
-STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_bf16", "w1a1_int8",
-         "w1a2", "kd")
+STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_f32", "w1a1_bf16",
+         "w1a1_int8", "w1a1_xnor", "w1a2", "kd")
 #: Timed unless --only says otherwise: all but `w1a1_int8`, which XLA:CPU's Eigen convolutions
-#: run ~15x slower than float32 (its int8 convolution is not vectorised), minutes per block.
-DEFAULT_STEPS = tuple(s for s in STEPS if s != "w1a1_int8")
+#: run ~15x slower than float32 (its int8 convolution is not vectorised), minutes per block,
+#: and `w1a1_xnor`, what `w1a1` computes on a CPU anyway (`binary_compute="auto"`).
+DEFAULT_STEPS = tuple(s for s in STEPS if s not in ("w1a1_int8", "w1a1_xnor"))
 PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -117,7 +120,7 @@ def step_config(name: str):
     return common.train_config("resnet18_cifar", qat_bits=4, qat_act="pact"), None
   if name == "w1a1":
     return common.train_config("bnn_resnet18_cifar", binary_bits=1), None
-  if name in ("w1a1_bf16", "w1a1_int8"):
+  if name in ("w1a1_f32", "w1a1_bf16", "w1a1_int8", "w1a1_xnor"):
     return common.train_config("bnn_resnet18_cifar", binary_bits=1, model_kwargs={
         "binary_compute": name.split("_")[1]}), None
   if name == "w1a2":
@@ -363,7 +366,8 @@ def markdown(r: dict, command: str) -> str:
 WHAT = {"float": "resnet18_cifar float32", "float_fed": "same, fed by the input pipeline",
         "float_xla": "same, conv_impl=xla", "float_fast": "same, conv_impl=fast",
         "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
-        "w1a1_bf16": "W1A1, forward in bf16", "w1a1_int8": "W1A1, forward in int8",
+        "w1a1_f32": "W1A1, forward in float32", "w1a1_bf16": "W1A1, forward in bf16",
+        "w1a1_int8": "W1A1, forward in int8", "w1a1_xnor": "W1A1, forward by XNOR-popcount",
         "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}
 
 
@@ -427,7 +431,10 @@ def main(argv):
   base = times.get("float")
   r["train_steps"] = {}
   for name in runners:
-    e = {"what": WHAT[name], **infos[name], **common.rates(times[name], steps, batch)}
+    what = WHAT[name]
+    if infos[name].get("binary_compute") and name in ("w1a1", "w1a2", "kd"):
+      what += f", binary_compute auto = {infos[name]['binary_compute']}"
+    e = {"what": what, **infos[name], **common.rates(times[name], steps, batch)}
     if base and name != "float":
       rt = common.ratio(times[name], base)
       e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]

@@ -275,14 +275,18 @@ def pack_signs(w: jax.Array, axis: int = -2) -> jax.Array:
   alike: equal bits xor to 0 and add nothing to the popcount. `axis=-2` is the
   input-channel axis of HWIO conv and (in, out) Dense kernels.
   """
-  w = jnp.moveaxis(jnp.asarray(w), axis, -1)
-  n = w.shape[-1]
+  w = jnp.asarray(w)
+  axis = axis % w.ndim
+  n = w.shape[axis]
   nw = num_words(n)
   bits = (w >= 0).astype(jnp.uint32)
-  bits = jnp.pad(bits, [(0, 0)] * (w.ndim - 1) + [(0, nw * WORD_BITS - n)])
-  bits = bits.reshape(w.shape[:-1] + (nw, WORD_BITS))
-  words = jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  return jnp.moveaxis(words, -1, axis)
+  pad = [(0, 0)] * w.ndim
+  pad[axis] = (0, nw * WORD_BITS - n)
+  # The axis splits in place into (words, 32 bits), so the words keep w's layout (no transpose).
+  bits = jnp.pad(bits, pad).reshape(w.shape[:axis] + (nw, WORD_BITS) + w.shape[axis + 1:])
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape(
+      (WORD_BITS,) + (1,) * (w.ndim - 1 - axis))
+  return jnp.sum(bits << shifts, axis=axis + 1, dtype=jnp.uint32)
 
 
 def unpack_signs(words: jax.Array, n: int, axis: int = -2, dtype=jnp.float32) -> jax.Array:

@@ -47,6 +47,7 @@ from typing import Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 #: Convolutions whose flat-shift grid is larger than the output by more than this factor
 #: ((H_out + (k-1)//s) (W_out + (k-1)//s) / (H_out W_out): 1.13 at 32x32 and 3x3, 1.27 at 16x16
@@ -467,16 +468,81 @@ def conv_function(impl: str):
           "staged": staged_conv_general_dilated}[impl]
 
 
+# ---------------------------------------------------------------------------- XNOR-popcount forward
+
+
+def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
+              padding: Sequence[tuple[int, int]], ternary: bool = False) -> jax.Array:
+  """The NHWC/HWIO convolution of +-1 activations with +-1 kernels by XOR and popcount: int32.
+
+  `x` holds -1 and +1 (`ternary`: -1, 0 and +1, the 2-bit activations), `w` -1 and +1 (any
+  other values read as their sign: >= 0 is +1; x > 0 is +1). Both are packed 32 channels to a
+  uint32 word (`binarize.pack_signs`: bit 1 for +1; a channel count that is not a multiple of
+  32 is padded with 0 bits on both sides, which agree and add nothing). Each output is then
+
+      sum_{taps, c} x w = K - 2 popcount(x_bits xor w_bits)  summed over the taps' words,
+
+  K = kh kw C. The zero padding of the convolution reads as -1 bits; the sum of w over an output
+  position's padded taps (what those -1s took away) is added back. Ternary activations carry a
+  second bit plane `nz` (x != 0): sum = popcount(nz) - 2 popcount(nz and (x_bits xor w_bits)),
+  the padding being nz = 0. Exact integers, so equal to the float32 convolution of the same
+  values (tests/test_fastconv.py). One XLA loop fusion: every output element sums
+  kh kw ceil(C / 32) popcounts, vectorised over the output channels.
+  """
+  from jcompress import binarize  # noqa: PLC0415
+  n, h, wd, c = x.shape
+  kh, kw, _, co = w.shape
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding
+  ho, wo = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
+  spatial = ((0, 0), (pt, pb), (pl, pr), (0, 0))
+  one = jnp.ones((), jnp.int8)
+  bits = jnp.pad(binarize.pack_signs(jnp.where(x > 0, one, -one), axis=-1), spatial)
+  nz = (jnp.pad(binarize.pack_signs(jnp.where(x != 0, one, -one), axis=-1), spatial)
+        if ternary else None)
+  wbits = binarize.pack_signs(w, axis=2)                       # (kh, kw, words, C_out)
+
+  def tap(a, i, j, q):   # word q of tap (i, j) of every output position: (n, ho, wo, 1)
+    return lax.slice(a, (0, i, j, q), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, q + 1),
+                     (1, sh, sw, 1))
+
+  diff = ones = None
+  for i in range(kh):
+    for j in range(kw):
+      for q in range(wbits.shape[2]):
+        d = tap(bits, i, j, q) ^ wbits[i, j, q]
+        if ternary:
+          d = d & tap(nz, i, j, q)
+          o = lax.population_count(tap(nz, i, j, q)).astype(jnp.int32)
+          ones = o if ones is None else ones + o
+        d = lax.population_count(d).astype(jnp.int32)
+        diff = d if diff is None else diff + d
+  if ternary:
+    return materialize(ones - 2 * diff)
+  # sum of w over the padded taps of each output position: sum_taps (1 - valid) colsum(w).
+  rows = np.arange(ho)[:, None] * sh + np.arange(kh)[None] - pt          # (ho, kh)
+  cols = np.arange(wo)[:, None] * sw + np.arange(kw)[None] - pl          # (wo, kw)
+  outside = ~(((rows >= 0) & (rows < h))[:, None, :, None]
+              & ((cols >= 0) & (cols < wd))[None, :, None, :])          # (ho, wo, kh, kw)
+  # sum of w over C_in per tap: (+1s) - (-1s) = 2 popcount - C (the pad bits are 0).
+  plus = jnp.sum(lax.population_count(wbits).astype(jnp.int32), axis=2)
+  wsum = 2 * plus - c                                                    # (kh, kw, C_out)
+  pad_sum = jnp.einsum("hwij,ijo->hwo", outside.astype(np.int32), wsum)
+  return materialize((kh * kw * c) - 2 * diff + pad_sum)
+
+
 # ----------------------------------------------------------------------------- exact narrow forward
 
 #: Narrow forward computes of a binary convolution (`narrow_conv_general_dilated`): operand
 #: dtype and accumulator. Both are exact for integer operands of magnitude <= 127: bfloat16
 #: holds every integer up to 256 and the products accumulate in float32 (exact below 2^24);
-#: int8 accumulates in int32.
-NARROW_COMPUTE = {"bf16": (jnp.bfloat16, jnp.float32), "int8": (jnp.int8, jnp.int32)}
+#: int8 accumulates in int32. "xnor" (`xnor_conv`: packed sign bits, XOR and popcount, int32
+#: sums) computes the levels-1 grid only: sign activations, or -1/0/+1 (2 bits).
+NARROW_COMPUTE = {"bf16": (jnp.bfloat16, jnp.float32), "int8": (jnp.int8, jnp.int32),
+                  "xnor": (jnp.uint32, jnp.int32)}
 
 
-def narrow_conv_general_dilated(compute: str, levels: int, base=None):
+def narrow_conv_general_dilated(compute: str, levels: int, base=None, zeros: bool = True):
   """A `lax.conv_general_dilated` for a binary convolution whose forward runs in `compute`.
 
   Exact under two preconditions the caller guarantees (`jcompress.models.bnn_resnet` checks
@@ -488,6 +554,11 @@ def narrow_conv_general_dilated(compute: str, levels: int, base=None):
   dtype: integer products and sums, exact, so for `levels == 1` the result is bitwise the
   float32 convolution's, otherwise within one float32 rounding of it.
 
+  "xnor" (levels 1 only) packs the signs 32 to a word and sums popcounts (`xnor_conv`); `zeros`
+  says whether the activations may hold 0 (2-bit activations do, sign activations never): with
+  False it skips the nonzero bit plane. A convolution `xnor_conv` does not cover (dilation,
+  groups, string padding, other layouts) runs the float32 forward.
+
   The backward is `base`'s (default `lax.conv_general_dilated`; `conv_general_dilated` of this
   module for the matmul kernel gradient) on the float values: the output gradient is not an
   integer, so neither gradient has an exact narrow form.
@@ -496,6 +567,8 @@ def narrow_conv_general_dilated(compute: str, levels: int, base=None):
     raise ValueError(f"narrow compute must be one of {tuple(NARROW_COMPUTE)}, got {compute!r}")
   if not 1 <= levels <= 127:
     raise ValueError(f"levels must be in 1..127 for an exact narrow conv, got {levels}")
+  if compute == "xnor" and levels != 1:
+    raise ValueError(f"xnor computes levels 1 (sign or -1/0/+1 activations) only, got {levels}")
   dt, acc = NARROW_COMPUTE[compute]
   base = base or lax.conv_general_dilated
 
@@ -512,6 +585,14 @@ def narrow_conv_general_dilated(compute: str, levels: int, base=None):
 
     @jax.custom_vjp
     def narrow(x, w):
+      if compute == "xnor":
+        out = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+        if preferred_element_type is None and _plain_2d(
+            x.shape, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count):
+          pad = tuple(tuple(int(v) for v in p) for p in padding)
+          return xnor_conv(x, w, tuple(window_strides), pad, ternary=zeros).astype(out)
+        return reference(x, w)
       xq = jnp.round(x.astype(jnp.float32) * levels).astype(dt)
       y = lax.conv_general_dilated(xq, w.astype(dt), window_strides, padding,
                                    preferred_element_type=acc, **kw).astype(jnp.float32)

@@ -361,7 +361,7 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   transform = build_transform(config, abstract_params)
   if lowrank_plan is None:
     model = resolve_binary_compute(config, model, abstract_params)
-  elif config.get("model_kwargs", {}).get("binary_compute") in ("bf16", "int8"):
+  elif config.get("model_kwargs", {}).get("binary_compute") in ("bf16", "int8", "xnor"):
     raise ConfigError("config key 'model_kwargs.binary_compute': the narrow forward needs the "
                       "binary block convolutions, which `lowrank` factorizes; leave it unset")
   distill = None
@@ -378,12 +378,16 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
 def resolve_binary_compute(config, model, params):
   """`model` with its `binary_compute` field checked and "auto" resolved.
 
-  "bf16" and "int8" are exact only where every block convolution's kernel is +-1: the config's
-  `binary` sub-config must be enabled with a sign binarizer (not "xnor", whose kernels are
-  alpha * sign) and select every block conv kernel (`bnn_infer.block_conv_selection`);
-  otherwise a ConfigError names `model_kwargs.binary_compute`. "auto" becomes "bf16" where
-  those hold on a GPU or TPU (bf16 products run faster there) and "f32" otherwise: on CPU the
-  narrow forward measured no faster (benchmarks/suite.py's `w1a1_bf16` and `w1a1_int8` rows).
+  "bf16", "int8" and "xnor" are exact only where every block convolution's kernel is +-1: the
+  config's `binary` sub-config must be enabled with a sign binarizer (not "xnor", whose kernels
+  are alpha * sign) and select every block conv kernel (`bnn_infer.block_conv_selection`);
+  "xnor" (packed signs, XOR and popcount) also needs activations on the levels-1 grid, 1 or 2
+  bits (`num_bits`; the model checks that). Otherwise a ConfigError names
+  `model_kwargs.binary_compute`. "auto" (the
+  BNN models' default) becomes, where those hold, "bf16" on a GPU or TPU (bf16 products run
+  faster there) and "xnor" on a CPU (3-4x faster than the float32 convolutions on the 2-core
+  AVX2 CPU, where bf16 and int8 products are not: benchmarks/suite.py's `w1a1_*` rows), and
+  "f32" where they do not hold.
   """
   requested = getattr(model, "binary_compute", None)
   if requested in (None, "f32"):
@@ -392,6 +396,7 @@ def resolve_binary_compute(config, model, params):
   from jcompress import bnn_infer  # noqa: PLC0415
   why = None
   binary = config.get("binary")
+  num_bits = getattr(model, "num_bits", 1)
   if binary is None or not binary.get("enabled", True):
     why = "the config has no enabled `binary` sub-config, so the block kernels are float"
   elif binary.method not in binarize.BINARIZERS or binary.method == "xnor":
@@ -407,8 +412,11 @@ def resolve_binary_compute(config, model, params):
       why = (f"binary.include/exclude leave {len(missed)} block conv kernel(s) float, "
              f"e.g. {missed[0]}")
   if requested == "auto":
-    fast = jax.default_backend() in ("gpu", "tpu") and why is None
-    return model.clone(binary_compute="bf16" if fast else "f32")
+    if why is not None:
+      return model.clone(binary_compute="f32")
+    if jax.default_backend() in ("gpu", "tpu"):
+      return model.clone(binary_compute="bf16")
+    return model.clone(binary_compute="xnor" if num_bits <= 2 else "f32")
   if why is not None:
     raise ConfigError(f"config key 'model_kwargs.binary_compute': {requested!r} computes the "
                       f"binary convolutions exactly only when their kernels are +-1, but {why}")

@@ -1,9 +1,12 @@
 """Exact narrow forward of the binary convolutions (`binary_compute`, issue 8 item 3).
 
 +-1 kernels times activations on the grid k / levels are integer products: in bfloat16 (f32
-accumulation) or int8 (int32 accumulation) they are exact. Checked here: the conv and the whole
-BNN give the float32 values and gradients, the jaxpr really holds bf16 / int8 convolutions,
-and the config check refuses the narrow forward where the kernels are not +-1.
+accumulation) or int8 (int32 accumulation) they are exact, and on the levels-1 grid (-1/+1,
+-1/0/+1) so are packed sign bits with XOR and popcount ("xnor"). Checked here: the conv and the
+whole BNN give the float32 values and gradients, the jaxpr really holds bf16 / int8
+convolutions or uint32 popcounts in place of the float32 forward convolutions, and the config
+check refuses the narrow forward where the kernels are not +-1 (or, for xnor, the activations
+have more than 2 bits).
 """
 
 import jax
@@ -37,6 +40,16 @@ def narrow_eqns(jaxpr, compute):
           and e.params["preferred_element_type"] == acc]
 
 
+def popcount_eqns(jaxpr):
+  """The uint32 popcounts of a jaxpr (what `fastconv.xnor_conv` computes with)."""
+  return [e for e in train.primitive_eqns(jaxpr, "population_count")
+          if e.invars[0].aval.dtype == jnp.uint32]
+
+
+def float_convs(jaxpr):
+  return [e for e in conv_eqns(jaxpr) if all(v.aval.dtype == jnp.float32 for v in e.invars)]
+
+
 @pytest.mark.parametrize("compute", ["bf16", "int8"])
 @pytest.mark.parametrize("levels,stride", [(1, 1), (1, 2), (3, 1), (127, 1)])
 def test_narrow_conv_equals_float32_conv(compute, levels, stride):
@@ -67,11 +80,67 @@ def test_narrow_conv_equals_float32_conv(compute, levels, stride):
   assert sum(all(v.aval.dtype == jnp.float32 for v in e.invars) for e in convs) == len(convs) - 1
 
 
+def _grid(key, shape, zeros):
+  """-1/+1 (or -1/0/+1 with `zeros`) float32 values."""
+  v = jax.random.randint(key, shape, -1, 2).astype(jnp.float32)
+  return v if zeros else jnp.where(v == 0, 1.0, v)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("shape,k,stride,pad", [
+    ((2, 8, 8, 16), 3, 1, ((1, 1), (1, 1))),     # 16 channels: one word, 16 pad bits
+    ((2, 9, 7, 64), 3, 2, ((1, 1), (1, 1))),     # two words, odd sizes, stride 2
+    ((1, 6, 6, 40), 3, 2, ((0, 1), (1, 0))),     # uneven padding, 40 channels
+    ((2, 5, 5, 33), 1, 1, ((0, 0), (0, 0))),     # 1x1
+    ((1, 4, 4, 32), 3, 1, ((2, 2), (2, 2))),     # taps wholly in the padding
+])
+def test_xnor_conv_equals_float32_conv(zeros, shape, k, stride, pad):
+  kx, kw = jax.random.split(jax.random.PRNGKey(shape[-1] + k + stride))
+  x = _grid(kx, shape, zeros)
+  w = _grid(kw, (k, k, shape[-1], 24), zeros=False)
+  ref = lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+  y = jax.jit(fastconv.xnor_conv, static_argnums=(2, 3, 4))(x, w, (stride, stride), pad, zeros)
+  assert y.dtype == jnp.int32
+  np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_xnor_narrow_conv_gives_the_float32_values_and_gradients(zeros, stride):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(3 + stride), 3)
+  x = _grid(kx, (2, 8, 8, 48), zeros)
+  w = _grid(kw, (3, 3, 48, 16), zeros=False)
+  pad = ((1, 1), (1, 1))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+  fn = fastconv.narrow_conv_general_dilated("xnor", 1, zeros=zeros)
+  xnor = lambda x, w: fn(x, w, (stride, stride), pad, dimension_numbers=DN)
+  y_ref, y = ref(x, w), jax.jit(xnor)(x, w)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(y, y_ref)
+  g = jax.random.normal(kg, y.shape)
+  grads_ref = jax.vjp(ref, x, w)[1](g)
+  grads = jax.jit(lambda x, w, g: jax.vjp(xnor, x, w)[1](g))(x, w, g)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+  # The forward is popcounts of uint32 words, no convolution; the backward's are float32.
+  forward = jax.make_jaxpr(xnor)(x, w)
+  assert len(popcount_eqns(forward)) >= 9 * 2 and not conv_eqns(forward)
+  jaxpr = jax.make_jaxpr(lambda x, w, g: jax.vjp(xnor, x, w)[1](g))(x, w, g)
+  assert len(float_convs(jaxpr)) == len(conv_eqns(jaxpr)) >= 2
+  # A convolution xnor_conv does not cover (dilation) takes the float32 forward: same values.
+  dil = lambda x, w: fn(x, w, (1, 1), pad, rhs_dilation=(2, 2), dimension_numbers=DN)
+  np.testing.assert_array_equal(
+      jax.jit(dil)(x, w), lax.conv_general_dilated(x, w, (1, 1), pad, rhs_dilation=(2, 2),
+                                                   dimension_numbers=DN))
+
+
 def test_narrow_conv_refuses_what_it_cannot_compute_exactly():
   with pytest.raises(ValueError, match="levels"):
     fastconv.narrow_conv_general_dilated("int8", 128)
   with pytest.raises(ValueError, match="bf16"):
     fastconv.narrow_conv_general_dilated("int4", 1)
+  with pytest.raises(ValueError, match="xnor computes levels 1"):
+    fastconv.narrow_conv_general_dilated("xnor", 3)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +160,19 @@ def _loss(model, transform, params, batch_stats, x):
   return jnp.sum(out[0] ** 2), out[0]
 
 
-@pytest.mark.parametrize("compute", ["bf16", "int8"])
+@pytest.mark.parametrize("compute", ["bf16", "int8", "xnor"])
 @pytest.mark.parametrize("bits", [1, 2])
 def test_bnn_with_narrow_forward_gives_the_float32_logits_and_gradients(bnn, compute, bits):
   x, nets = bnn
   v, transform = nets[bits]
-  results, jaxprs = {}, {}
+  results, jaxprs, forwards = {}, {}, {}
   for c in ("f32", compute):
     model = get_model("bnn_resnet20", 10, num_bits=bits, width=0.5, binary_compute=c)
-    fn = jax.value_and_grad(lambda p, model=model: _loss(model, transform, p, v["batch_stats"], x),
-                            has_aux=True)
+    loss = lambda p, model=model: _loss(model, transform, p, v["batch_stats"], x)
+    fn = jax.value_and_grad(loss, has_aux=True)
     results[c] = jax.jit(fn)(v["params"])
     jaxprs[c] = jax.make_jaxpr(fn)(v["params"])
+    forwards[c] = jax.make_jaxpr(loss)(v["params"])
   (_, y_ref), g_ref = results["f32"]
   (_, y), g = results[compute]
   np.testing.assert_array_equal(y, y_ref) if bits == 1 else np.testing.assert_allclose(
@@ -110,28 +180,42 @@ def test_bnn_with_narrow_forward_gives_the_float32_logits_and_gradients(bnn, com
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Every block conv (9 blocks x 2 + 2 projection shortcuts) runs narrow; the stem does not.
-  assert len(narrow_eqns(jaxprs[compute], compute)) == 20
-  assert len(narrow_eqns(jaxprs["f32"], compute)) == 0
+  if compute == "xnor":   # the forward: the stem's conv alone, popcounts for the 20 others
+    assert len(float_convs(forwards["f32"])) == len(conv_eqns(forwards["f32"])) == 21
+    assert len(conv_eqns(forwards[compute])) == 1
+    assert popcount_eqns(forwards[compute]) and not popcount_eqns(jaxprs["f32"])
+  else:
+    assert len(narrow_eqns(jaxprs[compute], compute)) == 20
+    assert len(narrow_eqns(jaxprs["f32"], compute)) == 0
 
 
-def _config(**binary):
+def _config(num_bits=1, **binary):
   c = config_lib.base_config()
   c.model, c.data, c.width = "bnn_resnet20", "digits", 0.25
-  c.model_kwargs.num_bits = 1
+  c.model_kwargs.num_bits = num_bits
   if binary is not None:
     c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (r".*",),
                                           "exclude": transforms.DEFAULT_EXCLUDE, **binary})
   return c
 
 
-@pytest.mark.parametrize("compute", ["bf16", "int8", "auto"])
-def test_make_experiment_keeps_or_resolves_binary_compute(data_dir, compute):
-  c = _config()
+@pytest.mark.parametrize("num_bits", [1, 2, 3])
+@pytest.mark.parametrize("compute", ["bf16", "int8", "xnor", "auto", None])
+def test_make_experiment_keeps_or_resolves_binary_compute(data_dir, compute, num_bits):
+  c = _config(num_bits)
   c.data_dir = data_dir
-  c.model_kwargs.binary_compute = compute
+  if compute is not None:   # None: the model's default, "auto"
+    c.model_kwargs.binary_compute = compute
+  if compute == "xnor" and num_bits > 2:
+    with pytest.raises(ConfigError, match=r"`binary_compute` 'xnor'.*`num_bits` is 3"):
+      train.make_experiment(c, load_teacher=False)
+    return
   exp = train.make_experiment(c, load_teacher=False)
-  expected = compute if compute != "auto" else (
-      "bf16" if jax.default_backend() in ("gpu", "tpu") else "f32")
+  if compute in ("auto", None):
+    accel = jax.default_backend() in ("gpu", "tpu")
+    expected = "bf16" if accel else "xnor" if num_bits <= 2 else "f32"
+  else:
+    expected = compute
   assert exp.model.binary_compute == expected
 
 
@@ -150,6 +234,9 @@ def test_narrow_binary_compute_needs_sign_kernels_on_every_block_conv(data_dir, 
   with pytest.raises(ConfigError, match=r"model_kwargs\.binary_compute") as e:
     train.make_experiment(c, load_teacher=False)
   assert match in str(e.value)
+  c.model_kwargs.binary_compute = "xnor"
+  with pytest.raises(ConfigError, match=r"model_kwargs\.binary_compute"):
+    train.make_experiment(c, load_teacher=False)
   c.model_kwargs.binary_compute = "auto"   # auto falls back to float32 instead
   assert train.make_experiment(c, load_teacher=False).model.binary_compute == "f32"
 

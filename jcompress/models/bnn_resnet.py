@@ -66,7 +66,7 @@ from jcompress.models.common import root_field
 from jcompress.models.common import scale_channels
 
 #: Values of the `binary_compute` model field (None: "f32").
-BINARY_COMPUTE = (None, "auto", "f32", "bf16", "int8")
+BINARY_COMPUTE = (None, "auto", "f32", "bf16", "int8", "xnor")
 
 
 def check_num_bits(num_bits: Any, model: str) -> None:
@@ -104,7 +104,7 @@ class BinaryBasicBlock(nn.Module):
     # The root model's `binary_compute`: the three convs below see inputs on the grid
     # k / levels (the quantizer's output) and, when it is set, +-1 kernels.
     levels = 1 if self.num_bits == 1 else 2 ** (self.num_bits - 1) - 1
-    narrow = (root_field(self, "binary_compute"), levels)
+    narrow = (root_field(self, "binary_compute"), levels, self.num_bits > 1)
     y = quantize(batch_norm(self, train, "bn1")(x), self.num_bits)
     y = conv(self, self.features, 3, self.strides, name="conv1", narrow=narrow)(y)
     y = quantize(batch_norm(self, train, "bn2")(y), self.num_bits)
@@ -132,12 +132,14 @@ class BNNResNet(nn.Module):
     bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
     conv_impl: "auto", "xla", "staged" or "fast" convolution gradients (see
       `jcompress.models.common`).
-    binary_compute: the dtype of the block convolutions' forward (`BINARY_COMPUTE`): "bf16" or
-      "int8" (exact narrow products, `fastconv.narrow_conv_general_dilated`) when the block
-      kernels are +-1, which the model cannot see: `train.make_experiment` allows them only
-      when the `binary` transform binarizes every block conv with a sign, and resolves
-      "auto" there (bf16 on GPU/TPU, f32 on CPU, where narrow products are not faster).
-      None, "f32" and an unresolved "auto": float32, as the other layers.
+    binary_compute: how the block convolutions' forward computes (`BINARY_COMPUTE`): "bf16" or
+      "int8" (exact narrow products, `fastconv.narrow_conv_general_dilated`) or "xnor" (packed
+      sign bits, XOR and popcount, `fastconv.xnor_conv`; 1- and 2-bit activations) when the
+      block kernels are +-1, which the model cannot see: `train.make_experiment` allows them
+      only when the `binary` transform binarizes every block conv with a sign, and resolves
+      "auto" (the default) there: bf16 on GPU/TPU, xnor on CPU (1-2 bits), else f32.
+      None, "f32" and an unresolved "auto" (the model used outside `make_experiment`):
+      float32, as the other layers. The gradients are float32 in every case.
   """
 
   num_classes: int
@@ -150,7 +152,7 @@ class BNNResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_impl: Any = None
-  binary_compute: Any = None
+  binary_compute: Any = "auto"
 
   def __post_init__(self):
     name = type(self).__name__
@@ -159,6 +161,10 @@ class BNNResNet(nn.Module):
     if self.binary_compute not in BINARY_COMPUTE:
       raise ConfigError(f"model {name!r}: `binary_compute` must be one of {BINARY_COMPUTE}, "
                         f"got {self.binary_compute!r}")
+    if self.binary_compute == "xnor" and self.num_bits > 2:
+      raise ConfigError(f"model {name!r}: `binary_compute` 'xnor' computes 1- and 2-bit "
+                        f"activations only (-1/+1, -1/0/+1), but `num_bits` is {self.num_bits}; "
+                        f"use 'bf16', 'int8', 'f32' or 'auto'")
     if not self.stage_sizes or not all(
         isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
         for n in self.stage_sizes

@@ -129,15 +129,16 @@ def conv(
     strides: int = 1,
     groups: int = 1,
     name: str | None = None,
-    narrow: tuple[str, int] | None = None,
+    narrow: tuple[str, int, bool] | None = None,
 ) -> Callable:
   """A bias-free square convolution with PyTorch padding and He fan_out init.
 
   Must be called inside a `@nn.compact` method of `module`, which provides `dtype`.
   `groups == features == C_in` gives a depthwise convolution (`feature_group_count`).
-  `narrow = (compute, levels)` with `compute` "bf16" or "int8" runs the forward in that dtype
-  (`fastconv.narrow_conv_general_dilated`: exact only for inputs on the grid k / levels and
-  +-1 kernels, which the caller guarantees); "f32" or None: the ordinary convolution.
+  `narrow = (compute, levels, zeros)` with `compute` "bf16", "int8" or "xnor" runs the forward
+  in that form (`fastconv.narrow_conv_general_dilated`: exact only for inputs on the grid
+  k / levels, holding 0 only if `zeros`, and +-1 kernels, which the caller guarantees); "f32",
+  "auto" or None: the ordinary convolution.
   Returns a function of the input; the root model's `channels`, `act_quant` and `padding`
   fields act here (see the module docstring).
   """
@@ -155,7 +156,8 @@ def conv(
     raise ConfigError(f"model field `conv_impl` must be one of {CONV_IMPLS}, got {impl!r}")
   conv_fn = fastconv.conv_function(impl)
   if narrow is not None and narrow[0] not in (None, "f32", "auto"):
-    conv_fn = fastconv.narrow_conv_general_dilated(narrow[0], narrow[1], base=conv_fn)
+    conv_fn = fastconv.narrow_conv_general_dilated(narrow[0], narrow[1], base=conv_fn,
+                                                   zeros=narrow[2])
   quantizer = None
   if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
     from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)
