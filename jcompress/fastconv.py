@@ -506,7 +506,7 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
     return lax.slice(a, (0, i, j, q), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, q + 1),
                      (1, sh, sw, 1))
 
-  diff = ones = None
+  diff = nonzero = None
   for i in range(kh):
     for j in range(kw):
       for q in range(wbits.shape[2]):
@@ -514,11 +514,13 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
         if ternary:
           d = d & tap(nz, i, j, q)
           o = lax.population_count(tap(nz, i, j, q)).astype(jnp.int32)
-          ones = o if ones is None else ones + o
+          nonzero = o if nonzero is None else nonzero + o
         d = lax.population_count(d).astype(jnp.int32)
         diff = d if diff is None else diff + d
   if ternary:
-    return materialize(ones - 2 * diff)
+    # The nonzero activations under each output's taps are the same for every output
+    # channel: stored once (`materialize`) rather than recounted in every channel's sum.
+    return materialize(materialize(nonzero) - 2 * diff)
   # sum of w over the padded taps of each output position: sum_taps (1 - valid) colsum(w).
   rows = np.arange(ho)[:, None] * sh + np.arange(kh)[None] - pt          # (ho, kh)
   cols = np.arange(wo)[:, None] * sw + np.arange(kw)[None] - pl          # (wo, kw)

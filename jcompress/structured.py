@@ -562,6 +562,16 @@ def default_input_shape(params: PyTree, image_size: int = 32) -> tuple:
   return (1, image_size, image_size, channels)
 
 
+def _float_convs(model):
+  """`model` with a BNN's binary convolutions computed as float32 convolutions (its
+  `binary_compute` set to "f32": the same values). The jaxpr walkers here follow and count
+  `conv_general_dilated`; the XNOR-popcount forward (`binary_compute="xnor"`, what "auto"
+  trains with on a CPU) has none."""
+  if getattr(model, "binary_compute", None) not in (None, "f32"):
+    return model.clone(binary_compute="f32")
+  return model
+
+
 def build_graph(model, params: PyTree, batch_stats: PyTree | None = None,
                 input_shape: Sequence[int] | None = None) -> ChannelGraph:
   """Traces `model.apply` (eval mode, abstract shapes) and returns its dependency groups.
@@ -572,6 +582,7 @@ def build_graph(model, params: PyTree, batch_stats: PyTree | None = None,
     input_shape: NHWC input to trace with; default `default_input_shape(params)`.
   """
   batch_stats = batch_stats or {}
+  model = _float_convs(model)
   input_shape = tuple(input_shape or default_input_shape(params))
   variables = {"params": params, "batch_stats": batch_stats}
   spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables)
@@ -681,6 +692,7 @@ def count_flops(model, input_shape: Sequence[int], params: PyTree | None = None,
   `params` the model is initialised abstractly.
   """
   input_shape = tuple(input_shape)
+  model = _float_convs(model)
   if len(input_shape) == 3:
     input_shape = (1, *input_shape)
   x_spec = jax.ShapeDtypeStruct(input_shape, jnp.float32)

@@ -255,3 +255,20 @@ def test_narrow_binary_compute_with_lowrank_is_refused(data_dir):
   c.model_kwargs.binary_compute = "bf16"
   with pytest.raises(ConfigError, match=r"model_kwargs\.binary_compute.*lowrank"):
     train.make_experiment(c, load_teacher=False)
+
+
+def test_graph_walkers_count_the_xnor_convolutions_as_convolutions():
+  """MACs and the channel graph (analysis reports, structured pruning) see the block convs of an
+  XNOR-popcount BNN as the float32 convolutions they equal."""
+  from jcompress import structured  # noqa: PLC0415
+  models = {c: get_model("bnn_resnet20", 10, num_bits=1, width=0.5, binary_compute=c)
+            for c in ("f32", "xnor")}
+  shape = (1, 16, 16, 3)
+  macs = {c: structured.count_flops(m, shape) for c, m in models.items()}
+  stem = 16 * 16 * 9 * 3 * 8
+  assert macs["xnor"] == macs["f32"] > 20 * stem
+  v = models["f32"].init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+  layers = {c: {k: (layer.kind, layer.macs()) for k, layer in
+                structured.build_graph(m, v["params"], v["batch_stats"], shape).layers.items()}
+            for c, m in models.items()}
+  assert layers["xnor"] == layers["f32"] and len(layers["f32"]) == 22
