@@ -11,9 +11,10 @@ non-trivial random BatchNorm statistics, then times at --batch_size (median and 
   `binarize.binary_weights(...).apply` (binarized once, outside the timed call) through
   ordinary float32 convolutions, train=False;
 * `packed_<compute>`: `bnn_infer.packed_apply` on the `load`ed artifact (bits unpacked once at
-  load time into the compute dtype; `xnor` computes from the packed words);
-* `packed_bits_int8`: `packed_apply` on the stored artifact itself (bits unpacked inside the
-  compiled graph at every call);
+  load time into the compute dtype; `xnor`, 1 and 2 bits only, packs the kernel's signs along
+  its input channels in the graph and computes by XNOR-popcount, `fastconv.xnor_conv`);
+* `packed_bits_auto`: `packed_apply` on the stored artifact itself (bits unpacked inside the
+  compiled graph at every call; compute "auto", `bnn_infer.fastest_compute`: xnor on a CPU);
 
 and once the plain float ResNet-18 (`resnet18_cifar`, same stem, stages and head, float convs,
 1x1 projection shortcuts). Prints images/s, the first call's time (compile + run), the ratios
@@ -136,9 +137,9 @@ def bench_bits(nb: int, images, float_ips) -> dict:
   run["freeze_s"] = freeze_s
   run["sizes"] = {k: v for k, v in sizes.items() if k != "per_leaf"}
   variants = [(f"packed_{c}", c, True) for c in _COMPUTE.value]
-  variants.append(("packed_bits_int8", "int8", False))
+  variants.append(("packed_bits_auto", "auto", False))
   for label, compute, loaded in variants:
-    if compute == "xnor" and nb != 1:
+    if compute == "xnor" and nb > 2:
       continue
     t0 = time.perf_counter()
     art = bnn_infer.load(frozen, model, compute=compute) if loaded else frozen

@@ -35,17 +35,19 @@ After training, `freeze` turns a BNN ResNet (`jcompress.models.bnn_resnet`, weig
 Binary convolutions are then exact integer arithmetic: the codes (+-1, or q in -m..m) and the
 +-1 weights give an integer sum |acc| <= K m <= 9 * 512 * 127 < 2^24, computed as int8 x int8 ->
 int32 (`compute="int8"`), bf16 x bf16 -> f32 or f32 x f32 (both exact: the integers fit the
-significand) or, for num_bits = 1, XNOR + popcount on packed words (`compute="xnor"`;
+significand) or, for num_bits = 1 and 2, XNOR + popcount on packed words (`compute="xnor"`,
+`fastconv.xnor_conv`: the kernel's and the codes' signs packed 32 channels to a word;
 `compute="auto"`, the default, takes the fastest exact kind where the artifact is loaded:
 `fastest_compute`):
 
     sum_i a_i w_i = K - 2 popcount(bits(a) xor bits(w))  over the K fan-in signs,
 
 where the zero padding of the convolution (which adds nothing in the latent model, but reads as
--1 in a sign bit) is put back by adding P[p, o] = sum of w over the taps of output position p
-that fall into the padding. The accumulator stands for `acc * s`, s = alpha / m (1 for sign
-weights and 1-bit activations), which folds into the next BatchNorm or scales the conv2 /
-shortcut output into the float residual stream.
+-1 in a sign bit) is put back by adding the sum of w over the taps of each output position that
+fall into the padding (2-bit codes -1/0/+1 carry a nonzero bit plane instead). The
+accumulator stands for `acc * s`, s = alpha / m (1 for sign weights and 1-bit activations),
+which folds into the next BatchNorm or scales the conv2 / shortcut output into the float
+residual stream.
 
 Usage:
 
@@ -85,15 +87,18 @@ FORMAT = "jcompress.bnn_infer/1"
 COMPUTE = ("auto", "int8", "bf16", "f32", "xnor")
 
 
-def fastest_compute() -> str:
-  """What `compute="auto"` (the default) means where the artifact is loaded: "int8" on a CPU
-  whose XLA convolutions run on YNNPACK (int8 x int8 -> int32 was the fastest there), "f32" on a
-  CPU with XLA's Eigen convolutions (`fastconv.XLA_CPU_FLAG`, set by `import jcompress`: their
-  int8 convolution measured ~50x slower than float32, 1.5 against 115 images/s for ResNet-18
-  in benchmarks/suite.py), "bf16" on GPU/TPU. All are exact (see the module docstring)."""
+def fastest_compute(num_bits: int = 1) -> str:
+  """What `compute="auto"` (the default) means where an artifact of `num_bits` activations is
+  loaded: on a CPU "xnor" for 1 and 2 bits (XNOR-popcount, `fastconv.xnor_conv`: 3-4x faster
+  than XLA's float32 convolutions on the 2-core AVX2 CPU), else "int8" where XLA's convolutions
+  run on YNNPACK (int8 x int8 -> int32 was the fastest there) and "f32" on XLA's Eigen
+  convolutions (`fastconv.XLA_CPU_FLAG`, set by `import jcompress`: their int8 convolution
+  measured ~50x slower than float32); "bf16" on GPU/TPU. All are exact (module docstring)."""
   from jcompress import fastconv  # noqa: PLC0415
   if jax.default_backend() != "cpu":
     return "bf16"
+  if num_bits <= 2:
+    return "xnor"
   return "f32" if fastconv.cpu_convs_on_eigen() else "int8"
 
 #: Weight binarizers whose frozen form this module knows (config key `binary.method`).
@@ -428,8 +433,9 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   """Checks `frozen` against `model` (if given) and unpacks its bits once for fast inference.
 
   Returns the artifact with every binary conv's `bits` replaced by its +1/-1 kernel `w` in the
-  compute dtype (int8 / bf16 / f32; `compute="xnor"` keeps the bits). The stored artifact is
-  `frozen`; the result is a runtime form for `packed_apply`. `frozen` is not modified.
+  compute dtype (int8 / bf16 / f32; int8 for `compute="xnor"`, which packs it along its input
+  channels in the graph). The stored artifact is `frozen`; the result is a runtime form for
+  `packed_apply`. `frozen` is not modified.
   """
   meta = dict(_meta(frozen))
   if model is not None:
@@ -439,13 +445,11 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   compute = meta["compute"] if compute is None else compute
   if compute not in COMPUTE:
     raise ConfigError(f"`compute` must be one of {COMPUTE}, got {compute!r}")
-  if compute == "xnor" and meta["num_bits"] != 1:
-    raise ConfigError(f"`compute`='xnor' needs num_bits=1, the artifact has "
+  if compute == "xnor" and meta["num_bits"] > 2:
+    raise ConfigError(f"`compute`='xnor' needs num_bits 1 or 2, the artifact has "
                       f"num_bits={meta['num_bits']}")
-  compute = _resolve(compute)
+  compute = _resolve(compute, meta["num_bits"])
   meta["compute"] = compute
-  if compute == "xnor":
-    return {"meta": meta, **_arrays(frozen)}
   meta["loaded"] = True
   dtype = _compute_dtype(compute)
   out = {"meta": meta}
@@ -462,8 +466,8 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   return out
 
 
-def _resolve(compute: str) -> str:
-  return fastest_compute() if compute == "auto" else compute
+def _resolve(compute: str, num_bits: int) -> str:
+  return fastest_compute(num_bits) if compute == "auto" else compute
 
 
 def _compute_dtype(compute: str):
@@ -489,49 +493,14 @@ def _quantize(x: jax.Array, terms: dict, num_bits: int, dtype) -> jax.Array:
   return jnp.round(jnp.clip(y, -m, m)).astype(dtype)
 
 
-def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
-  """im2col: (N, Ho, Wo, kh kw C) in (kh, kw, C) order, zero (False) padding."""
-  (pt, pb), (pl, pr) = _pad(kh)[0], _pad(kw)[1]
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho = (x.shape[1] + pt + pb - kh) // stride + 1
-  wo = (x.shape[2] + pl + pr - kw) // stride + 1
-  cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-          for i in range(kh) for j in range(kw)]
-  return jnp.concatenate(cols, axis=-1)
-
-
-def _xnor_conv(a: jax.Array, bits: jax.Array, shape: Sequence[int], stride: int) -> jax.Array:
-  """int32 conv of +-1 activations `a` with packed kernel rows `bits`, by XNOR + popcount.
-
-  sum = K - 2 popcount(a_bits xor w_bits) + P, P[p, o] = sum of w over the taps of output
-  position p that lie in the zero padding (read as -1 by the sign bits, 0 in the latent conv).
-  The stored tail bits past K are masked off, so they need not be 0.
-  """
-  kh, kw, cin, cout = shape
-  k = kh * kw * cin
-  if k % binarize.WORD_BITS:   # tail bits past K: 0 in the activations, forced to 0 here too
-    tail = jnp.full((bits.shape[-1],), 0xFFFFFFFF, jnp.uint32).at[-1].set(
-        (1 << (k % binarize.WORD_BITS)) - 1)
-    bits = bits & tail
-  cols = _patches(a >= 0, kh, kw, stride)                          # (N, Ho, Wo, K) bool
-  words = binarize.pack_signs(jnp.where(cols, 1, -1).astype(jnp.int8), axis=-1)
-  pc = jnp.zeros(words.shape[:-1] + (cout,), jnp.int32)
-  for j in range(words.shape[-1]):    # one word at a time: no (N, Ho, Wo, C_out, words) temp
-    pc = pc + lax.population_count(words[..., j:j + 1] ^ bits[:, j]).astype(jnp.int32)
-  w = unpack_kernel(bits, shape, jnp.float32)
-  ones = jnp.ones((1,) + a.shape[1:3] + (cin,), jnp.float32)
-  valid = lax.conv_general_dilated(ones, w, (stride, stride), _pad(kh), dimension_numbers=_DN)
-  pad_sum = (jnp.sum(w, axis=(0, 1, 2)) - valid).astype(jnp.int32)  # exact integers
-  return k - 2 * pc + pad_sum
-
-
 def _binary_conv(codes: jax.Array, entry: dict, shape: Sequence[int], stride: int,
-                 compute: str) -> jax.Array:
+                 compute: str, num_bits: int) -> jax.Array:
   """The integer accumulator (int32, or exact integers in f32) of a binary conv."""
-  if compute == "xnor":
-    return _xnor_conv(codes, entry["bits"], shape, stride)
+  from jcompress import fastconv  # noqa: PLC0415
   dtype = _compute_dtype(compute)
   w = entry["w"] if "w" in entry else unpack_kernel(entry["bits"], shape, dtype)
+  if compute == "xnor":
+    return fastconv.xnor_conv(codes, w, (stride, stride), _pad(shape[0]), ternary=num_bits > 1)
   acc = jnp.int32 if compute == "int8" else jnp.float32
   return lax.conv_general_dilated(codes.astype(dtype), w.astype(dtype), (stride, stride),
                                   _pad(shape[0]), dimension_numbers=_DN,
@@ -548,7 +517,8 @@ def _to_float(acc: jax.Array, entry: dict, num_bits: int) -> jax.Array:
 
 
 def _forward(arrays: dict, images: jax.Array, meta: _Static) -> jax.Array:
-  nb, compute = meta["num_bits"], _resolve(meta["compute"])
+  nb = meta["num_bits"]
+  compute = _resolve(meta["compute"], nb)
   code_dtype = _compute_dtype(compute)
   stem = arrays["stem"]
   x = jnp.asarray(images, jnp.float32)
@@ -565,12 +535,13 @@ def _forward(arrays: dict, images: jax.Array, meta: _Static) -> jax.Array:
     blk = arrays[name]
     shapes = {c: meta["kernels"].get(f"{name}/{c}") for c in _BINARY_CONVS}
     a = _quantize(x, blk["bn1"], nb, code_dtype)
-    acc = _binary_conv(a, blk["conv1"], shapes["conv1"], stride, compute)
+    acc = _binary_conv(a, blk["conv1"], shapes["conv1"], stride, compute, nb)
     a = _quantize(acc, blk["bn2"], nb, code_dtype)
-    y = _to_float(_binary_conv(a, blk["conv2"], shapes["conv2"], 1, compute), blk["conv2"], nb)
+    y = _to_float(_binary_conv(a, blk["conv2"], shapes["conv2"], 1, compute, nb), blk["conv2"],
+                  nb)
     if has_short:
       a = _quantize(x, blk["shortcut_bn"], nb, code_dtype)
-      acc = _binary_conv(a, blk["shortcut_conv"], shapes["shortcut_conv"], stride, compute)
+      acc = _binary_conv(a, blk["shortcut_conv"], shapes["shortcut_conv"], stride, compute, nb)
       x = y + _to_float(acc, blk["shortcut_conv"], nb)
     else:
       x = y + x

@@ -166,11 +166,13 @@ def test_every_compute_kind_gives_bitwise_equal_logits(nets, images):
   assert_matches_latent(outs["xnor"], net.latent)
 
 
-def test_two_bit_bf16_equals_int8(nets, images):
+def test_two_bit_bf16_and_xnor_equal_int8(nets, images):
   net = nets(2)
-  a = bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="bf16"), images)
   b = bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images)
-  np.testing.assert_array_equal(a, b)
+  for compute in ("bf16", "xnor"):
+    a = bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute=compute), images)
+    np.testing.assert_array_equal(a, b, err_msg=compute)
+  assert_matches_latent(b, net.latent)
 
 
 def test_binary_convs_run_in_int8_with_int32_accumulation(nets, images):
@@ -189,9 +191,23 @@ def test_binary_convs_run_in_int8_with_int32_accumulation(nets, images):
   assert len(kinds) == 21
 
 
+def test_xnor_binary_convs_are_uint32_popcounts(nets, images):
+  """Walks the jaxpr of compute="xnor": no convolution but the float stem; popcounts of uint32
+  words in place of the 20 binary ones."""
+  from jcompress import train  # noqa: PLC0415
+  net = nets(1)
+  runtime = bnn_infer.load(net.frozen, compute="xnor")
+  jaxpr = jax.make_jaxpr(bnn_infer._forward, static_argnums=(2,))(
+      bnn_infer._arrays(runtime), images, bnn_infer._Static(runtime["meta"]))
+  convs = train.primitive_eqns(jaxpr, "conv_general_dilated")
+  assert [str(e.invars[0].aval.dtype) for e in convs] == ["float32"]
+  pops = train.primitive_eqns(jaxpr, "population_count")
+  assert pops and all(e.invars[0].aval.dtype == jnp.uint32 for e in pops)
+
+
 def test_padding_bits_do_not_change_the_result(nets, images):
   """Every fan-in here (36, 72, 144) leaves tail bits in the last word: they are stored as 0, and
-  even set to 1 they change nothing (unpacking drops them, XNOR masks them)."""
+  even set to 1 they change nothing (unpacking drops them)."""
   net = nets(1)
   frozen = net.frozen
   garbage = {"meta": frozen["meta"]}
@@ -289,8 +305,9 @@ def test_freeze_refuses_bad_input(nets, images):
     bnn_infer.freeze(net.params, net.stats, net.model, method="stochastic")
   with pytest.raises(ConfigError, match="model"):
     bnn_infer.freeze(net.params, net.stats, get_model("resnet20", 10))
-  with pytest.raises(ConfigError, match="xnor.*num_bits"):
-    bnn_infer.load(nets(2).frozen, compute="xnor")
+  three_bit = {**nets(2).frozen, "meta": {**nets(2).frozen["meta"], "num_bits": 3}}
+  with pytest.raises(ConfigError, match="xnor.*num_bits 1 or 2.*num_bits=3"):
+    bnn_infer.load(three_bit, compute="xnor")
   with pytest.raises(ConfigError, match="3 channels"):
     bnn_infer.packed_apply(net.frozen, images[..., :2])
 
@@ -340,15 +357,19 @@ def test_full_size_binary_ratios():
 
 
 def test_auto_compute_takes_the_fastest_exact_kind_where_it_is_loaded(nets, images):
-  """The artifact stores "auto"; loading resolves it: f32 on a CPU whose XLA convolutions run on
-  Eigen (their int8 convolution is slow), int8 on YNNPACK, bf16 on GPU/TPU; same logits."""
+  """The artifact stores "auto"; loading resolves it: XNOR-popcount on a CPU for 1-2 bits (f32
+  on a CPU whose XLA convolutions run on Eigen, int8 on YNNPACK for more), bf16 on GPU/TPU;
+  same logits."""
   from jcompress import fastconv  # noqa: PLC0415
   net = nets(1)
   assert bnn_infer._meta(net.frozen)["compute"] == "auto"   # noqa: SLF001
   runtime = bnn_infer.load(net.frozen)
-  want = ("bf16" if jax.default_backend() != "cpu" else
-          "f32" if fastconv.cpu_convs_on_eigen() else "int8")
+  cpu = jax.default_backend() == "cpu"
+  want = "xnor" if cpu else "bf16"
   assert runtime["meta"]["compute"] == bnn_infer.fastest_compute() == want
+  assert bnn_infer.fastest_compute(2) == want
+  assert bnn_infer.fastest_compute(3) == ("bf16" if not cpu else
+                                          "f32" if fastconv.cpu_convs_on_eigen() else "int8")
   np.testing.assert_array_equal(
       bnn_infer.packed_apply(runtime, images),
       bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images))
