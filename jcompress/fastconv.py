@@ -486,8 +486,10 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   position's padded taps (what those -1s took away) is added back. Ternary activations carry a
   second bit plane `nz` (x != 0): sum = popcount(nz) - 2 popcount(nz and (x_bits xor w_bits)),
   the padding being nz = 0. Exact integers, so equal to the float32 convolution of the same
-  values (tests/test_fastconv.py). One XLA loop fusion: every output element sums
-  kh kw ceil(C / 32) popcounts, vectorised over the output channels.
+  values (tests/test_narrow_binary.py). One XLA loop fusion: every output element sums
+  kh kw ceil(C / 32) popcounts, vectorised over the output channels; the result is stored
+  (`materialize`), else XLA fuses that sum into each consumer and computes it again there.
+  3-4x faster than XLA:CPU's float32 convolutions at ResNet-18's sizes (README "Speed").
   """
   from jcompress import binarize  # noqa: PLC0415
   n, h, wd, c = x.shape
