@@ -433,9 +433,9 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   """Checks `frozen` against `model` (if given) and unpacks its bits once for fast inference.
 
   Returns the artifact with every binary conv's `bits` replaced by its +1/-1 kernel `w` in the
-  compute dtype (int8 / bf16 / f32; int8 for `compute="xnor"`, which packs it along its input
-  channels in the graph). The stored artifact is `frozen`; the result is a runtime form for
-  `packed_apply`. `frozen` is not modified.
+  compute dtype (int8 / bf16 / f32; for `compute="xnor"` its signs repacked along the input
+  channels, the words `fastconv.xnor_conv` reads). The stored artifact is `frozen`; the result
+  is a runtime form for `packed_apply`. `frozen` is not modified.
   """
   meta = dict(_meta(frozen))
   if model is not None:
@@ -459,8 +459,10 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
       for conv in _BINARY_CONVS:
         if conv in blk:
           entry = dict(blk[conv])
-          entry["w"] = jax.device_put(unpack_kernel(entry.pop("bits"),
-                                                    meta["kernels"][f"{name}/{conv}"], dtype))
+          w = unpack_kernel(entry.pop("bits"), meta["kernels"][f"{name}/{conv}"], dtype)
+          if compute == "xnor":
+            w = binarize.pack_signs(w, axis=2)
+          entry["w"] = jax.device_put(w)
           blk[conv] = entry
     out[name] = blk
   return out

@@ -476,9 +476,11 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   """The NHWC/HWIO convolution of +-1 activations with +-1 kernels by XOR and popcount: int32.
 
   `x` holds -1 and +1 (`ternary`: -1, 0 and +1, the 2-bit activations), `w` -1 and +1 (any
-  other values read as their sign: >= 0 is +1; x > 0 is +1). Both are packed 32 channels to a
-  uint32 word (`binarize.pack_signs`: bit 1 for +1; a channel count that is not a multiple of
-  32 is padded with 0 bits on both sides, which agree and add nothing). Each output is then
+  other values read as their sign, >= 0 being +1), or `w` is already packed: the uint32 words
+  `binarize.pack_signs(w, axis=2)`, (kh, kw, ceil(C / 32), C_out), which a caller whose kernel
+  is fixed (packed inference) computes once. Both are packed 32 channels to a uint32 word
+  (`binarize.pack_signs`: bit 1 for +1; a channel count that is not a multiple of 32 is padded
+  with 0 bits on both sides, which agree and add nothing). Each output is then
 
       sum_{taps, c} x w = K - 2 popcount(x_bits xor w_bits)  summed over the taps' words,
 
@@ -493,16 +495,17 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   """
   from jcompress import binarize  # noqa: PLC0415
   n, h, wd, c = x.shape
-  kh, kw, _, co = w.shape
+  wbits = w if w.dtype == jnp.uint32 else binarize.pack_signs(w, axis=2)  # (kh, kw, words, C_out)
+  kh, kw = wbits.shape[:2]
   sh, sw = strides
   (pt, pb), (pl, pr) = padding
   ho, wo = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
   spatial = ((0, 0), (pt, pb), (pl, pr), (0, 0))
-  one = jnp.ones((), jnp.int8)
-  bits = jnp.pad(binarize.pack_signs(jnp.where(x > 0, one, -one), axis=-1), spatial)
-  nz = (jnp.pad(binarize.pack_signs(jnp.where(x != 0, one, -one), axis=-1), spatial)
-        if ternary else None)
-  wbits = binarize.pack_signs(w, axis=2)                       # (kh, kw, words, C_out)
+  # The sign bits (x >= 0; a 0 of ternary activations is masked out by `nz` below).
+  bits = jnp.pad(binarize.pack_signs(x, axis=-1), spatial)
+  if ternary:
+    one = jnp.ones((), jnp.int8)
+    nz = jnp.pad(binarize.pack_signs(jnp.where(x != 0, one, -one), axis=-1), spatial)
 
   def tap(a, i, j, q):   # word q of tap (i, j) of every output position: (n, ho, wo, 1)
     return lax.slice(a, (0, i, j, q), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, q + 1),

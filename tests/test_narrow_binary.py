@@ -99,9 +99,13 @@ def test_xnor_conv_equals_float32_conv(zeros, shape, k, stride, pad):
   x = _grid(kx, shape, zeros)
   w = _grid(kw, (k, k, shape[-1], 24), zeros=False)
   ref = lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
-  y = jax.jit(fastconv.xnor_conv, static_argnums=(2, 3, 4))(x, w, (stride, stride), pad, zeros)
+  xnor = jax.jit(fastconv.xnor_conv, static_argnums=(2, 3, 4))
+  y = xnor(x, w, (stride, stride), pad, zeros)
   assert y.dtype == jnp.int32
   np.testing.assert_array_equal(y, ref)
+  # The kernel already packed (what packed inference passes): the same sums.
+  words = binarize.pack_signs(w, axis=2)
+  np.testing.assert_array_equal(xnor(x, words, (stride, stride), pad, zeros), ref)
 
 
 @pytest.mark.parametrize("zeros", [False, True])
