@@ -14,6 +14,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# XLA:CPU tuning before jax starts a backend (jcompress.runtime: what it changes, how to opt
+# out); importing jcompress itself changes nothing.
+from jcompress import runtime
+
+runtime.configure_cpu()
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags

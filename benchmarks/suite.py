@@ -45,6 +45,13 @@ import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+#: The environment the peers start with: this process's before its own XLA:CPU tuning, so they
+#: run as their users run them (`--peer_malloc` adds the malloc settings).
+PEER_ENV = dict(os.environ)
+
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -55,10 +62,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from jcompress import binarize  # noqa: E402
+from jcompress import binary as binarize  # noqa: E402
 from jcompress import bnn_infer  # noqa: E402
 from jcompress import config as config_lib  # noqa: E402
-from jcompress import fastconv  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
 STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_f32", "w1a1_bf16",
@@ -81,8 +87,8 @@ _BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "auto", "bnn_infer compute of 
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
 _PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
 _PEER_MALLOC = flags.DEFINE_boolean(
-    "peer_malloc", False, "Start the peers with the glibc malloc settings that `import "
-    "jcompress` gives this process (fastconv.configure_cpu_malloc; not with "
+    "peer_malloc", False, "Start the peers with the glibc malloc settings that "
+    "`runtime.configure_cpu()` gives this process (runtime.configure_cpu_malloc; not with "
     "JCOMPRESS_CPU_MALLOC=0): run both sides with them to compare like with like.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data_dir of `float_fed`'s `digits` (default: a temp dir).")
@@ -149,7 +155,7 @@ class Peer:
     self.stderr = tempfile.TemporaryFile("w+")   # a file, so a chatty peer never blocks on it
     self.proc = subprocess.Popen(
         [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=self.stderr, text=True, env={**os.environ, **(env or {})}, cwd=HERE)
+        stderr=self.stderr, text=True, env={**PEER_ENV, **(env or {})}, cwd=HERE)
     self.timeout = timeout
     self.lines = queue.Queue()
     threading.Thread(target=self._pump, daemon=True).start()
@@ -212,7 +218,7 @@ class Peer:
 
 
 def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
-  """(Peer, None) or (None, reason it is skipped); `malloc`: with `fastconv.malloc_env()`."""
+  """(Peer, None) or (None, reason it is skipped); `malloc`: with `runtime.malloc_env()`."""
   if name.startswith("torch"):
     try:
       import importlib.util  # noqa: PLC0415
@@ -234,7 +240,7 @@ def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
   else:
     return None, f"unknown peer {name!r}"
   if malloc:
-    env = {**(env or {}), **fastconv.malloc_env()}
+    env = {**(env or {}), **runtime.malloc_env()}
   try:
     return Peer(args, env, timeout), None
   except (RuntimeError, OSError) as e:
@@ -325,7 +331,7 @@ def markdown(r: dict, command: str) -> str:
            f"XLA_FLAGS `{d.get('xla_flags', '')}`; conv_impl \"auto\" = "
            f"{d.get('conv_impl_auto')!r}", "",
            f"glibc malloc settings (no mmap, no trim; CPU computations run in the calling thread: "
-           f"fastconv.configure_cpu_malloc, off with JCOMPRESS_CPU_MALLOC=0): "
+           f"runtime.configure_cpu, off with JCOMPRESS_CPU_MALLOC=0): "
            f"{'on' if r.get('malloc') else 'off'} in this process, "
            f"{'on' if r.get('peer_malloc') else 'off'} in the peers'.", "",
            f"batch {r['batch_size']}, 32x32x3, ResNet-18 with the CIFAR stem; train steps timed in "
@@ -377,7 +383,7 @@ def main(argv):
   batch, steps, repeats = _BATCH.value, _STEPS.value, _REPEATS.value
   r = {"device": common.device_info(), "batch_size": batch, "steps": steps, "repeats": repeats,
        "load_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-       "matmul_n": _MATMUL_N.value, "malloc": fastconv.malloc_configured,
+       "matmul_n": _MATMUL_N.value, "malloc": runtime.malloc_configured,
        "peer_malloc": _PEER_MALLOC.value}
   print(f"device: {r['device']['device']}", flush=True)
   r["matmul"] = matmul_rates(_MATMUL_N.value)

@@ -19,7 +19,7 @@ gradient stay XLA's own (both run near the matmul rate).
 
 Which is faster depends on XLA:CPU's convolution kernels. With YNNPACK convolutions (the jax
 0.10 default on CPU) the kernel gradient above is 2-2.5x faster than XLA's; with XLA's Eigen
-convolutions (`XLA_CPU_FLAG`, which `import jcompress` adds to XLA_FLAGS: `configure_xla_cpu`)
+convolutions (`runtime.XLA_CPU_FLAG`, which `jcompress.runtime.configure_cpu()` adds to XLA_FLAGS)
 XLA's own convolutions and gradients are faster still, 115 against 78 GFLOP/s over
 resnet18_cifar's convolutions, and beat this kernel gradient; there the kernel gradient's
 operands are stored before XLA transposes them (`staged_conv_general_dilated`, below). Models
@@ -36,11 +36,9 @@ rounding (the products are the same, summed in a different order); tests/test_fa
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import re
-import sys
 from typing import Any
 from typing import Sequence
 
@@ -48,6 +46,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from jcompress import runtime
 
 #: Convolutions whose flat-shift grid is larger than the output by more than this factor
 #: ((H_out + (k-1)//s) (W_out + (k-1)//s) / (H_out W_out): 1.13 at 32x32 and 3x3, 1.27 at 16x16
@@ -60,115 +60,10 @@ CHUNK_BYTES = 6 * 2**20
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
-# ----------------------------------------------------------------------------- XLA:CPU's kernels
-
-#: The XLA:CPU option that chooses which operations go to the YNNPACK library.
-YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-#: What `configure_xla_cpu` adds to XLA_FLAGS: YNNPACK for matmuls only, so that convolutions
-#: run on XLA's Eigen kernels. On the 2-core AVX2 CPU (benchmarks/conv_rates.py, batch 64)
-#: resnet18_cifar's convolutions ran at 115 GFLOP/s with it against 78 without (stage 1's
-#: 64-channel convs: 139/126 GFLOP/s forward/input gradient against 48-72), and XLA's own
-#: kernel gradients (72-140 GFLOP/s) beat `kernel_grad` (47-79) there.
-XLA_CPU_FLAG = f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT"
-
-
-def configure_xla_cpu() -> bool:
-  """Adds `XLA_CPU_FLAG` to the XLA_FLAGS environment variable, unless the user's XLA_FLAGS
-  already set that option (theirs wins) or jax's backends are already initialized (too late:
-  the flags are read once). `import jcompress` calls it. Returns whether it added the flag."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if YNN_OPTION in flags:
-    return False
-  try:
-    from jax._src import xla_bridge  # noqa: PLC0415
-    if xla_bridge.backends_are_initialized():
-      return False
-  except (ImportError, AttributeError):
-    pass
-  os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
-  return True
-
-
-#: What `configure_cpu_malloc` sets: glibc `mallopt` parameter (malloc.h), value, and the
-#: environment variable that sets the same in a process started with it (`malloc_env`).
-MALLOC_SETTINGS = ((-4, 0, "MALLOC_MMAP_MAX_"),                  # M_MMAP_MAX
-                   (-1, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"))    # M_TRIM_THRESHOLD
-#: Whether `configure_cpu_malloc` has applied `MALLOC_SETTINGS` in this process.
-malloc_configured = False
-#: `import jcompress` calls `configure_cpu_malloc` unless this environment variable is "0".
-MALLOC_OPT_OUT = "JCOMPRESS_CPU_MALLOC"
-#: Environment variables by which a user chooses glibc's malloc behaviour: with any of them
-#: set, `configure_cpu_malloc` leaves malloc alone.
-MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
-
-
-def configure_cpu_malloc() -> bool:
-  """Lets glibc's malloc keep and reuse the large blocks XLA:CPU allocates for every run.
-
-  XLA:CPU allocates a compiled function's temporary buffer (336 MB for resnet18_cifar's train
-  step at batch 64) on each call and frees it at the end. glibc serves a block that large with
-  a fresh `mmap` and unmaps it on `free`, so every step touched 340 MB of new pages: 87,000
-  page faults and 0.3 s of kernel time per step on the 2-core CPU. Here no `mmap` for large
-  blocks and no trimming of the heap's top keep the freed buffer in the main heap, where the
-  next step finds it; and jax's CPU computations run in the calling thread
-  (`jax_cpu_enable_async_dispatch` off; single-device computations only), so that they
-  allocate from that heap: run on jax's dispatch thread, from a thread arena whose heaps hold
-  64 MB at most, glibc maps a large block whatever `mmap` limit is set. With both: 0-300 faults
-  per step, float train step 29.7 -> 35.0 images/s, fed by the tf.data pipeline 29.1 -> 36.2
-  (medians of 3 alternated processes; README "Speed"). The process keeps its peak heap (2.2
-  against 1.6 GB of RSS for that benchmark). jax releases the GIL while a computation runs
-  inline, so Python threads keep running; one malloc arena for all threads (the earlier
-  recipe) served the step as well but slowed an in-process tf.data pipeline.
-
-  `import jcompress` calls it unless the environment sets `MALLOC_OPT_OUT`
-  (JCOMPRESS_CPU_MALLOC=0). Linux with glibc only; only where jax computes on the CPU
-  (`_computes_on_cpu`: elsewhere the settings would only keep freed host memory); and only
-  where the user chose nothing (`MALLOC_ENV` unset: their settings or a preloaded allocator
-  win, and dispatch stays as it is). Calling it again is harmless. Returns whether the
-  settings were applied.
-  """
-  if (not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_ENV)
-      or not _computes_on_cpu()):
-    return False
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    libc.gnu_get_libc_version()   # glibc, not musl: its mallopt ignores these parameters
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
-  global malloc_configured
-  malloc_configured = all(mallopt(param, value) == 1 for param, value, _ in MALLOC_SETTINGS)
-  if malloc_configured:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-  return malloc_configured
-
-
-def _computes_on_cpu() -> bool:
-  """Whether jax's default backend will be the CPU, without starting a backend: the first of
-  `jax_platforms` (JAX_PLATFORMS) where set, else whether no GPU/TPU plugin is installed (jax
-  finds them in the `jax_plugins` namespace or entry points; libtpu)."""
-  import importlib.metadata  # noqa: PLC0415
-  import importlib.util  # noqa: PLC0415
-  platforms = str(jax.config.jax_platforms or "").strip()
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  if any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu")):
-    return False
-  return not importlib.metadata.entry_points(group="jax_plugins")
-
-
-def malloc_env() -> dict:
-  """The environment variables that give a new process `configure_cpu_malloc`'s settings
-  (benchmarks/suite.py --peer_malloc starts its peers with them)."""
-  return {name: str(value) for _, value, name in MALLOC_SETTINGS}
-
-
 def cpu_convs_on_eigen() -> bool:
-  """Whether XLA_FLAGS keeps YNNPACK away from convolutions (`XLA_CPU_FLAG`, or the user's own
-  setting of `YNN_OPTION` without CONVOLUTION)."""
-  m = re.search(YNN_OPTION + r"=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  """Whether XLA_FLAGS keeps YNNPACK away from convolutions (`runtime.XLA_CPU_FLAG`, or the user's
+  own setting of `runtime.YNN_OPTION` without CONVOLUTION)."""
+  m = re.search(runtime.YNN_OPTION + r"=(\S*)", os.environ.get("XLA_FLAGS", ""))
   return bool(m) and "CONVOLUTION" not in m.group(1)
 
 
@@ -493,7 +388,7 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   (`materialize`), else XLA fuses that sum into each consumer and computes it again there.
   3-4x faster than XLA:CPU's float32 convolutions at ResNet-18's sizes (README "Speed").
   """
-  from jcompress import binarize  # noqa: PLC0415
+  from jcompress import binary as binarize  # noqa: PLC0415
   n, h, wd, c = x.shape
   wbits = w if w.dtype == jnp.uint32 else binarize.pack_signs(w, axis=2)  # (kh, kw, words, C_out)
   kh, kw = wbits.shape[:2]
@@ -553,7 +448,7 @@ def narrow_conv_general_dilated(compute: str, levels: int, base=None, zeros: boo
   """A `lax.conv_general_dilated` for a binary convolution whose forward runs in `compute`.
 
   Exact under two preconditions the caller guarantees (`jcompress.models.bnn_resnet` checks
-  them where the model is built for training: `train.resolve_binary_compute`): the input's
+  them where the model is built for training: `methods.binary.resolve_binary_compute`): the input's
   values are integers over `levels`, `k / levels` with |k| <= `levels` <= 127 (the output of
   `binarize.quantize_activation`: sign for 1 bit, `levels = 2^(b-1) - 1` for b signed bits),
   and the kernel's values are -1 or +1 (a sign binarizer). The forward then computes

@@ -1,7 +1,7 @@
 """TFDS input pipelines (deterministic, resumable tf.data) and the offline `digits` builder.
 
-Importing this package registers the `digits` TFDS builder and hides accelerators from
-TensorFlow.
+Importing this package registers the `digits` TFDS builder (nothing else: TensorFlow's devices
+are left alone until a pipeline is built).
 """
 
 from jcompress.data.digits import Digits

@@ -37,8 +37,8 @@ Determinism. The batch that `train_iterator` yields at step `s` is a pure functi
   epoch before any decoding or augmentation, so a resumed run sees the batches it would have
   seen.
 
-TensorFlow is kept off accelerators (JAX owns them): importing this module hides GPUs and TPUs
-from TensorFlow.
+TensorFlow is kept off accelerators (JAX owns them): the first dataset this module opens hides
+GPUs and TPUs from TensorFlow; importing it changes nothing.
 """
 
 from __future__ import annotations
@@ -60,17 +60,21 @@ from jcompress.data import digits as _digits  # noqa: F401  (registers the `digi
 from jcompress.errors import ConfigError
 from jcompress.errors import DataError
 
+_tf_devices_hidden = False
+
 
 def _hide_accelerators_from_tensorflow() -> None:
-  """Keeps TensorFlow's hands off GPUs/TPUs; harmless if TF already initialised its devices."""
+  """Keeps TensorFlow's hands off GPUs/TPUs (JAX owns them); harmless if TF already initialised
+  its devices. Called when a pipeline is first built, not at import."""
+  global _tf_devices_hidden
+  if _tf_devices_hidden:
+    return
+  _tf_devices_hidden = True
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
     except (RuntimeError, ValueError):  # Devices already initialised, or no such device type.
       pass
-
-
-_hide_accelerators_from_tensorflow()
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -290,6 +294,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     DataError: the dataset is not prepared in `data_dir` and cannot be fetched here.
   """
   spec = _defaults(name)
+  _hide_accelerators_from_tensorflow()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
