@@ -32,13 +32,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jcompress import binarize  # noqa: E402
+from jcompress import binary as binarize  # noqa: E402
 from jcompress import bnn_infer  # noqa: E402
 from jcompress import transforms  # noqa: E402
 from jcompress.models import get_model  # noqa: E402

@@ -20,9 +20,12 @@ import ml_collections
 import numpy as np
 
 from jcompress import config as config_lib
+from jcompress import experiment
 from jcompress import models
+from jcompress import optim
 from jcompress import train
 from jcompress import transforms
+from jcompress.methods import binary as binary_method
 
 
 def cpu_model() -> str:
@@ -132,27 +135,27 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
 
   `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
   (`flops_per_step`, None where the backend gives none), and a BNN's `binary_compute`
-  (its "auto" resolved by `train.resolve_binary_compute`, as `train.make_experiment` does).
+  (its "auto" resolved by `binary_method.resolve_binary_compute`, as `train.make_experiment` does).
   """
   from jcompress import distill  # noqa: PLC0415
 
-  model = train.build_model(config, num_classes)
-  schedule = train.make_schedule(config)
-  tx = train.make_optimizer(config, schedule)
+  model = experiment.build_model(config, num_classes)
+  schedule = optim.make_schedule(config)
+  tx = optim.make_optimizer(config, schedule)
   rng = jax.random.PRNGKey(seed)
   x = jax.random.normal(rng, (batch_size, image_size, image_size, 3), jnp.float32)
   y = jax.random.randint(rng, (batch_size,), 0, num_classes)
   batch = {"image": x, "label": y}
   variables = jax.jit(lambda r: model.init(r, x[:1], train=False))(rng)
   params = variables["params"]
-  transform = train.build_transform(config, params)
-  model = train.resolve_binary_compute(config, model, params)   # as make_experiment does
+  transform = experiment.build_transform(config, params)
+  model = binary_method.resolve_binary_compute(config, model, params)   # as make_experiment does
   extra, kd = (), None
   if teacher_config is not None:
-    teacher = train.build_model(teacher_config, num_classes)
+    teacher = experiment.build_model(teacher_config, num_classes)
     tv = jax.jit(lambda r: teacher.init(r, x[:1], train=False))(jax.random.PRNGKey(seed + 1))
     extra = ([{"params": tv["params"], "batch_stats": tv["batch_stats"]}],)
-    kd = train.Distillation(workdirs=("synthetic",), experiments=[], models=[teacher],
+    kd = experiment.Teachers(workdirs=("synthetic",), experiments=[], models=[teacher],
                             loss_fn=distill.make_distill_loss(distill.default_config()),
                             init_aux=lambda r: {})
   state = train.TrainState(

@@ -20,6 +20,10 @@ import os
 import sys
 import time
 
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
 from absl import app
 from absl import flags
 import jax

@@ -18,6 +18,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
+
 from absl import app
 from absl import flags
 import jax
@@ -29,6 +34,9 @@ import common  # noqa: E402
 
 from jcompress import config as config_lib
 from jcompress import distill
+from jcompress import experiment
+from jcompress import jaxpr_utils
+from jcompress import optim
 from jcompress import train
 from jcompress import transforms
 
@@ -41,19 +49,19 @@ _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON fil
 
 
 def count_convs(jaxpr) -> int:
-  return train.count_primitive(jaxpr, "conv_general_dilated")
+  return jaxpr_utils.count_primitive(jaxpr, "conv_general_dilated")
 
 
 def main(argv):
   del argv
   config = config_lib.base_config()
   config.model = _STUDENT.value
-  student = train.build_model(config, 10)
+  student = experiment.build_model(config, 10)
   tconfig = config_lib.base_config()
   tconfig.model = _TEACHER.value
-  teacher = train.build_model(tconfig, 10)
-  schedule = train.make_schedule(config)
-  tx = train.make_optimizer(config, schedule)
+  teacher = experiment.build_model(tconfig, 10)
+  schedule = optim.make_schedule(config)
+  tx = optim.make_optimizer(config, schedule)
   rng = jax.random.PRNGKey(0)
   x = jax.random.normal(rng, (_BATCH.value, 32, 32, 3), jnp.float32)
   y = jax.random.randint(rng, (_BATCH.value,), 0, 10)
@@ -62,7 +70,7 @@ def main(argv):
   tv = teacher.init(jax.random.PRNGKey(1), x[:1], train=False)
   tvars = [{"params": tv["params"], "batch_stats": tv["batch_stats"]}]
   transform = transforms.identity()
-  kd = train.Distillation(workdirs=("synthetic",), experiments=[], models=[teacher],
+  kd = experiment.Teachers(workdirs=("synthetic",), experiments=[], models=[teacher],
                           loss_fn=distill.make_distill_loss(distill.default_config()),
                           init_aux=lambda r: {})
 

@@ -17,6 +17,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
+
 from absl import app
 from absl import flags
 import jax

@@ -27,12 +27,19 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
+
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcompress import checkpoint
+from jcompress import experiment
 from jcompress import models
 from jcompress import packing
 from jcompress import quantize as Q
@@ -94,9 +101,8 @@ def ptq_table(workdir, methods):
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   from jcompress import data as data_lib  # noqa: PLC0415
-  from jcompress import train  # noqa: PLC0415
 
-  config = train.load_workdir_config(workdir)
+  config = checkpoint.load_workdir_config(workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   raw = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
@@ -104,7 +110,7 @@ def ptq_table(workdir, methods):
   image_size = config.image_size or None
   info = data_lib.dataset_info(config.data, image_size=image_size,
                                data_dir=config.data_dir or None)
-  model = train.build_model(config, info.num_classes)
+  model = experiment.build_model(config, info.num_classes)
   batches = list(data_lib.eval_iterator(config.data, batch_size=256, image_size=image_size,
                                         data_dir=config.data_dir or None))
 

@@ -3,7 +3,7 @@ r"""Checkpoint analysis: per-layer tables, sizes, MACs by precision, plots (`--m
   python launch.py --mode=analyze --workdir=DIR [--analyze_compare=OTHER_DIR]
 
 `analyze(workdir)` reads the run's config from `DIR/config.json`, restores its newest readable
-checkpoint (`train.restore_latest_valid`: a truncated or corrupted latest checkpoint is passed
+checkpoint (`checkpoint.restore_latest_valid`: a truncated or corrupted latest checkpoint is passed
 over for the previous one, and the report says so), and writes into `DIR/analysis/`:
 
   report.md         the per-layer table, the totals and the re-evaluated test accuracy
@@ -46,7 +46,7 @@ Where each figure comes from
   input position (kh, kw, c_in) no filter reads; = `channels` for a dense layer); `kernels_2d`
   (2D, convolutions): of the (c_in, c_out) pairs whose kh x kw kernel is all 0.
 * `float_bytes` = the params' dtype bytes (4 per float32 param, as results.json);
-  `stored_bytes`: what `--mode=export` writes, from `jcompress.export.artifact_arrays`,
+  `stored_bytes`: what `--mode=export` writes, from `jcompress.artifact.artifact_arrays`,
   grouped by the layer path each array name starts with (until that module exists: the
   transform's own export artifact). `compression_ratio` = float_bytes / stored_bytes.
 * `test_accuracy`: the restored state re-evaluated on the test (eval) split.
@@ -73,13 +73,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import binarize
+from jcompress import artifact as artifact_lib
+from jcompress import binary as binarize
 from jcompress import data as data_lib
+from jcompress import experiment
+from jcompress import metrics as metrics_lib
 from jcompress import pq as pq_lib
 from jcompress import prune
 from jcompress import quantize
+from jcompress import state as state_lib
 from jcompress import structured
-from jcompress import train
 from jcompress import transforms
 
 PyTree = Any
@@ -99,8 +102,8 @@ CSV_COLUMNS = ("layer", "kind", "shape", "params", "methods", "bits", "abits", "
 class Run:
   """A run's experiment and the state of its newest readable checkpoint (host arrays)."""
   workdir: str
-  exp: train.Experiment
-  state: train.TrainState
+  exp: experiment.Experiment
+  state: state_lib.TrainState
   step: int
   latest_step: int
   skipped: list          # "step N: reason" of newer checkpoints that could not be restored
@@ -110,7 +113,7 @@ class Run:
 def load_run(workdir: str) -> Run:
   """The run in `workdir` (config from its config.json), restored from its newest readable
   checkpoint. WorkdirError when `workdir` holds no run or no checkpoint that restores."""
-  exp, state, step, latest, skipped = train.load_workdir_run(workdir, "analyze")
+  exp, state, step, latest, skipped = experiment.load_workdir_run(workdir, "analyze")
   results = {}
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
@@ -142,7 +145,7 @@ def _is_artifact_leaf(x) -> bool:
   return _packed_kind(x) is not None
 
 
-def _artifacts(exp: train.Experiment, state: train.TrainState) -> list[dict]:
+def _artifacts(exp: experiment.Experiment, state: state_lib.TrainState) -> list[dict]:
   """The transform's export artifacts as a list (a chain gives one per method, in order)."""
   out = jax.device_get(exp.transform.export(state.params, state.compression))
   return list(out) if isinstance(out, (list, tuple)) else [out]
@@ -210,43 +213,15 @@ def prune_masks(compression: PyTree, params: PyTree) -> dict[str, np.ndarray]:
   return out
 
 
-def stored_arrays(exp: train.Experiment, state: train.TrainState,
+def stored_arrays(exp: experiment.Experiment, state: state_lib.TrainState,
                   artifacts: list[dict] | None = None) -> tuple[dict[str, np.ndarray], str, int]:
-  """({array name: array}, source, manifest bytes): what `--mode=export` writes.
-
-  From `jcompress.export.artifact_arrays(exp, state)` (names start with the param path they
-  belong to). Without that function: the transform's export artifact, each leaf taken from the
-  last method that encoded it, plus the BatchNorm statistics."""
-  try:
-    from jcompress import export as export_lib  # noqa: PLC0415
-    fn = getattr(export_lib, "artifact_arrays", None)
-  except ImportError:
-    fn = None
-  if fn is not None:
-    arrays, manifest = fn(exp, state)
-    extra = len(export_lib.manifest_bytes(manifest)) if hasattr(export_lib, "manifest_bytes") \
-        else 0
-    return ({str(k): np.asarray(v) for k, v in arrays.items()},
-            "jcompress.export.artifact_arrays", extra)
-  if artifacts is None:
-    artifacts = _artifacts(exp, state)
-  entries = _artifact_entries(artifacts)
-  out: dict[str, np.ndarray] = {}
-  params = jax.device_get(state.params)
-  for path, w in zip(transforms.leaf_paths(params), jax.tree.leaves(params)):
-    x = None
-    for per in entries:
-      x = per.get(path, x)
-    if x is None:
-      out[path] = np.asarray(w)
-      continue
-    for p, a in jax.tree_util.tree_flatten_with_path(x)[0]:
-      if hasattr(a, "dtype") and np.ndim(a) > 0:
-        out[f"{path}/{transforms.path_str(p)}"] = np.asarray(a)
-  bs = jax.device_get(state.batch_stats)
-  for path, a in zip(transforms.leaf_paths(bs), jax.tree.leaves(bs)):
-    out[f"batch_stats/{path}"] = np.asarray(a)
-  return out, "transform export (stand-in)", 0
+  """({array name: array}, source, manifest bytes): what `--mode=export` writes, from
+  `jcompress.artifact.artifact_arrays(exp, state)` (names start with the param path they belong
+  to). `artifacts` is accepted for callers that computed the transform's export already."""
+  del artifacts
+  arrays, manifest = artifact_lib.artifact_arrays(exp, state)
+  return ({str(k): np.asarray(v) for k, v in arrays.items()},
+          "jcompress.artifact.artifact_arrays", len(artifact_lib.manifest_bytes(manifest)))
 
 
 def activation_bits(config, layer: str, kind: str) -> int:
@@ -263,7 +238,7 @@ def activation_bits(config, layer: str, kind: str) -> int:
   return float_bits
 
 
-def layer_macs(exp: train.Experiment, params: PyTree,
+def layer_macs(exp: experiment.Experiment, params: PyTree,
                batch_stats: PyTree) -> tuple[dict[str, tuple[str, int]], int]:
   """({kernel leaf path: (kind, MACs per image)}, total MACs per image), from the jaxpr of the
   model (`structured.build_graph`; the total is `structured.count_flops`)."""
@@ -441,7 +416,7 @@ def predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
   preds, labels = [], []
   for batch in data_lib.eval_iterator(c.data, batch_size=c.eval_batch_size,
-                                      image_size=train.image_size_arg(c),
+                                      image_size=c.image_size or None,
                                       data_dir=c.data_dir or None):
     keep = np.asarray(batch["mask"]) > 0
     preds.append(np.asarray(predict(variables, batch["image"]))[keep])
@@ -694,7 +669,7 @@ def write_report(run: Run, rows: list[dict], totals: dict, accuracy: float,
             "![bits](bits.png)", ""] if plots else [])]
   with open(files["report"], "w") as f:
     f.write("\n".join(md))
-  train.write_json(files["layers_json"], {"rows": rows, "totals": totals})
+  metrics_lib.write_json(files["layers_json"], {"rows": rows, "totals": totals})
   _write_csv(rows, files["layers_csv"])
   return files
 
@@ -825,7 +800,7 @@ def analyze(workdir: str, compare: str | None = None, *, plots: bool = True) -> 
     with open(md_path, "w") as f:
       f.write(compare_markdown(cmp, totals, totals_b))
     json_path = os.path.join(out_dir, f"compare_{name}.json")
-    train.write_json(json_path, {**cmp, "totals_a": totals, "totals_b": totals_b})
+    metrics_lib.write_json(json_path, {**cmp, "totals_a": totals, "totals_b": totals_b})
     print(f"compared with {compare}: accuracy {100 * cmp['test_accuracy_a']:.2f}% vs "
           f"{100 * cmp['test_accuracy_b']:.2f}%, agreement "
           + (f"{100 * cmp['agreement']:.2f}%" if cmp["agreement"] is not None

@@ -373,7 +373,7 @@ def binary_weights(params_like: PyTree,
 
 
 def transform_from_config(cfg, params_like: PyTree, config=None) -> transforms.ParamTransform:
-  """The `binary` sub-config's transform (`train.build_transform`): `binary_weights` with
+  """The `binary` sub-config's transform (`experiment.build_transform`): `binary_weights` with
   `cfg.method`, `cfg.include`, `cfg.exclude`."""
   del config
   return binary_weights(params_like, method=cfg.method, include=tuple(cfg.include),

@@ -74,7 +74,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import binarize
+from jcompress import binary as binarize
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
@@ -92,8 +92,9 @@ def fastest_compute(num_bits: int = 1) -> str:
   loaded: on a CPU "xnor" for 1 and 2 bits (XNOR-popcount, `fastconv.xnor_conv`: 3-4x faster
   than XLA's float32 convolutions on the 2-core AVX2 CPU), else "int8" where XLA's convolutions
   run on YNNPACK (int8 x int8 -> int32 was the fastest there) and "f32" on XLA's Eigen
-  convolutions (`fastconv.XLA_CPU_FLAG`, set by `import jcompress`: their int8 convolution
-  measured ~50x slower than float32); "bf16" on GPU/TPU. All are exact (module docstring)."""
+  convolutions (`runtime.XLA_CPU_FLAG`, set by `runtime.configure_cpu()`: their int8
+  convolution measured ~50x slower than float32); "bf16" on GPU/TPU. All are exact (module
+  docstring)."""
   from jcompress import fastconv  # noqa: PLC0415
   if jax.default_backend() != "cpu":
     return "bf16"

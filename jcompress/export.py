@@ -62,322 +62,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import transforms as transforms_lib
+from jcompress import binary as binarize
+from jcompress import data as data_lib
+from jcompress import experiment
+from jcompress import models as models_lib
+from jcompress import packing
+from jcompress import pq
+from jcompress import quantize
+from jcompress.artifact import ARTIFACT_FILES  # noqa: F401  (the artifact's names, re-exported)
+from jcompress.artifact import BLOB
+from jcompress.artifact import FORMAT  # noqa: F401
+from jcompress.artifact import MANIFEST
+from jcompress.artifact import ArtifactError
+from jcompress.artifact import _flat
+from jcompress.artifact import _signed_zero
+from jcompress.artifact import artifact_arrays
+from jcompress.artifact import artifact_nbytes  # noqa: F401
+from jcompress.artifact import layer_of  # noqa: F401
+from jcompress.artifact import manifest_bytes
+from jcompress.artifact import param_of  # noqa: F401
+from jcompress.artifact import tensor_entry
 from jcompress.errors import JCompressError
-from jcompress.errors import WorkdirError
+from jcompress.methods import registry
 
 PyTree = Any
 
-FORMAT = "jcompress.export/1"
-MANIFEST = "manifest.json"
-BLOB = "weights.bin"
 STABLEHLO = "inference.stablehlo"
-#: The files whose bytes are the artifact (`model_bytes`).
-ARTIFACT_FILES = (MANIFEST, BLOB)
-#: What each manifest["tensors"][name] list holds, in order (`tensor_entry` reads it).
-TENSOR_FIELDS = ("dtype", "shape", "nbytes", "offset", "crc32")
-
-#: The bnn_infer artifact's top-level names that are not a layer of the model, and the layer
-#: whose name they are stored under.
-_BNN_RENAME = {"stem": "stem_conv", "final": "final_bn"}
-
-
-class ArtifactError(WorkdirError):
-  """An exported artifact that cannot be read: missing, truncated, or unlike its manifest."""
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def _methods(config) -> list[str]:
-  from jcompress import train  # noqa: PLC0415
-  return [key for key, _ in train.TRANSFORM_METHODS
-          if key in config and config[key].get("enabled", True)]
-
-
-def is_packed_bnn(config) -> bool:
-  """A binary ResNet whose artifact is `bnn_infer.freeze`'s (as `train.summarize` sizes it)."""
-  return "binary" in config and config.binary.get("enabled", True) and \
-      str(config.model).startswith("bnn_")
-
-
-def _model_kwargs(exp) -> dict:
-  """The module fields exp's model has beyond what its name, num_classes, width and dtype
-  give (config `model_kwargs`, and what `train.build_model` adds, e.g. for pretrained weights):
-  read off the built module, so the manifest rebuilds exactly that module."""
-  import dataclasses  # noqa: PLC0415
-
-  from jcompress import models as models_lib  # noqa: PLC0415
-  c = exp.config
-  model = exp.model.base if exp.lowrank_plan is not None else exp.model
-  dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
-  plain = models_lib.get_model(c.model, exp.info.num_classes, width=c.width, dtype=dtype)
-  kwargs = {}
-  for f in dataclasses.fields(model):
-    if f.name in ("parent", "name", "num_classes", "width", "dtype"):
-      continue
-    v, d = getattr(model, f.name), getattr(plain, f.name, None)
-    try:
-      same = bool(v == d)
-    except Exception:  # noqa: BLE001  (arrays: compare as differing)
-      same = False
-    if not same:
-      kwargs[f.name] = v
-  out = _jsonable(kwargs)
-  try:
-    json.dumps(out)
-  except TypeError as e:
-    raise JCompressError(f"model {c.model!r}: a field cannot be written to the manifest "
-                         f"({e})") from e
-  return out
-
-
-def _model_spec(exp) -> dict:
-  """What `models.get_model` (and `lowrank.Factorized`) need to rebuild exp's module."""
-  c = exp.config
-  out = {"name": str(c.model), "num_classes": int(exp.info.num_classes),
-         "width": float(c.width), "dtype": str(c.dtype), "kwargs": _model_kwargs(exp),
-         "image_shape": [int(d) for d in exp.info.image_shape]}
-  if exp.lowrank_plan is not None:
-    from jcompress import lowrank  # noqa: PLC0415
-    out["lowrank_plan"] = json.loads(lowrank.plan_to_json(exp.lowrank_plan))
-  return out
-
-
-def _jsonable(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if hasattr(x, "to_dict"):
-    return _jsonable(x.to_dict())
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, (np.bool_,)):
-    return bool(x)
-  if hasattr(x, "to_dict"):
-    return _jsonable(x.to_dict())
-  return x
-
-
-def _flat(tree: PyTree) -> dict[str, Any]:
-  return {transforms_lib.path_str(p): x for p, x in
-          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_encoded)[0]}
-
-
-def _is_encoded(x) -> bool:
-  from jcompress import pq  # noqa: PLC0415
-  return pq.is_pq(x) or isinstance(x, dict) and (
-      ("codes" in x and "kind" in x) or ("values" in x and "shape" in x)
-      or ("bits" in x and "shape" in x))
-
-
-def _encode_leaf(path: str, x, earlier) -> tuple[dict, dict]:
-  """(arrays named path/..., the leaf's manifest entry) of an exported leaf `x`.
-
-  `earlier`: the sparse encoding an earlier transform gave this leaf, or None."""
-  from jcompress import pq  # noqa: PLC0415
-  if pq.is_pq(x):
-    return ({f"{path}/codes": np.asarray(x.codes, np.uint8),
-             f"{path}/codebooks": np.asarray(x.codebooks, np.float32)},
-            {"encoding": "pq", "shape": list(x.shape), "bits": int(x.bits)})
-  if isinstance(x, dict) and "codes" in x and "kind" in x:      # quantize.pack_qtensor
-    entry = {"encoding": "quant", "shape": [int(d) for d in x["shape"]], "bits": int(x["bits"]),
-             "kind": x["kind"], "per_channel": bool(x["per_channel"]),
-             "symmetric": bool(x["symmetric"]), "narrow_range": bool(x["narrow_range"])}
-    arrays = {f"{path}/codes": np.asarray(x["codes"], np.uint8)}
-    for k, dt in (("scale", np.float32), ("zero_point", np.uint8), ("codebook", np.float32)):
-      if k in x:
-        arrays[f"{path}/{k}"] = np.asarray(x[k], dt)
-    if earlier is not None and "bitmask" in earlier and _signed_zero(entry):
-      merged = _merge_sparse_quant(path, x, earlier, entry)
-      if merged is not None:
-        return merged
-    return arrays, entry
-  if isinstance(x, dict) and "values" in x and "shape" in x:    # prune.sparse_encode
-    shape = [int(d) for d in np.asarray(x["shape"])]
-    if "bitmask" in x:
-      return ({f"{path}/bitmask": np.asarray(x["bitmask"], np.uint8),
-               f"{path}/values": np.asarray(x["values"], np.float32)},
-              {"encoding": "sparse", "shape": shape})
-    return ({f"{path}/indptr": np.asarray(x["indptr"]), f"{path}/indices": np.asarray(x["indices"]),
-             f"{path}/values": np.asarray(x["values"], np.float32)},
-            {"encoding": "csr", "shape": shape})
-  if isinstance(x, dict) and "bits" in x and "shape" in x:      # binarize.binary_weights
-    arrays = {f"{path}/bits": np.asarray(x["bits"], np.uint32)}
-    if "scale" in x:
-      arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
-    return arrays, {"encoding": "binary", "shape": [int(d) for d in x["shape"]]}
-  arr = np.asarray(x)
-  return {path: arr}, {"encoding": "float", "shape": list(arr.shape)}
-
-
-def _signed_zero(entry: dict) -> bool:
-  """Code 0 decodes to exactly 0.0: symmetric uniform, and pow2."""
-  return entry["kind"] == "pow2" or (entry["kind"] == "uniform" and entry["symmetric"])
-
-
-def _merge_sparse_quant(path, x, sparse, entry):
-  """Bitmask + the codes of the kept weights only, when the pruned weights' codes are all 0
-  (so they decode to exactly 0); None otherwise."""
-  from jcompress import packing  # noqa: PLC0415
-  shape = tuple(entry["shape"])
-  n = math.prod(shape)
-  bits = entry["bits"]
-  codes = packing.unpack(x["codes"], bits, n, signed=True).astype(np.int16)
-  mask = np.unpackbits(np.asarray(sparse["bitmask"], np.uint8), count=n).astype(bool)
-  if tuple(int(d) for d in np.asarray(sparse["shape"])) != shape or np.any(codes[~mask] != 0):
-    return None
-  arrays = {f"{path}/bitmask": np.asarray(sparse["bitmask"], np.uint8),
-            f"{path}/codes": packing.pack(codes[mask], bits, signed=True)}
-  if "scale" in x:
-    arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
-  entry = {**entry, "encoding": "sparse_quant", "nnz": int(mask.sum())}
-  return arrays, entry
-
-
-def _layer_artifacts(exp, state) -> list[dict]:
-  """The transform's export as a list of flat {param path: leaf} dicts, one per method."""
-  out = exp.transform.export(state.params, state.compression)
-  arts = out if isinstance(out, list) else [out]
-  return [_flat(jax.device_get(a["params"])) for a in arts]
-
-
-def _generic_arrays(exp, state) -> tuple[dict, dict]:
-  arts = _layer_artifacts(exp, state)
-  params_paths = transforms_lib.leaf_paths(exp.abstract_state.params)
-  arrays: dict[str, np.ndarray] = {}
-  entries: dict[str, dict] = {}
-  for path in params_paths:
-    encoded = [art[path] for art in arts if _is_encoded(art[path])]
-    chosen = encoded[-1] if encoded else arts[-1][path]   # never encoded: the float leaf
-    earlier_sparse = next((x for x in reversed(encoded[:-1])
-                           if isinstance(x, dict) and "bitmask" in x), None)
-    a, e = _encode_leaf(path, chosen, earlier_sparse)
-    arrays.update(a)
-    entries[path] = {"encoding": "float"} if e["encoding"] == "float" else e
-  stats = _flat(jax.device_get(state.batch_stats))
-  for path, x in stats.items():
-    if path in arrays:
-      raise JCompressError(f"batch_stats leaf '{path}' has the name of a stored param tensor")
-    arrays[path] = np.asarray(x)
-  return arrays, {"params": entries, "batch_stats": list(stats)}
-
-
-def _bnn_arrays(exp, state) -> tuple[dict, dict]:
-  from jcompress import bnn_infer  # noqa: PLC0415
-  c = exp.config
-  params, batch_stats = jax.device_get((state.params, state.batch_stats))
-  frozen = bnn_infer.freeze(params, batch_stats, exp.model, method=c.binary.method,
-                            include=tuple(c.binary.include), exclude=tuple(c.binary.exclude))
-  arrays = {}
-  for path, x in _flat({k: v for k, v in frozen.items() if k != "meta"}).items():
-    head, _, rest = path.partition("/")
-    arrays["/".join([_BNN_RENAME.get(head, head), rest]) if rest else path] = np.asarray(x)
-  return arrays, {"bnn": frozen["meta"]}
-
-
-def artifact_arrays(exp, state) -> tuple[dict[str, np.ndarray], dict]:
-  """The arrays the artifact stores and its manifest, built in memory (nothing written).
-
-  Args:
-    exp: the run's `train.Experiment` (model, transform, config, dataset info).
-    state: its `train.TrainState` (latent params, batch_stats, compression state).
-
-  Returns:
-    arrays: {name: numpy array}, in storage order. A name is the param path of the leaf it
-      stores (`stage1_block0/conv1/kernel`), followed for an encoded leaf by the part
-      (`.../kernel/codes`, `.../kernel/scale`, `.../kernel/bitmask`); BatchNorm statistics
-      are `layer/mean`, `layer/var`. `layer_of(name, manifest)` gives the layer of a name.
-    manifest: JSON-able dict: format, model (to rebuild the module), methods and their config,
-      `compressed` (False for a float run), tensors {name: [dtype, shape, nbytes, offset in
-      weights.bin, crc32]} (`tensor_entry` reads one as a dict), and the per-leaf encodings
-      `params` {param path: {"encoding", ...}} and `batch_stats` [names], or the BNN artifact's
-      `bnn` meta.
-  """
-  from jcompress import config as config_lib  # noqa: PLC0415
-  c = exp.config
-  methods = _methods(c)
-  if is_packed_bnn(c):
-    arrays, layout = _bnn_arrays(exp, state)
-    kind = "bnn_packed"
-  else:
-    arrays, layout = _generic_arrays(exp, state)
-    kind = "compressed" if methods else "float"
-  tensors, offset = {}, 0
-  for name, a in arrays.items():
-    a = np.asarray(a, order="C")   # (ascontiguousarray would make a 0-d array 1-d)
-    arrays[name] = a
-    if a.dtype.byteorder == ">":
-      raise JCompressError(f"tensor '{name}' is big-endian")
-    tensors[name] = [a.dtype.str.lstrip("<|="), list(a.shape), int(a.nbytes), offset,
-                     zlib.crc32(a.tobytes()) & 0xFFFFFFFF]
-    offset += int(a.nbytes)
-  cfg = config_lib.to_dict(c)
-  manifest = {
-      "format": FORMAT,
-      "kind": kind,
-      "compressed": bool(methods),
-      "methods": methods,
-      "method_config": {m: _jsonable(cfg[m]) for m in methods},
-      "model": _model_spec(exp),
-      "step": int(jax.device_get(state.step)),
-      "blob": BLOB,
-      "blob_bytes": offset,
-      "tensor_fields": list(TENSOR_FIELDS),
-      "tensors": tensors,
-      **layout,
-  }
-  return arrays, manifest
-
-
-def tensor_entry(manifest: dict, name: str) -> dict:
-  """manifest["tensors"][name] as {"dtype", "shape", "nbytes", "offset", "crc32"}."""
-  t = manifest["tensors"][name]
-  if not isinstance(t, (list, tuple)) or len(t) != len(TENSOR_FIELDS):
-    raise ArtifactError(f"tensor '{name}': manifest entry {t!r} is malformed (expected "
-                        f"{list(TENSOR_FIELDS)})")
-  return dict(zip(TENSOR_FIELDS, t))
-
-
-def param_of(name: str, manifest: dict | None = None) -> str:
-  """The param (or batch_stats) path a stored tensor belongs to: `name` itself for a float
-  leaf, the encoded leaf's path for its parts (`.../kernel/codes` -> `.../kernel`)."""
-  if manifest is not None and "params" in manifest:
-    if name in manifest["params"] or name in manifest.get("batch_stats", ()):
-      return name
-    head = name
-    while "/" in head:
-      head = head.rsplit("/", 1)[0]
-      if head in manifest["params"]:
-        return head
-    return name
-  for suffix in ("/codes", "/scale", "/zero_point", "/codebook", "/codebooks", "/bitmask",
-                 "/values", "/indptr", "/indices", "/bits"):
-    if name.endswith(suffix) and name.count("/") >= 2:
-      return name[: -len(suffix)]
-  return name
-
-
-def layer_of(name: str, manifest: dict | None = None) -> str:
-  """The layer (module path) a stored tensor belongs to: its param path minus the leaf name
-  (`stage1_block0/conv1/kernel/codes` -> `stage1_block0/conv1`)."""
-  param = param_of(name, manifest)
-  return param.rsplit("/", 1)[0] if "/" in param else param
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-  """manifest.json's exact content (compact, sorted keys)."""
-  return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-
-
-def artifact_nbytes(arrays: dict, manifest: dict) -> int:
-  """The artifact's size on disk (manifest.json + weights.bin), without writing it."""
-  return len(manifest_bytes(manifest)) + sum(int(a.nbytes) for a in arrays.values())
 
 
 # ----------------------------------------------------------------------------- files
@@ -476,7 +186,6 @@ _PARTS = {"quant": ("codes",), "sparse_quant": ("bitmask", "codes", "scale"),
 
 def _check_layout(manifest: dict, arrays: dict) -> None:
   """Every param leaf's tensors exist and have the sizes its encoding implies."""
-  from jcompress import packing  # noqa: PLC0415
   for path in manifest.get("batch_stats", []):
     if path not in arrays:
       raise ArtifactError(f"tensor '{path}' (batch_stats) is not in the artifact; refusing to "
@@ -521,7 +230,6 @@ def _unpack_codes(packed: jax.Array, bits: int, count: int, signed: bool) -> jax
 
 
 def _qtensor(arrays: dict, path: str, e: dict, codes: jax.Array):
-  from jcompress import quantize  # noqa: PLC0415
   shape = tuple(e["shape"])
   bshape = [1] * len(shape)
   if e["per_channel"]:
@@ -558,8 +266,6 @@ def _scatter_mask(bitmask, values, n: int, nnz: int, dtype) -> jax.Array:
 
 def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
   """The effective float32 weights of param leaf `path` (jnp, jit-able; shapes from `e`)."""
-  from jcompress import binarize  # noqa: PLC0415
-  from jcompress import pq  # noqa: PLC0415
   enc = e["encoding"]
   if enc == "float":
     return jnp.asarray(arrays[path])
@@ -610,16 +316,22 @@ def _nest(flat: dict[str, Any]) -> dict:
   return out
 
 
+def _methods_of(manifest: dict) -> list:
+  """The registered methods an artifact was made with (its manifest's "methods")."""
+  known = set(registry.names())
+  return [registry.get(n) for n in manifest.get("methods", []) if n in known]
+
+
 def build_model(manifest: dict):
-  """The Flax module the manifest describes (`models.get_model`, plus a low-rank plan)."""
-  from jcompress import models as models_lib  # noqa: PLC0415
+  """The Flax module the manifest describes (`models.get_model`, then the methods'
+  `rebuild_model`: a factorized model from its plan)."""
   m = manifest["model"]
   dtype = jnp.bfloat16 if m["dtype"] == "bfloat16" else jnp.float32
   model = models_lib.get_model(m["name"], m["num_classes"], width=m["width"], dtype=dtype,
                                **{k: _tuples(v) for k, v in m["kwargs"].items()})
-  if m.get("lowrank_plan") is not None:
-    from jcompress import lowrank  # noqa: PLC0415
-    model = lowrank.Factorized(model, lowrank.plan_from_json(json.dumps(m["lowrank_plan"])))
+  for method in _methods_of(manifest):
+    if method.rebuild_model is not None:
+      model = method.rebuild_model(m, model)
   return model
 
 
@@ -632,15 +344,6 @@ def _tuples(x):
   return x
 
 
-def _bnn_frozen(manifest: dict, arrays: dict) -> dict:
-  back = {v: k for k, v in _BNN_RENAME.items()}
-  flat = {}
-  for name, a in arrays.items():
-    head, _, rest = name.partition("/")
-    flat["/".join([back.get(head, head), rest]) if rest else name] = a
-  return {"meta": manifest["bnn"], **_nest(flat)}
-
-
 def decode_variables(manifest: dict, arrays: dict) -> dict:
   """{"params", "batch_stats"}: the effective weights of a generic (not BNN) artifact."""
   params = {p: decode_leaf(arrays, p, e) for p, e in manifest["params"].items()}
@@ -650,14 +353,12 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
 
 def make_apply(manifest: dict, model=None) -> Callable:
   """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
-  then the model in eval mode (a BNN artifact: `bnn_infer.packed_apply`)."""
-  if manifest.get("kind") == "bnn_packed":
-    from jcompress import bnn_infer  # noqa: PLC0415
-
-    def apply_bnn(arrays, images):
-      return bnn_infer.packed_apply(_bnn_frozen(manifest, arrays), images)
-
-    return apply_bnn
+  then the model in eval mode (an artifact in a method's own layout: its `artifact_apply`, e.g.
+  `bnn_infer.packed_apply`)."""
+  for method in _methods_of(manifest):
+    own = method.artifact_apply(manifest) if method.artifact_apply is not None else None
+    if own is not None:
+      return own
   model = build_model(manifest) if model is None else model
 
   def apply(arrays, images):
@@ -669,14 +370,14 @@ def make_apply(manifest: dict, model=None) -> Callable:
 
 def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
   """ArtifactError naming the first leaf whose decoded shape is not the rebuilt model's."""
-  if manifest.get("kind") == "bnn_packed":
-    from jcompress import bnn_infer  # noqa: PLC0415
-    from jcompress.errors import ConfigError  # noqa: PLC0415
-    try:
-      bnn_infer.check_artifact(_bnn_frozen(manifest, arrays), build_model(manifest))
-    except ConfigError as e:
-      raise ArtifactError(f"artifact does not fit its model: {e}") from e
-    return
+  for method in _methods_of(manifest):
+    if method.artifact_check is None:
+      continue
+    error = method.artifact_check(manifest, arrays, build_model(manifest))
+    if error:
+      raise ArtifactError(f"artifact does not fit its model: {error}")
+    if error is not None:   # the method's own layout, and it fits
+      return
   model = build_model(manifest) if model is None else model
   shape = [1, *manifest["model"]["image_shape"]]
   want = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
@@ -706,7 +407,8 @@ def inference_fn(source) -> Callable:
   `fn.apply` (the pure `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source
-  model = None if manifest.get("kind") == "bnn_packed" else build_model(manifest)
+  own_layout = manifest.get("kind") not in ("float", "compressed")
+  model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
   apply = make_apply(manifest, model)
   jitted = jax.jit(apply)
@@ -802,9 +504,7 @@ def export_run(workdir: str, check_examples: int = 256) -> dict:
   and `check`: the loaded artifact's logits against the trained model's on up to
   `check_examples` eval images (argmax agreement, max |difference|; 0 skips the check).
   """
-  from jcompress import data as data_lib  # noqa: PLC0415
-  from jcompress import train  # noqa: PLC0415
-  exp, state, step, _, skipped = train.load_workdir_run(workdir, "export")
+  exp, state, step, _, skipped = experiment.load_workdir_run(workdir, "export")
   warnings = [f"checkpoint {s} could not be read; falling back to the previous checkpoint, "
               f"step {step}" for s in skipped]
   arrays, manifest = artifact_arrays(exp, state)
@@ -823,8 +523,8 @@ def export_run(workdir: str, check_examples: int = 256) -> dict:
                              for f in sorted(os.listdir(out_dir))},
                    "stablehlo": hlo_info, "tensors": len(manifest["tensors"])}
   if not manifest["compressed"]:
-    msg = (f"the run in {workdir} has no compression (no prune/lowrank/pq/quant/binary "
-           "sub-config): exported the float model")
+    msg = (f"the run in {workdir} has no compression (none of the sub-configs "
+           f"{', '.join(registry.names())}): exported the float model")
     logging.warning("%s", msg)
     summary["note"] = msg
   if warnings:
@@ -853,7 +553,7 @@ def export_run(workdir: str, check_examples: int = 256) -> dict:
   # Check: the artifact read back from disk predicts what the trained model predicts.
   c = exp.config
   batch = next(iter(data_lib.eval_iterator(c.data, batch_size=check_examples,
-                                           image_size=train.image_size_arg(c),
+                                           image_size=c.image_size or None,
                                            data_dir=c.data_dir or None)))
   images = batch["image"][batch["mask"].astype(bool)]
   fn = inference_fn(out_dir)

@@ -665,7 +665,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def transform_from_config(cfg, params_like: PyTree, config=None) -> transforms.ParamTransform:
-  """The `prune` sub-config's transform (`train.build_transform`); keys: `default_config`.
+  """The `prune` sub-config's transform (`experiment.build_transform`); keys: `default_config`.
 
   Refuses unknown keys and, given the whole `config`, events after `total_steps`.
   """

@@ -40,9 +40,13 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from jcompress import checkpoint
 from jcompress import config as config_lib
+from jcompress import experiment
+from jcompress import train
 from jcompress.errors import ConfigError
 from jcompress.errors import JCompressError
+from jcompress.methods import registry
 
 Point = dict   # dotted config key -> value
 
@@ -235,15 +239,14 @@ def expand(config: ml_collections.ConfigDict, spec: str,
 
 
 def check_buildable(points: Sequence[dict]) -> None:
-  """Builds each point's experiment abstractly (`train.make_experiment`: model, optimizer,
+  """Builds each point's experiment abstractly (`experiment.make_experiment`: model, optimizer,
   compression transform; nothing compiled, no weights): what only the builders check (the
   quant sub-config's keys and bits, a model's fields, the dataset) refuses the sweep before
   any point runs."""
-  from jcompress import train  # noqa: PLC0415
   n = len(points)
   for p in points:
     try:
-      train.make_experiment(p["config"], load_teacher=False)
+      experiment.make_experiment(p["config"], load_teacher=False)
     except JCompressError as e:
       raise type(e)(f"sweep point {p['index'] + 1}/{n} {p['name']}: {e}") from None
 
@@ -276,12 +279,12 @@ def is_finished(point: dict) -> bool:
 
 def run_point(point: dict, n: int) -> dict:
   """Runs (or resumes) one point with `train.train_and_evaluate`; a finished one is skipped."""
-  from jcompress import train  # noqa: PLC0415
   label = f"sweep point {point['index'] + 1}/{n}: {point['name']}"
   if is_finished(point):
-    if "structured" not in point["config"]:   # structured runs store the pruned widths
+    # A method that prepares the run (filters removed) stores the config it made: not comparable.
+    if not registry.with_hook(point["config"], "prepare"):
       try:
-        train.check_workdir_config(point["config"], point["workdir"])
+        checkpoint.check_workdir_config(point["config"], point["workdir"])
       except JCompressError as e:
         raise type(e)(f"sweep point {point['index'] + 1}/{n} {point['name']}: {e}") from None
     logging.info("%s: finished (results.json), skipped", label)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jcompress import analysis
+from jcompress import checkpoint
 from jcompress import config as config_lib
 from jcompress import packing
 from jcompress import quantize
@@ -339,9 +340,10 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
   report = open(os.path.join(workdir, "analysis", "report.md")).read()
   assert "analyzed step 20" in report
   # the figures are those of the step-20 state
-  mngr = train.checkpoint_manager(workdir, train.load_workdir_config(workdir), create=False)
-  exp = train.make_experiment(train.load_workdir_config(workdir), load_teacher=False)
-  state, _ = train.restore_state(mngr, 20, exp)
+  mngr = checkpoint.checkpoint_manager(workdir, checkpoint.load_workdir_config(workdir),
+                                       create=False)
+  exp = train.make_experiment(checkpoint.load_workdir_config(workdir), load_teacher=False)
+  state, _ = checkpoint.restore_state(mngr, 20, exp)
   mngr.close()
   assert summary["params"] == sum(np.size(w) for w in jax.tree.leaves(state.params))
   # a corrupted metadata file is passed over too; with every checkpoint broken: an error

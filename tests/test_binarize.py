@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcompress import binarize as bz
+from jcompress import binary as bz
 from jcompress import transforms
 from jcompress.errors import ConfigError
 

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcompress import binarize
+from jcompress import binary as binarize
 from jcompress import bnn_infer
+from jcompress import jaxpr_utils
 from jcompress import transforms
 from jcompress.errors import ConfigError
 from jcompress.models import get_model
@@ -194,14 +195,13 @@ def test_binary_convs_run_in_int8_with_int32_accumulation(nets, images):
 def test_xnor_binary_convs_are_uint32_popcounts(nets, images):
   """Walks the jaxpr of compute="xnor": no convolution but the float stem; popcounts of uint32
   words in place of the 20 binary ones."""
-  from jcompress import train  # noqa: PLC0415
   net = nets(1)
   runtime = bnn_infer.load(net.frozen, compute="xnor")
   jaxpr = jax.make_jaxpr(bnn_infer._forward, static_argnums=(2,))(
       bnn_infer._arrays(runtime), images, bnn_infer._Static(runtime["meta"]))
-  convs = train.primitive_eqns(jaxpr, "conv_general_dilated")
+  convs = jaxpr_utils.primitive_eqns(jaxpr, "conv_general_dilated")
   assert [str(e.invars[0].aval.dtype) for e in convs] == ["float32"]
-  pops = train.primitive_eqns(jaxpr, "population_count")
+  pops = jaxpr_utils.primitive_eqns(jaxpr, "population_count")
   assert pops and all(e.invars[0].aval.dtype == jnp.uint32 for e in pops)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jcompress.binarize import binary_weights
+from jcompress.binary import binary_weights
 from jcompress.errors import ConfigError
 from jcompress.models import BNNResNet
 from jcompress.models import count_params

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jcompress import checkpoint
 from jcompress import config as config_lib
 from jcompress import data as data_lib
 from jcompress import export
@@ -99,7 +100,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def test_images(runs):
   w = runs["float"][0]
-  c = train.load_workdir_config(w)
+  c = checkpoint.load_workdir_config(w)
   images = []
   for batch in data_lib.eval_iterator("digits", batch_size=128, data_dir=c.data_dir):
     images.append(batch["image"][batch["mask"].astype(bool)])
@@ -314,7 +315,7 @@ def test_layer_of_groups_tensors_by_the_layer_they_belong_to(runs):
 def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
   """Model fields beyond the name (act_quant, from model_kwargs) and scalar params (PACT's
   clip alpha, shape ()) survive the manifest; W4A4 logits equal the eval path's exactly."""
-  c = _base(train.load_workdir_config(runs["float"][0]).data_dir, 1, model="resnet20",
+  c = _base(checkpoint.load_workdir_config(runs["float"][0]).data_dir, 1, model="resnet20",
             width=0.25)
   c.model_kwargs.act_quant = ml_collections.ConfigDict({"kind": "pact", "bits": 4,
                                                         "calibrate": False})
@@ -337,7 +338,7 @@ def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
 def test_other_methods_round_trip_without_training(runs, tmp_path, method):
   """PQ codes + codebooks, packed signs of a non-BNN model, and a factorized (low-rank) model
   rebuilt from the manifest's plan: the artifact's logits equal the eval path's."""
-  c = _base(train.load_workdir_config(runs["float"][0]).data_dir, 1, width=1.0)
+  c = _base(checkpoint.load_workdir_config(runs["float"][0]).data_dir, 1, width=1.0)
   if method == "pq":
     c.pq = ml_collections.ConfigDict({"method": "pq", "subvector": 4, "bits": 4})
   elif method == "binary":

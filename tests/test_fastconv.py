@@ -1,10 +1,6 @@
 """The matmul kernel gradient of jcompress.fastconv against XLA's own convolution gradients,
 and the XLA:CPU flag that `import jcompress` sets (convolutions on Eigen, conv_impl "auto")."""
 
-import os
-import platform
-import subprocess
-import sys
 
 import jax
 from jax import lax
@@ -13,6 +9,7 @@ import numpy as np
 import pytest
 
 from jcompress import fastconv
+from jcompress import jaxpr_utils
 from jcompress import models
 from jcompress import train
 
@@ -63,7 +60,7 @@ def test_kernel_grad_equals_xla(case):
   if n > 1:
     jaxpr = jax.make_jaxpr(lambda a, b: fastconv.kernel_grad(a, b, k, s, pad, chunk_bytes=1))(
         x, g).jaxpr
-    assert train.count_primitive(jaxpr, "scan") == 1
+    assert jaxpr_utils.count_primitive(jaxpr, "scan") == 1
 
 
 @pytest.mark.parametrize("case", CASES[:5])
@@ -136,7 +133,7 @@ def test_model_loss_and_gradients_equal_xla(name, kwargs):
 
     (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(v["params"]).jaxpr
-    out[impl] = (value, logits, grads, train.count_primitive(jaxpr, "conv_general_dilated"))
+    out[impl] = (value, logits, grads, jaxpr_utils.count_primitive(jaxpr, "conv_general_dilated"))
   np.testing.assert_allclose(out["fast"][1], out["xla"][1], rtol=0, atol=0)
   np.testing.assert_allclose(out["fast"][0], out["xla"][0], rtol=1e-6)
   flat_f = jax.tree_util.tree_leaves_with_path(out["fast"][2])
@@ -211,7 +208,7 @@ def test_staged_takes_the_phase_input_grad_from_256_output_pixels():
     w = jnp.ones((3, 3, 2, 2))
     f = lambda x_, w_: jnp.sum(fastconv.staged_conv_general_dilated(  # noqa: E731
         x_, w_, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC))
-    convs = train.primitive_eqns(jax.make_jaxpr(jax.grad(f))(x, w), "conv_general_dilated")
+    convs = jaxpr_utils.primitive_eqns(jax.make_jaxpr(jax.grad(f))(x, w), "conv_general_dilated")
     dilated = [e for e in convs if tuple(e.params["lhs_dilation"]) != (1, 1)]
     assert (not dilated) == phases, (side, [e.params["lhs_dilation"] for e in convs])
 
@@ -235,88 +232,3 @@ def test_unknown_conv_impl_is_a_config_error():
   model = models.get_model("resnet18_cifar", 10, width=0.125, conv_impl="cudnn")
   with pytest.raises(ConfigError, match="conv_impl"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-
-
-def _fresh_process(code, xla_flags=None, drop=(), **extra_env):
-  """The last two lines `code` prints in a new interpreter, whose environment is this one's
-  without XLA_FLAGS and `drop`, plus `xla_flags` and `extra_env`."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in drop}
-  if xla_flags is not None:
-    env["XLA_FLAGS"] = xla_flags
-  env.update(extra_env)
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300, check=True)
-  return out.stdout.strip().splitlines()[-2:]
-
-
-REPORT = ("import os; {pre}import jcompress; from jcompress import fastconv; "
-          "print(repr(os.environ.get('XLA_FLAGS', ''))); print(fastconv.default_conv_impl())")
-
-
-def test_import_puts_cpu_convolutions_on_eigen_and_auto_picks_staged():
-  flags, impl = _fresh_process(REPORT.format(pre=""))
-  assert fastconv.XLA_CPU_FLAG in flags and impl == "staged"
-  # Other flags of the user's are kept beside it.
-  flags, impl = _fresh_process(REPORT.format(pre=""), "--xla_cpu_enable_fast_math=false")
-  assert "--xla_cpu_enable_fast_math=false" in flags and fastconv.XLA_CPU_FLAG in flags
-
-
-def test_user_setting_or_a_running_backend_is_left_alone_and_auto_picks_fast():
-  own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-  flags, impl = _fresh_process(REPORT.format(pre=""), own)
-  assert flags == repr(own) and impl == "fast"
-  # jax already computed something: the flags were read, adding one would be a lie.
-  early = "import jax; jax.numpy.zeros(1).block_until_ready(); "
-  flags, impl = _fresh_process(REPORT.format(pre=early))
-  assert flags == repr("") and impl == "fast"
-
-
-FAULTS = """
-import resource
-import jax, jax.numpy as jnp
-import jcompress
-from jcompress import fastconv
-x, ones = jnp.ones((8192, 2048)), jnp.ones((1, 8192))
-f = jax.jit(lambda x: ones @ (x * 2.0 + 1.0))   # a 64 MB temporary per call
-def faults():
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x).block_until_ready()
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-calls = [faults() for _ in range(24)]
-print(fastconv.malloc_configured, jax.config.values['jax_cpu_enable_async_dispatch'])
-print(min(calls[4:]))
-"""
-
-
-#: Where `configure_cpu_malloc` must apply its settings (Linux with glibc).
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-
-
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc settings")
-def test_import_lets_xla_temporaries_reuse_the_heap_unless_opted_out():
-  # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
-  # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap
-  # grows to its peak some still fault); mapped afresh, every call faults on every page.
-  run = lambda extra: _fresh_process(  # noqa: E731
-      FAULTS, drop=(*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_OUT, "JAX_PLATFORMS"), **extra)
-  applied, fewest = run({})
-  # Applied by default, with the computations run in the calling thread (its heap).
-  assert applied == "True False", applied
-  assert int(fewest) < 2000, f"{fewest} page faults in every call despite the malloc settings"
-  # Opted out, or the user's own malloc setting: malloc and dispatch are left alone, and the
-  # temporary faults on every call.
-  for extra in ({fastconv.MALLOC_OPT_OUT: "0"}, {"MALLOC_ARENA_MAX": "8"}):
-    applied, fewest = run(extra)
-    assert applied == "False True" and int(fewest) > 8000, (extra, applied, fewest)
-
-
-def test_malloc_settings_only_where_jax_computes_on_the_cpu():
-  # JAX_PLATFORMS naming an accelerator first: malloc and dispatch left alone (import only, no
-  # backend starts); naming the CPU first: applied.
-  code = ("import jax, jcompress; from jcompress import fastconv; "
-          "print(fastconv.malloc_configured); "
-          "print(jax.config.values['jax_cpu_enable_async_dispatch'])")
-  drop = (*fastconv.MALLOC_ENV, fastconv.MALLOC_OPT_OUT)
-  assert _fresh_process(code, drop=drop, JAX_PLATFORMS="tpu,cpu") == ["False", "True"]
-  if GLIBC:
-    assert _fresh_process(code, drop=drop, JAX_PLATFORMS="cpu") == ["True", "False"]

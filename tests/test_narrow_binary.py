@@ -16,9 +16,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jcompress import binarize
+from jcompress import binary as binarize
 from jcompress import config as config_lib
 from jcompress import fastconv
+from jcompress import jaxpr_utils
 from jcompress import train
 from jcompress import transforms
 from jcompress.errors import ConfigError
@@ -30,7 +31,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 def conv_eqns(jaxpr):
   """Every conv_general_dilated equation of a (closed) jaxpr, sub-jaxprs included."""
-  return train.primitive_eqns(jaxpr, "conv_general_dilated")
+  return jaxpr_utils.primitive_eqns(jaxpr, "conv_general_dilated")
 
 
 def narrow_eqns(jaxpr, compute):
@@ -42,7 +43,7 @@ def narrow_eqns(jaxpr, compute):
 
 def popcount_eqns(jaxpr):
   """The uint32 popcounts of a jaxpr (what `fastconv.xnor_conv` computes with)."""
-  return [e for e in train.primitive_eqns(jaxpr, "population_count")
+  return [e for e in jaxpr_utils.primitive_eqns(jaxpr, "population_count")
           if e.invars[0].aval.dtype == jnp.uint32]
 
 

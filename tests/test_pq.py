@@ -23,7 +23,7 @@ def _normal(shape, seed=0):
 
 
 def _nbytes(tree):
-  """Bytes of the array leaves of a tree, as train.tree_bytes counts them."""
+  """Bytes of the array leaves of a tree, as metrics.tree_bytes counts them."""
   return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
                  for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 

@@ -14,6 +14,7 @@ import pytest
 
 from jcompress import models
 from jcompress import pretrained
+from jcompress import teacher as teacher_lib
 from jcompress.errors import ConfigError
 
 safetensors_numpy = pytest.importorskip(
@@ -493,9 +494,9 @@ def test_teacher_given_as_a_safetensors_file(resnet18_file, digits_dir):
   c = _run_config(digits_dir, model="resnet20", teacher=path, total_steps=2)
   c.distill = ml_collections.ConfigDict({"loss": "kd", "alpha": 1.0, "temperature": 4.0})
   exp = train.make_experiment(c)
-  assert exp.distill.experiments[0].config.model == "resnet18"   # read from the tensor names
-  assert exp.distill.models[0].input_norm is not None
-  (teacher,) = train.load_teacher_variables(exp)
+  assert exp.teachers.experiments[0].config.model == "resnet18"   # read from the tensor names
+  assert exp.teachers.models[0].input_norm is not None
+  (teacher,) = teacher_lib.load_teacher_variables(exp)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(teacher["params"]), params)
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          jax.device_get(teacher["batch_stats"]), batch_stats)

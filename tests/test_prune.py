@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jcompress import config as config_lib
+from jcompress import metrics
 from jcompress import prune
 from jcompress import sensitivity as sens_lib
 from jcompress import train
@@ -469,7 +470,7 @@ def test_export_stores_arrays_only_and_decodes_to_apply():
                      "fc/kernel": "bitmask"}
   art_flat = _by_path(art["params"])
   assert "block/conv1/kernel/indptr" in art_flat and "fc/kernel/bitmask" in art_flat
-  assert train.tree_bytes(art) == want
+  assert metrics.tree_bytes(art) == want
 
 
 # ----------------------------------------------------------------------------- sensitivity

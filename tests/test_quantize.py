@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jcompress import experiment
 from jcompress import packing
 from jcompress import quantize as Q
 from jcompress.errors import ConfigError
@@ -382,7 +383,7 @@ def test_qtensor_nbytes():
 # ----------------------------------------------------------------------------- the quant transform
 
 
-def _tree_bytes(tree):   # as train.tree_bytes: array leaves only
+def _tree_bytes(tree):   # as metrics.tree_bytes: array leaves only
   return sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
              for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
@@ -629,7 +630,6 @@ def test_quant_resnet_configs_build_their_transform_and_model():
 
   from jcompress import config as config_lib  # noqa: PLC0415
   from jcompress import models  # noqa: PLC0415
-  from jcompress import train  # noqa: PLC0415
 
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "quant_resnet.py")
   spec = importlib.util.spec_from_file_location("quant_resnet", path)
@@ -642,7 +642,7 @@ def test_quant_resnet_configs_build_their_transform_and_model():
   abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)), train=False),
                             jax.random.key(0))["params"]
   assert "stage1_block0" in abstract and "conv1_act" in abstract["stage1_block0"]
-  t = train.build_transform(c, abstract)
+  t = experiment.build_transform(c, abstract)
   st = jax.eval_shape(t.init, abstract, jax.random.key(0))
   assert st["stage3_block2"]["conv2"]["kernel"]["codebook"].shape == (16,)
   assert "stem_conv" not in st and "head" not in st

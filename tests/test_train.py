@@ -14,12 +14,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
+from jcompress import checkpoint
 from jcompress import config as config_lib
+from jcompress import jaxpr_utils
+from jcompress import optim
+from jcompress import teacher as teacher_lib
 from jcompress import train
 from jcompress.errors import ConfigError
 from jcompress.errors import WorkdirError
+from jcompress.methods import base as methods_base
+from jcompress.methods import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -307,7 +314,7 @@ def test_four_devices_follow_the_one_device_trajectory(experiment_file, data_dir
 def test_cosine_schedule_with_warmup_matches_closed_form():
   c = config_lib.base_config()
   c.total_steps, c.schedule.warmup_steps, c.optimizer.learning_rate = 110, 10, 0.2
-  s = train.make_schedule(c)
+  s = optim.make_schedule(c)
   assert float(s(0)) == 0.0
   assert float(s(5)) == pytest.approx(0.1)
   for t in (10, 35, 60, 109):
@@ -318,7 +325,7 @@ def test_cosine_schedule_with_warmup_matches_closed_form():
 def test_step_schedule_decays_at_the_boundaries():
   c = config_lib.base_config()
   c.total_steps, c.schedule.name, c.optimizer.learning_rate = 100, "step", 1.0
-  s = train.make_schedule(c)
+  s = optim.make_schedule(c)
   assert [float(s(t)) for t in (0, 49, 50, 74, 75, 99)] == pytest.approx(
       [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
@@ -327,7 +334,7 @@ def test_sgd_weight_decay_reaches_kernels_only():
   c = config_lib.base_config()
   c.schedule.name, c.optimizer.learning_rate = "constant", 0.1
   c.optimizer.momentum, c.optimizer.weight_decay = 0.0, 0.5
-  tx = train.make_optimizer(c, train.make_schedule(c))
+  tx = optim.make_optimizer(c, optim.make_schedule(c))
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
   grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -351,8 +358,8 @@ def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
   results = train.train_and_evaluate(c, workdir)
 
   exp = train.make_experiment(c)
-  mngr = train.checkpoint_manager(workdir, c)
-  state, _ = train.restore_state(mngr, mngr.latest_step(), exp)
+  mngr = checkpoint.checkpoint_manager(workdir, c)
+  state, _ = checkpoint.restore_state(mngr, mngr.latest_step(), exp)
   selected = transforms.select(state.params)
   eff = exp.transform.apply(state.params, state.compression)
   expected_bytes = 0
@@ -417,14 +424,15 @@ def test_offline_teacher_runs_forward_only(student_runs):
   _, _, c = student_runs["kd"]
   exp = train.make_experiment(c)
   state = train.create_state(exp)
-  tvars = train.load_teacher_variables(exp)
+  tvars = teacher_lib.load_teacher_variables(exp)
   batch = {"image": jnp.zeros((c.batch_size, *exp.info.image_shape)),
            "label": jnp.zeros((c.batch_size,), jnp.int32)}
   with_teacher = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform,
-                                                      exp.schedule, 0.0, exp.distill))
+                                                      exp.schedule, 0.0, exp.teachers))
   alone = jax.make_jaxpr(train.make_train_step(exp.model, exp.tx, exp.transform, exp.schedule))
-  n_with = train.count_primitive(with_teacher(state, batch, tvars).jaxpr, "conv_general_dilated")
-  n_alone = train.count_primitive(alone(state, batch).jaxpr, "conv_general_dilated")
+  n_with = jaxpr_utils.count_primitive(with_teacher(state, batch, tvars).jaxpr,
+                                       "conv_general_dilated")
+  n_alone = jaxpr_utils.count_primitive(alone(state, batch).jaxpr, "conv_general_dilated")
   # small_cnn has 3 convolutions: the student's forward + backward are in both steps; the
   # teacher adds its 3 forward convolutions and no gradient convolution.
   assert n_alone == 3 + 3 + 2
@@ -476,15 +484,16 @@ def _scaling_method_module():
                                        "calib_loss": state["calib_loss"]})
 
   module = types.ModuleType("jc_test_scaling")
-  module.transform_from_config = transform_from_config
+  module.METHOD = methods_base.Method(name="scaling", summary="scales the weights (test)",
+                                      transform=transform_from_config)
   return module
 
 
 @pytest.fixture
 def scaling_method(monkeypatch):
+  """A method registered as a user would (one module with a METHOD), for this test only."""
   monkeypatch.setitem(sys.modules, "jc_test_scaling", _scaling_method_module())
-  monkeypatch.setattr(train, "TRANSFORM_METHODS",
-                      train.TRANSFORM_METHODS + (("scaling", "jc_test_scaling"),))
+  monkeypatch.setattr(registry, "METHODS", registry.METHODS + registry.load(["jc_test_scaling"]))
 
 
 def test_init_from_calibrate_and_metrics_with_zero_steps(reference_run, experiment_file, data_dir,
@@ -505,9 +514,9 @@ def test_init_from_calibrate_and_metrics_with_zero_steps(reference_run, experime
   assert results["steps"] == 0
   # The zero-step run keeps a checkpoint whose params are the source's latest.
   exp = train.make_experiment(c)
-  mngr = train.checkpoint_manager(workdir, c, create=False)
+  mngr = checkpoint.checkpoint_manager(workdir, c, create=False)
   assert mngr.latest_step() == 0
-  state, meta = train.restore_state(mngr, 0, exp)
+  state, meta = checkpoint.restore_state(mngr, 0, exp)
   _, src_state = train.restore_run(source, "init_from")
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(src_state.params)):
     np.testing.assert_array_equal(a, b)
@@ -561,11 +570,11 @@ def test_init_from_reads_a_workdir_of_an_older_layout(reference_run, tmp_path):
   with open(os.path.join(old, "config.json"), "w") as f:
     json.dump(cfg, f)
   _, state = train.restore_run(source, "init_from")
-  mngr = train.checkpoint_manager(old, config_lib.base_config())
+  mngr = checkpoint.checkpoint_manager(old, config_lib.base_config())
   legacy = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state, "compression": {}, "rng": state.rng}
-  mngr.save(int(state.step), args=train.ocp.args.Composite(
-      state=train.ocp.args.StandardSave(legacy), meta=train.ocp.args.JsonSave({})))
+  mngr.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(legacy), meta=ocp.args.JsonSave({})))
   mngr.wait_until_finished()
   mngr.close()
   _, restored = train.restore_run(old, "init_from")

@@ -2,7 +2,7 @@
 
 The model only quantizes activations. Weight binarization is not done here: the block
 convolutions are ordinary `nn.Conv` kernels (latent float weights) that a `ParamTransform`
-(`jcompress.binarize.binary_weights`) replaces by sign(w) before the forward pass. That
+(`jcompress.binary.binary_weights`) replaces by sign(w) before the forward pass. That
 transform leaves `stem_conv` and `head` float by default, as the BNN literature does.
 
 Residual unit (`BinaryBasicBlock`), after the seed's `residual_unit(data, num_filter, stride,
@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress.binarize import quantize_activation
+from jcompress.binary import quantize_activation
 from jcompress.errors import ConfigError
 from jcompress.models.common import batch_norm
 from jcompress.models.common import check_width
@@ -135,7 +135,7 @@ class BNNResNet(nn.Module):
     binary_compute: how the block convolutions' forward computes (`BINARY_COMPUTE`): "bf16" or
       "int8" (exact narrow products, `fastconv.narrow_conv_general_dilated`) or "xnor" (packed
       sign bits, XOR and popcount, `fastconv.xnor_conv`; 1- and 2-bit activations) when the
-      block kernels are +-1, which the model cannot see: `train.make_experiment` allows them
+      block kernels are +-1, which the model cannot see: `experiment.make_experiment` allows them
       only when the `binary` transform binarizes every block conv with a sign, and resolves
       "auto" (the default) there: bf16 on GPU/TPU, xnor on CPU (1-2 bits), else f32.
       None, "f32" and an unresolved "auto" (the model used outside `make_experiment`):
