@@ -151,8 +151,9 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
 
   abstract_params, _ = jax.eval_shape(init, jax.random.PRNGKey(0))
   transform = build_transform(config, abstract_params)
-  for m in registry.with_hook(config, "adjust_model"):
-    model = m.adjust_model(config, model, abstract_params)
+  for m in registry.METHODS:   # on or off: a BNN model without `binary` computes in float32
+    if m.adjust_model is not None:
+      model = m.adjust_model(config, model, abstract_params)
   teachers = None
   if load_teacher and config.get("teacher"):
     teachers = make_teachers(config, info, model, init)

@@ -53,7 +53,8 @@ class Method:
     rewrite_model: (config, info, model, ctx) -> (model, plan): a model of another shape (a
       factorized one); `plan` is kept in `Experiment.plans[name]`.
     adjust_model: (config, model, abstract_params) -> model: fields resolved once the params'
-      shapes are known (the BNN's compute).
+      shapes are known (the BNN's compute). Called whether the method is on or off (a model
+      field may depend on the method being off).
     convert_init: (exp, source_exp, params) -> (params, message suffix): an `init_from` run's
       params brought to this method's model (factorized), or None to leave them.
     prepare: (config, workdir, resuming, ctx) -> (config, Prepared | None): work before the
@@ -67,7 +68,8 @@ class Method:
     artifact: (exp, state) -> (arrays, layout, kind) or None: the method's own artifact layout
       instead of the per-leaf one (a packed BNN).
     artifact_apply: (manifest) -> apply(arrays, images) or None, for artifacts of its kind.
-    artifact_check: (manifest, arrays) -> None or error string, for artifacts of its kind.
+    artifact_check: (manifest, arrays, model) -> None for artifacts not of its kind, else an
+      error string, empty when the artifact fits `model`.
   """
   name: str
   summary: str
