@@ -476,8 +476,8 @@ def test_batchnorm_equals_flax_batchnorm(dtype, train):
 def test_batchnorm_channel_sums_are_products_on_cpu():
   """Train mode's four channel sums (mean, mean of squares; the gradient's two) are products
   with a ones vector on CPU (`common.channel_sum`), not XLA reductions."""
+  from jcompress.jaxpr_utils import count_primitive  # noqa: PLC0415
   from jcompress.models.common import BatchNorm  # noqa: PLC0415
-  from jcompress.train import count_primitive  # noqa: PLC0415
   bn = BatchNorm(use_running_average=False)
   x = jnp.ones((4, 3, 3, 8))
   v = bn.init(KEY, x)
