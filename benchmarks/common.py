@@ -135,7 +135,8 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
 
   `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
   (`flops_per_step`, None where the backend gives none), and a BNN's `binary_compute`
-  (its "auto" resolved by `binary_method.resolve_binary_compute`, as `experiment.make_experiment` does).
+  (its "auto" resolved by `binary_method.resolve_binary_compute`, as
+  `experiment.make_experiment` does).
   """
   from jcompress import distill  # noqa: PLC0415
 

@@ -82,6 +82,21 @@ def configure_cpu(xla_flags: bool = True, malloc: bool | None = None) -> dict:
   return applied
 
 
+def compilation_cache(path: str, min_compile_secs: float = 0.0) -> str:
+  """Turns on jax's persistent compilation cache in `path` (created if missing): a program
+  compiled once, in this process or another one given the same `path` (the points of a sweep,
+  a resumed run, the test session's workers), is read back instead of compiled again. Entries
+  are keyed by the program, the jax/jaxlib version and the XLA flags, so a stale entry is never
+  used. `min_compile_secs`: cache only compiles at least that long (jax's default is 1 s; 0
+  caches the small programs too). Returns the absolute path."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 def jaxlib_knows_option(option: str = YNN_OPTION) -> bool:
   """Whether the installed jaxlib's XLA library contains the flag `option` (an unknown flag in
   XLA_FLAGS aborts the process when jax starts its backend). Searches jaxlib's shared

@@ -1,5 +1,10 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the session's compilation cache."""
 
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
 
 from jcompress import runtime
@@ -8,6 +13,49 @@ from jcompress import runtime
 # malloc settings): the same compiled code paths as the runs they stand for. Importing
 # jcompress applies nothing by itself (tests/test_runtime.py checks that in fresh processes).
 runtime.configure_cpu()
+
+# One persistent compilation cache for the session: the tests' tiny runs compile the same
+# programs again and again (each `train_and_evaluate` builds its step afresh; the launcher
+# tests start new processes; xdist runs two workers), and every repeat is read back instead.
+# The controller makes the directory and hands it on by jax's environment variables, which
+# the workers and every `launch.py` subprocess read; a directory the user set is kept.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  global _OWN_CACHE
+  if not os.environ.get(_CACHE_ENV):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jcompress-tests-xla-cache-")
+    os.environ[_CACHE_ENV] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  runtime.compilation_cache(os.environ[_CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plumbing_without_xla_optimizations(request):
+  """A module marked `plumbing` (`pytestmark = pytest.mark.plumbing`: it checks the loop,
+  checkpoints, artifacts, reports and the numbers the methods give, not what XLA makes of the
+  code) runs with XLA's optimizations off, as flax's own train_test does: compiles take a
+  fraction of the time. Its `launch.py` subprocesses get the same setting. Modules that check
+  the compiled code itself (kernels, narrow dtypes, the CPU tuning) are not marked."""
+  if request.node.get_closest_marker("plumbing") is None:
+    yield
+    return
+  before = jax.config.read("jax_disable_most_optimizations")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+      yield
+    finally:
+      jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from jcompress import actquant as A
 from jcompress import models
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 
 def _x(n=2000, lo=-1.0, hi=8.0, seed=0):
   return np.random.default_rng(seed).uniform(lo, hi, (n,)).astype(np.float32)

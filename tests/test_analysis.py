@@ -28,6 +28,8 @@ from jcompress import train
 from jcompress import transforms
 from jcompress.errors import WorkdirError
 
+pytestmark = pytest.mark.plumbing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRUNE_SPARSITY = 0.75
 QUANT_BITS = 4

@@ -9,6 +9,8 @@ from jcompress import binary as bz
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 # Exact zeros, the STE boundaries +-1, the Bi-Real kinks and points outside [-1, 1].
 BOUNDARY = np.array([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-7, -1e-7, 1.0001, -1.0001, 2.0, -3.0],
                     np.float32)

@@ -21,6 +21,8 @@ from jcompress import transforms
 from jcompress.errors import ConfigError
 from jcompress.models import get_model
 
+pytestmark = pytest.mark.plumbing
+
 KEY = jax.random.key(0, impl="rbg")
 
 

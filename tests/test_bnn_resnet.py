@@ -18,6 +18,8 @@ from jcompress.models import BNNResNet
 from jcompress.models import count_params
 from jcompress.models import get_model
 
+pytestmark = pytest.mark.plumbing
+
 KEY = jax.random.key(0, impl="rbg")
 BINARY_CONVS = ("conv1", "conv2", "shortcut_conv")
 

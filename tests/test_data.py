@@ -19,6 +19,8 @@ from jcompress.data import pipeline
 from jcompress.errors import ConfigError
 from jcompress.errors import DataError
 
+pytestmark = pytest.mark.plumbing
+
 _REAL_PROBE = pipeline._probe_download_host
 TRAIN_SIZE, TEST_SIZE = 1437, 360
 EPOCH_BATCH = 479  # 3 * 479 == 1437: one digits epoch is exactly 3 steps, nothing dropped.

@@ -11,6 +11,8 @@ import pytest
 from jcompress import distill
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 B, K = 6, 10
 
 

@@ -113,8 +113,9 @@ def test_falls_back_where_it_does_not_apply():
       y, lax.conv_general_dilated(x, w, feature_group_count=4, **args))
 
 
-@pytest.mark.parametrize("name,kwargs", [("resnet18_cifar", {"width": 0.125}),
-                                         ("bnn_resnet18_cifar", {"width": 0.125})])
+@pytest.mark.parametrize("name,kwargs", [
+    pytest.param("resnet18_cifar", {"width": 0.125}, marks=pytest.mark.slow),   # about 30 s
+    ("bnn_resnet18_cifar", {"width": 0.125})])
 def test_model_loss_and_gradients_equal_xla(name, kwargs):
   """A whole model with conv_impl='fast': the same logits and parameter gradients as 'xla', and
   its gradient jaxpr has one convolution fewer per eligible layer (the kernel gradient became a

@@ -16,6 +16,8 @@ from jcompress import models
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 
 def _cfg(**kw):
   c = lowrank.default_config()

@@ -26,6 +26,8 @@ from jcompress.models import make_divisible
 from jcompress.models.common import conv
 from jcompress.transforms import leaf_paths
 
+pytestmark = pytest.mark.plumbing
+
 # RngBitGenerator keys: initialising a model with them compiles several times faster on CPU
 # than with the default threefry keys, and the models do not care which PRNG they get.
 KEY = jax.random.key(0, impl="rbg")

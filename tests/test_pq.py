@@ -17,6 +17,8 @@ from jcompress import pq
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 
 def _normal(shape, seed=0):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

@@ -500,6 +500,15 @@ def test_teacher_given_as_a_safetensors_file(resnet18_file, digits_dir):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(teacher["params"]), params)
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          jax.device_get(teacher["batch_stats"]), batch_stats)
+
+
+@pytest.mark.slow
+def test_student_trains_with_a_safetensors_teacher(resnet18_file, digits_dir):
+  """The full ResNet-18 teacher's forward compiled into the student's step (about 30 s)."""
+  from jcompress import train  # noqa: PLC0415
+  path = resnet18_file[0]
+  c = _run_config(digits_dir, model="resnet20", teacher=path, total_steps=2)
+  c.distill = ml_collections.ConfigDict({"loss": "kd", "alpha": 1.0, "temperature": 4.0})
   workdir = str(digits_dir / "student")
   results = train.train_and_evaluate(c, workdir)
   assert results["steps"] == 2

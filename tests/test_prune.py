@@ -20,6 +20,8 @@ from jcompress import train
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 
 def _params(seed=0):
   r = np.random.RandomState(seed)

@@ -14,6 +14,8 @@ from jcompress import packing
 from jcompress import quantize as Q
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 
 def _normal(shape, seed=0):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

@@ -13,6 +13,8 @@ from jcompress import models
 from jcompress import structured as st
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 CASES = {
     "resnet20": (dict(width=0.25), 16),
     "resnet50": (dict(width=0.25), 16),

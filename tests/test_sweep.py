@@ -14,6 +14,8 @@ from jcompress import config as config_lib
 from jcompress import sweep
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny experiment on the real digits data (small CNN on the native 8x8 images, 4 steps) whose

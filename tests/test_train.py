@@ -28,6 +28,8 @@ from jcompress.errors import WorkdirError
 from jcompress.methods import base as methods_base
 from jcompress.methods import registry
 
+pytestmark = pytest.mark.plumbing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny experiment on the real digits data: small CNN on the native 8x8 images, seconds per run.

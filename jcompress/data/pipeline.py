@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from collections.abc import Mapping
 import dataclasses
+import importlib
 import math
 import socket
 import threading
@@ -53,14 +54,37 @@ import types
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jcompress.data import digits as _digits  # noqa: F401  (registers the `digits` builder)
 from jcompress.errors import ConfigError
 from jcompress.errors import DataError
 
+
+class _LazyModule:
+  """`tf.X` imports TensorFlow at its first use: importing this module (and with it `jcompress`
+  and `launch.py`'s flag and config checks) does not pay TensorFlow's import, seconds long."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def __getattr__(self, attr: str) -> Any:
+    return getattr(importlib.import_module(self._name), attr)
+
+
+tf = _LazyModule("tensorflow")
+
 _tf_devices_hidden = False
+# Prepared builders by (name, data_dir) and split sizes by (builder's directory, split): a
+# prepared dataset does not change on disk, and each eval would otherwise re-read its metadata.
+_builders: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
+_split_sizes: dict[tuple[str, str], int] = {}
+
+
+def _no_autograph(fn):
+  """`fn` mapped by tf.data as written: it branches on Python values only (the dataset's
+  settings, static shapes), so AutoGraph's source conversion would only cost time."""
+  return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -294,6 +318,9 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     DataError: the dataset is not prepared in `data_dir` and cannot be fetched here.
   """
   spec = _defaults(name)
+  cached = _builders.get((name, data_dir))
+  if cached is not None:
+    return cached
   _hide_accelerators_from_tensorflow()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -302,6 +329,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         f"Config key `data`: TFDS cannot build dataset {name!r} ({_short(e, 120)}); use "
         "`data=digits` for offline runs.") from e
   if builder.is_prepared():
+    _builders[(name, data_dir)] = builder
     return builder
   if spec.download_host is not None:
     reason = _probe_download_host(spec.download_host)
@@ -315,14 +343,19 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     else:
       reason = _short(e)
     raise _fetch_error(name, builder, spec, reason) from e
+  _builders[(name, data_dir)] = builder
   return builder
 
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: Any) -> int:
   """Examples in `split` (a name or a `tfds` sub-split), as the reader will yield them."""
+  key = (str(builder.data_dir), repr(split))
+  if key in _split_sizes:
+    return _split_sizes[key]
   n = int(builder.as_dataset(split=split, shuffle_files=False).cardinality())
   if n < 0:  # Unknown cardinality: count.
     n = int(builder.as_dataset(split=split, shuffle_files=False).reduce(0, lambda c, _: c + 1))
+  _split_sizes[key] = n
   return n
 
 
@@ -482,7 +515,7 @@ def _read(builder: tfds.core.DatasetBuilder, split: Any, spec: DatasetDefaults) 
   ds = builder.as_dataset(
       split=split, shuffle_files=False, decoders=decoders,
       read_config=tfds.ReadConfig(options=_options()))
-  return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+  return ds.map(_no_autograph(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32))))
 
 
 def _is_jpeg(builder: tfds.core.DatasetBuilder) -> bool:
@@ -589,8 +622,8 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
           per_epoch).enumerate()
 
   # (epoch, position in epoch, element); skipping happens here, before any decode / augment.
-  ds = tf.data.Dataset.counter(start_epoch).flat_map(
-      lambda epoch: epoch_elements(epoch).map(lambda pos, x: (epoch, pos, x)))
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(_no_autograph(
+      lambda epoch: epoch_elements(epoch).map(_no_autograph(lambda pos, x: (epoch, pos, x)))))
   ds = ds.skip(skip * batch_size)
 
   preprocess = _train_preprocess(spec, shape, augment, _is_jpeg(builder))
@@ -604,7 +637,7 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
         tf.random.experimental.stateless_fold_in(augment_key, epoch), pos)
     return {"image": preprocess(image, seed_), "label": label}
 
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(_no_autograph(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
   return ds.as_numpy_iterator()
@@ -657,8 +690,8 @@ def eval_iterator(name: str, *, batch_size: int, split: str | None = None,
 
   preprocess = _eval_preprocess(spec, shape, _is_jpeg(builder))
   ds = _read(builder, sub_split, spec).map(
-      lambda image, label: {"image": preprocess(image), "label": label,
-                            "mask": tf.constant(1.0, tf.float32)},
+      _no_autograph(lambda image, label: {"image": preprocess(image), "label": label,
+                                          "mask": tf.constant(1.0, tf.float32)}),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   pad = tf.data.Dataset.from_tensors({
       "image": tf.zeros(shape, tf.float32),
