@@ -136,9 +136,10 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
     if config[key] % jax.process_count():
       raise ConfigError(f"config key '{key}': {config[key]} is not divisible by the "
                         f"{jax.process_count()} processes")
+  # The model before the data: a bad model name or field is refused before TensorFlow starts.
+  model = build_model(config, data_lib.dataset_defaults(config.data).num_classes)
   info = data_lib.dataset_info(config.data, image_size=image_size_arg(config),
                                data_dir=config.data_dir or None)
-  model = build_model(config, info.num_classes)
   plans = {}
   for m in registry.with_hook(config, "rewrite_model"):
     model, plans[m.name] = m.rewrite_model(config, info, model, MethodContext())

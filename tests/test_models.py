@@ -604,7 +604,8 @@ def test_module_fields_are_documented_defaults():
 
 
 def _conv_out_shapes(model, x):
-  """{conv path: output shape} of every nn.Conv call in `model.init`."""
+  """{conv path: output shape} of every nn.Conv call in `model.init`, and the variables' shapes
+  (`jax.eval_shape`: traced, nothing computed)."""
   shapes = {}
 
   def record(next_fun, args, kwargs, context):
@@ -614,7 +615,7 @@ def _conv_out_shapes(model, x):
     return out
 
   with nn.intercept_methods(record):
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
   return shapes, variables
 
 
@@ -638,14 +639,14 @@ def test_channels_override_keeps_listed_projection_shortcut():
   # A pruned model lists every conv; a listed shortcut_conv is kept even if widths coincide.
   x = jnp.zeros((1, 8, 8, 3))
   base = get_model("resnet20", 10, width=0.5)
-  params = base.init(jax.random.PRNGKey(0), x)["params"]
+  params = jax.eval_shape(base.init, jax.random.PRNGKey(0), x)["params"]
   listed = {}
   for path in leaf_paths(params):
     if path.endswith("conv/kernel") or path.endswith("conv1/kernel") or path.endswith(
         "conv2/kernel"):
       listed[path[: -len("/kernel")]] = 4
   model = get_model("resnet20", 10, width=0.5, channels=listed)
-  p = model.init(jax.random.PRNGKey(0), x)["params"]
+  p = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
   assert "shortcut_conv" in p["stage2_block0"]       # stride 2: a projection in both
   assert p["stage2_block0"]["shortcut_conv"]["kernel"].shape == (1, 1, 4, 4)
   assert "shortcut_conv" not in p["stage2_block1"]
