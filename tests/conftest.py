@@ -44,7 +44,8 @@ def _plumbing_without_xla_optimizations(request):
   checkpoints, artifacts, reports and the numbers the methods give, not what XLA makes of the
   code) runs with XLA's optimizations off, as flax's own train_test does: compiles take a
   fraction of the time. Its `launch.py` subprocesses get the same setting. Modules that check
-  the compiled code itself (kernels, narrow dtypes, the CPU tuning) are not marked."""
+  the compiled code itself (kernels, narrow dtypes, the CPU tuning) are not marked, nor
+  test_pretrained.py, whose full-size networks run faster optimized than they compile."""
   if request.node.get_closest_marker("plumbing") is None:
     yield
     return
