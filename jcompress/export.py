@@ -58,6 +58,7 @@ from typing import Callable
 import zlib
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,17 +306,6 @@ def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
   raise ArtifactError(f"param '{path}': unknown encoding {enc!r} in the manifest")
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def _methods_of(manifest: dict) -> list:
   """The registered methods an artifact was made with (its manifest's "methods")."""
   known = set(registry.names())
@@ -348,7 +338,8 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
   """{"params", "batch_stats"}: the effective weights of a generic (not BNN) artifact."""
   params = {p: decode_leaf(arrays, p, e) for p, e in manifest["params"].items()}
   stats = {p: jnp.asarray(arrays[p]) for p in manifest["batch_stats"]}
-  return {"params": _nest(params), "batch_stats": _nest(stats)}
+  return {"params": traverse_util.unflatten_dict(params, sep="/"),
+          "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
 
 
 def make_apply(manifest: dict, model=None) -> Callable:

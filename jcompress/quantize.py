@@ -34,6 +34,7 @@ from typing import Any
 from typing import NamedTuple
 from typing import Sequence
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,18 +219,6 @@ def parse_bits_by_path(entries: Any, method: str,
   return out
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-  """{"a/b/kernel": v} -> {"a": {"b": {"kernel": v}}}."""
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    parts = path.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return out
-
-
 def _get(tree: Any, path: str) -> Any:
   for p in path.split("/"):
     tree = tree[p]
@@ -371,7 +360,7 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
       cents, codes = _kmeans(w, jax.random.fold_in(base_key, lf.index), k=2 ** lf.bits,
                              iters=int(kmeans_iters), axis=axis)
       flat[name] = {"codebook": cents.astype(jnp.float32), "codes": codes}
-    return _nest(flat)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
   def init(params, rng):
     del rng   # k-means seeds come from `seed`: the codebooks are a function of the weights
@@ -416,7 +405,7 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
       flat[name] = new
       new_params[name] = _kmeans_value(new, lf.per_channel, w.dtype)
     params = transforms.map_with_path(lambda name, w: new_params.get(name, w), params)
-    return params, _nest(flat)
+    return params, traverse_util.unflatten_dict(flat, sep="/")
 
   def calibrate(params, state, ctx):
     for name in leaves:

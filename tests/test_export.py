@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -251,7 +252,7 @@ def _selected_kernels(workdir):
     m = json.load(f)
   shapes = {p: jax.ShapeDtypeStruct(tuple(e.get("shape") or export.tensor_entry(m, p)["shape"]),
                                     np.float32) for p, e in m["params"].items()}
-  sel = transforms.select(export._nest(shapes))   # noqa: SLF001
+  sel = transforms.select(traverse_util.unflatten_dict(shapes, sep="/"))
   return [p for p, s in zip(transforms.leaf_paths(sel), jax.tree.leaves(sel)) if s]
 
 

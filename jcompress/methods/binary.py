@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -101,17 +102,6 @@ def packed_figures(exp, state, results, meta) -> dict:
           "packed_test_accuracy": correct / max(count, 1)}
 
 
-def _nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def packed_artifact(exp, state):
   """(arrays, layout, kind) of a packed BNN's artifact, stored under its layers' names
   (`stage1_block0/conv1/bits`, `stem_conv/kernel`, `final_bn/scale`, ...); None for other
@@ -134,7 +124,7 @@ def _frozen(manifest: dict, arrays: dict) -> dict:
   for name, a in arrays.items():
     head, _, rest = name.partition("/")
     flat["/".join([back.get(head, head), rest]) if rest else name] = a
-  return {"meta": manifest["bnn"], **_nest(flat)}
+  return {"meta": manifest["bnn"], **traverse_util.unflatten_dict(flat, sep="/")}
 
 
 def artifact_apply(manifest: dict):
