@@ -135,3 +135,51 @@ def test_configure_cpu_only_where_jax_computes_on_the_cpu():
   if GLIBC:
     assert _fresh_process(code, drop=drop, JAX_PLATFORMS="cpu") == [
         f"True {runtime.XLA_CPU_FLAG!r}", "False"]
+
+
+#: Imports the entry points' modules, then builds an experiment with a bad model name:
+#: TensorFlow is loaded by neither (it starts with the first input pipeline).
+NO_TENSORFLOW = """
+import sys, tempfile
+import jcompress, jcompress.train, jcompress.export, jcompress.analysis, jcompress.sweep
+from jcompress import config as config_lib, experiment
+from jcompress.errors import ConfigError
+loaded = "tensorflow" in sys.modules
+c = config_lib.base_config()
+c.data, c.model = "digits", "resnet9000"
+c.data_dir = tempfile.mkdtemp()   # were the data read first, it would be prepared here
+try:
+  experiment.make_experiment(c)
+  error = "none"
+except ConfigError as e:
+  error = "resnet9000" in str(e)
+print(loaded, error)
+print("tensorflow" in sys.modules)
+"""
+
+
+def test_tensorflow_waits_for_the_first_pipeline():
+  (first, after) = _fresh_process(NO_TENSORFLOW)
+  assert first == "False True", first      # not loaded by imports; the model error names it
+  assert after == "False"                  # nor by the config and model checks
+
+
+CACHE = """
+import os, sys
+import jax, jax.numpy as jnp
+from jcompress import runtime
+path = runtime.compilation_cache(sys.argv[1])
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+print(path == os.path.abspath(sys.argv[1]))
+print(len(os.listdir(path)))
+"""
+
+
+def test_compilation_cache_keeps_what_a_process_compiled(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+         and k != "JAX_COMPILATION_CACHE_DIR"}
+  path = tmp_path / "cache"
+  out = subprocess.run([sys.executable, "-c", CACHE, str(path)], env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert out[-2] == "True"
+  assert int(out[-1]) >= 1, "no entry written"        # a tiny program, cached at min 0 s
