@@ -302,6 +302,17 @@ def _phase_applies(x_shape, g_shape, window_strides, padding, kw) -> bool:
   return g_shape[1] * g_shape[2] >= PHASE_MIN_PIXELS
 
 
+def conv_applies_pointwise(lhs_shape, padding, kw) -> bool:
+  """Whether a 1x1 stride-1 convolution with these arguments is a plain matmul `conv2d` computes:
+  `_plain_2d`, no padding, no precision or preferred_element_type."""
+  if kw["precision"] is not None or kw["preferred_element_type"] is not None:
+    return False
+  if not _plain_2d(lhs_shape, padding, kw["lhs_dilation"], kw["rhs_dilation"],
+                   kw["dimension_numbers"], kw["feature_group_count"], kw["batch_group_count"]):
+    return False
+  return all(v == 0 for p in padding for v in p)
+
+
 def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                 rhs_dilation=None, dimension_numbers=None,
                                 feature_group_count=1, batch_group_count=1, precision=None,
@@ -325,6 +336,11 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
             batch_group_count=batch_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
+  if (rhs.shape[:2] == (1, 1) and all(st == 1 for st in window_strides)
+      and conv_applies_pointwise(lhs.shape, padding, kw)):
+    # A 1x1 convolution is a matmul: its kernel gradient is one product of the stored
+    # operands (`kernel_grad`), with no transposes to stage.
+    return conv2d(lhs, rhs, 1, ((0, 0), (0, 0)))
 
   def conv(x, w):
     return lax.conv_general_dilated(x, w, window_strides, padding, **kw)
@@ -356,11 +372,158 @@ def staged_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
 
 def conv_function(impl: str):
   """The `lax.conv_general_dilated` stand-in of a model's `conv_impl` ("auto": `default_conv_impl`):
-  what models.common passes to flax's Conv, and what benchmarks/conv_rates.py times."""
+  what models.common passes to flax's Conv, and what benchmarks/conv_rates.py times. The CPU
+  impls ("fast", "staged") compute depthwise convolutions as shifted multiply-adds
+  (`with_depthwise`); "xla" is XLA's own everywhere."""
   if impl == "auto":
     impl = default_conv_impl()
-  return {"xla": lax.conv_general_dilated, "fast": conv_general_dilated,
-          "staged": staged_conv_general_dilated}[impl]
+  if impl == "xla":
+    return lax.conv_general_dilated
+  return with_depthwise({"fast": conv_general_dilated,
+                         "staged": staged_conv_general_dilated}[impl])
+
+
+# ------------------------------------------------------------------------- depthwise convolutions
+
+def depthwise_applies(lhs_shape, rhs_shape, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count=1, batch_group_count=1) -> bool:
+  """Whether `depthwise_conv` computes these `lax.conv_general_dilated` arguments: a 2-D
+  NHWC/HWIO convolution with one group per input channel and one output per group (kernel
+  (kh, kw, 1, C)), no dilation, explicit non-negative padding."""
+  if len(lhs_shape) != 4 or batch_group_count != 1 or not _is_nhwc(dimension_numbers):
+    return False
+  c = lhs_shape[3]
+  if c < 2 or feature_group_count != c or tuple(rhs_shape[2:]) != (1, c):
+    return False
+  if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
+    return False
+  return not isinstance(padding, str) and min(v for p in padding for v in p) >= 0
+
+
+def _taps(xp, kh, kw, strides, out_hw):
+  """Tap (i, j) of every output pixel of a padded NHWC input: kh * kw strided slices."""
+  n, c = xp.shape[0], xp.shape[-1]
+  (sh, sw), (ho, wo) = strides, out_hw
+  return [lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
+def _out_hw(x_shape, k_hw, strides, padding):
+  return tuple((x_shape[1 + a] + sum(padding[a]) - k_hw[a]) // strides[a] + 1 for a in (0, 1))
+
+
+def _depthwise_forward(x, w, strides, padding):
+  """sum over taps of the shifted input times the tap's per-channel weights, in float32 at least."""
+  kh, kw = w.shape[:2]
+  acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, w.dtype))
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  y = None
+  for t, xt in enumerate(_taps(xp, kh, kw, strides, _out_hw(x.shape, (kh, kw), strides, padding))):
+    term = xt.astype(acc) * w[t // kw, t % kw, 0].astype(acc)
+    y = term if y is None else y + term
+  return y.astype(jnp.result_type(x.dtype, w.dtype))
+
+
+def depthwise_kernel_grad(x: jax.Array, g: jax.Array, k_hw: Sequence[int],
+                          strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                          out_dtype: Any = None) -> jax.Array:
+  """dW (kh, kw, 1, C) of the depthwise convolution y = conv(x, W) for output gradient g:
+  dW[i, j, 0, c] = sum_{n, h, w} xpad[n, s h + i, s w + j, c] g[n, h, w, c].
+
+  One image at a time in a `lax.scan` (its input and gradient stay in cache while the kh * kw
+  taps read them), each tap's product summed over the image's rows with the (columns,
+  channels) kept: a reduction over the outer axis, which XLA:CPU vectorises over the kept
+  ones. XLA's own depthwise kernel gradient (a convolution with a batch group per channel)
+  reduces in strided order: 164 against 20 ms at 64x32x32x144 (benchmarks/depthwise_rates.py).
+  Accumulated in float32 at least.
+  """
+  kh, kw = k_hw
+  c = x.shape[-1]
+  ho, wo = g.shape[1], g.shape[2]
+  acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, g.dtype))
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+
+  def body(total, xg):
+    xi, gi = xg
+    xi, gi = xi[None].astype(acc), gi[None].astype(acc)
+    per_tap = [jnp.sum((t * gi).reshape(ho, wo * c), axis=0)
+               for t in _taps(xi, kh, kw, strides, (ho, wo))]
+    return total + jnp.stack(per_tap), None
+
+  total = lax.scan(body, jnp.zeros((kh * kw, wo * c), acc), (xp, g))[0]
+  dw = jnp.sum(total.reshape(kh, kw, wo, c), axis=2)[:, :, None, :]
+  return dw.astype(out_dtype or g.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
+  """The depthwise NHWC convolution of `x` (N, H, W, C) with `w` (kh, kw, 1, C): `strides`
+  (sh, sw), explicit `padding` ((top, bottom), (left, right)).
+
+  XLA:CPU runs a depthwise convolution (`feature_group_count` = channels) as a generic grouped
+  convolution, about 40x below what the memory allows (454 ms forward at 64x32x32x144, where
+  this takes 10). Here the forward is the kh * kw shifted slices of the padded input times
+  their per-channel weights, added: one loop fusion. The input gradient is that function's
+  transpose (the same fusion over the gradient, padded back), the kernel gradient
+  `depthwise_kernel_grad`. The same products as XLA's in another order: values and gradients
+  equal within float32 rounding (tests/test_fastconv.py).
+  """
+  return _depthwise_forward(x, w, strides, padding)
+
+
+def _depthwise_fwd(x, w, strides, padding):
+  return _depthwise_forward(x, w, strides, padding), (x, w)
+
+
+def depthwise_input_grad(g: jax.Array, w: jax.Array, x_shape: Sequence[int],
+                         strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """dx of the depthwise convolution y = conv(x, w, strides, padding) for output gradient g: the
+  stride-1 depthwise correlation of g, dilated by the strides and padded to x's size, with the
+  flipped kernel (`_depthwise_forward` again: one loop fusion, the dilation's zeros read as
+  index arithmetic). Written out because the transpose jax derives from the forward pads every
+  tap's product to the input's size and stores it before adding them (9 stored copies of a
+  3x3 layer's input)."""
+  kh, kw = w.shape[:2]
+  pads = [(0, 0, 0)]
+  for a, k in ((0, kh), (1, kw)):
+    lo = k - 1 - padding[a][0]
+    hi = x_shape[1 + a] + padding[a][0] - 1 - (g.shape[1 + a] - 1) * strides[a]
+    pads.append((lo, hi, strides[a] - 1))
+  gp = lax.pad(g, jnp.zeros((), g.dtype), [*pads, (0, 0, 0)])
+  return _depthwise_forward(gp, jnp.flip(w, (0, 1)), (1, 1), ((0, 0), (0, 0)))
+
+
+def _depthwise_bwd(strides, padding, res, g):
+  x, w = res
+  # Stored: its consumers (the previous ReLU6's mask, the BatchNorm gradient's sums and input
+  # gradient) would otherwise each recompute the kh * kw taps.
+  dx = materialize(depthwise_input_grad(g, w, x.shape, strides, padding).astype(x.dtype))
+  dw = depthwise_kernel_grad(x, g, w.shape[:2], strides, padding, out_dtype=w.dtype)
+  return dx, dw
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def with_depthwise(base):
+  """`base` (a `lax.conv_general_dilated` stand-in) with its depthwise convolutions computed by
+  `depthwise_conv` where `depthwise_applies` (and no `precision` or `preferred_element_type`
+  is asked for)."""
+
+  def conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None):
+    if precision is None and preferred_element_type is None and depthwise_applies(
+        lhs.shape, rhs.shape, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count):
+      pad = tuple(tuple(int(v) for v in p) for p in padding)
+      return depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pad)
+    return base(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                precision=precision, preferred_element_type=preferred_element_type)
+
+  return conv_fn
 
 
 # ---------------------------------------------------------------------------- XNOR-popcount forward
