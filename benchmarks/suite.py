@@ -21,9 +21,15 @@ Measured on the current default device (CPU or GPU), batch --batch_size of 32x32
   default "auto" picks: XNOR-popcount on a CPU, bf16 on GPU/TPU), `w1a1_f32`, `w1a1_bf16`,
   `w1a1_int8` and `w1a1_xnor` (W1A1 with that forward in float32, in exact bf16 / int8
   products, or by XNOR-popcount), `kd` (bnn_resnet18_cifar W1A1 distilled from a ResNet-18
-  teacher, teacher forward in the step);
+  teacher, teacher forward in the step), and the lightweight students: `resnet20`,
+  `mobilenetv2` (mobilenetv2_cifar: its depthwise convolutions as `fastconv.depthwise_conv`
+  on a CPU), `mobilenetv2_xla` (the same with XLA's grouped convolutions; not by default) and
+  `shufflenetv2` (shufflenetv2_cifar, 1.0x);
 * peers, each in its own process speaking benchmarks/peers/protocol.py and timed in the same
-  alternation: `torch_float`, `torch_w1a1` (PyTorch eager) and `larq_w1a1` (Keras/Larq on TF).
+  alternation: `torch_float`, `torch_w1a1`, `torch_mobilenetv2`, `torch_shufflenetv2` (PyTorch
+  eager; the last two on every core and in the faster memory format, benchmarks/peers/
+  torch_mobile.py) and `larq_w1a1` (Keras/Larq on TF); each peer's parameter count is
+  compared with the jcompress step it computes the same network as (`PEER_OF`).
   A peer that is not installed or fails is listed as skipped with its reason, never as a figure;
 * inference (eval mode, median of --repeats calls): the float ResNet-18 and the packed binary
   network (`bnn_infer.load(freeze(...), compute=--bnn_compute)` + `packed_apply`);
@@ -68,12 +74,17 @@ from jcompress import config as config_lib  # noqa: E402
 from jcompress.models import get_model  # noqa: E402
 
 STEPS = ("float", "float_fed", "float_xla", "float_fast", "qat", "w1a1", "w1a1_f32", "w1a1_bf16",
-         "w1a1_int8", "w1a1_xnor", "w1a2", "kd")
+         "w1a1_int8", "w1a1_xnor", "w1a2", "kd", "resnet20", "mobilenetv2", "mobilenetv2_xla",
+         "shufflenetv2")
 #: Timed unless --only says otherwise: all but `w1a1_int8`, which XLA:CPU's Eigen convolutions
 #: run ~15x slower than float32 (its int8 convolution is not vectorised), minutes per block,
-#: and `w1a1_xnor`, what `w1a1` computes on a CPU anyway (`binary_compute="auto"`).
-DEFAULT_STEPS = tuple(s for s in STEPS if s not in ("w1a1_int8", "w1a1_xnor"))
-PEERS = ("torch_float", "torch_w1a1", "larq_w1a1")
+#: `w1a1_xnor`, what `w1a1` computes on a CPU anyway (`binary_compute="auto"`), and
+#: `mobilenetv2_xla` (XLA:CPU's own grouped convolutions: about 7 s a step at batch 64).
+DEFAULT_STEPS = tuple(s for s in STEPS if s not in ("w1a1_int8", "w1a1_xnor", "mobilenetv2_xla"))
+PEERS = ("torch_float", "torch_w1a1", "larq_w1a1", "torch_mobilenetv2", "torch_shufflenetv2")
+#: Which jcompress step each peer computes the same network as (parameter counts compared).
+PEER_OF = {"torch_float": "float", "torch_w1a1": "w1a1", "larq_w1a1": "w1a1",
+           "torch_mobilenetv2": "mobilenetv2", "torch_shufflenetv2": "shufflenetv2"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _OUT = flags.DEFINE_string("out_dir", "runs/bench", "Where bench.md and bench.json go.")
@@ -131,6 +142,10 @@ def step_config(name: str):
         "binary_compute": name.split("_")[1]}), None
   if name == "w1a2":
     return common.train_config("bnn_resnet18_cifar", binary_bits=2), None
+  if name in ("resnet20", "mobilenetv2", "shufflenetv2"):
+    return common.train_config(name if name == "resnet20" else f"{name}_cifar"), None
+  if name == "mobilenetv2_xla":
+    return common.train_config("mobilenetv2_cifar", model_kwargs={"conv_impl": "xla"}), None
   if name == "kd":
     teacher = config_lib.base_config()
     teacher.model = "resnet18_cifar"
@@ -229,6 +244,9 @@ def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
     args = [os.path.join("peers", "torch_resnet.py"), f"--batch_size={batch}"]
     if name == "torch_w1a1":
       args.append("--binary")
+    if name in ("torch_mobilenetv2", "torch_shufflenetv2"):
+      args = [os.path.join("peers", "torch_mobile.py"), f"--batch_size={batch}",
+              f"--model={name.split('_')[1]}", "--width=1.0"]
     env = None
   elif name == "larq_w1a1":
     import importlib.util  # noqa: PLC0415
@@ -305,6 +323,14 @@ def targets(r: dict) -> list:
 
   add("binary W1A1 train step >= 1.5x Keras/Larq", ips(st, "w1a1"), ips(pe, "larq_w1a1"), 1.5)
   add("float train step >= 1.2x PyTorch eager", ips(st, "float"), ips(pe, "torch_float"), 1.2)
+  add("MobileNetV2 train step >= 1.2x PyTorch eager", ips(st, "mobilenetv2"),
+      ips(pe, "torch_mobilenetv2"), 1.2)
+  add("MobileNetV2 step time per image <= 3x ResNet-20's", ips(st, "resnet20"),
+      ips(st, "mobilenetv2"), 3.0, lower_is_better=True)
+  for k, v in pe.items():
+    if "params_match" in v:
+      rows.append((f"{k} has {PEER_OF[k]}'s parameter count",
+                   f"{v['info'].get('params')} vs {v['ours_params']}", v["params_match"]))
   for k in ("w1a1", "w1a2", "qat"):
     rt = st.get(k, {}).get("step_time_vs_float")
     rows.append((f"{k} step time <= 1.1x float", "n/a" if rt is None else f"{rt:.3f}x",
@@ -374,7 +400,9 @@ WHAT = {"float": "resnet18_cifar float32", "float_fed": "same, fed by the input 
         "qat": "W4A4 uniform/PACT", "w1a1": "bnn_resnet18_cifar W1A1",
         "w1a1_f32": "W1A1, forward in float32", "w1a1_bf16": "W1A1, forward in bf16",
         "w1a1_int8": "W1A1, forward in int8", "w1a1_xnor": "W1A1, forward by XNOR-popcount",
-        "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher"}
+        "w1a2": "bnn_resnet18_cifar W1A2", "kd": "W1A1 student, ResNet-18 teacher",
+        "resnet20": "resnet20 float32", "mobilenetv2": "mobilenetv2_cifar float32",
+        "mobilenetv2_xla": "same, conv_impl=xla", "shufflenetv2": "shufflenetv2_cifar 1.0x float32"}
 
 
 def main(argv):
@@ -451,6 +479,9 @@ def main(argv):
       r["peers"][name] = {"skipped": skipped[name]}
       continue
     e = {"info": peers[name].info, **common.rates(times[name], steps, batch)}
+    ours = infos.get(PEER_OF[name], {}).get("params")
+    if ours is not None and "params" in peers[name].info:
+      e["ours_params"], e["params_match"] = ours, peers[name].info["params"] == ours
     if base:
       rt = common.ratio(times[name], base)
       e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]

@@ -26,6 +26,13 @@ operands are stored before XLA transposes them (`staged_conv_general_dilated`, b
 default to `conv_impl="auto"`, which takes `default_conv_impl()`: "xla" on GPU/TPU, "staged"
 on Eigen, "fast" on YNNPACK.
 
+Depthwise convolutions (MobileNetV2's, ShuffleNetV2's) are another case: XLA:CPU runs them as
+generic grouped convolutions about 40x below what memory allows, forward and gradients
+(benchmarks/depthwise_rates.py). `depthwise_conv` writes them as shifted multiply-adds, its
+input gradient as the same stencil over the gradient with the flipped kernel, its kernel
+gradient as per-image reductions; the CPU impls ("staged", "fast") route every depthwise
+convolution there (`with_depthwise`); "xla" keeps XLA's own.
+
 `conv_general_dilated(...)` takes `lax.conv_general_dilated`'s arguments (flax's `nn.Conv`
 accepts it as its `conv_general_dilated` field); anything it does not cover (dilation,
 groups, string padding, other layouts, small outputs where the (Hq, Wq) grid wastes work:

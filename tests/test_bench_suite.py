@@ -60,3 +60,19 @@ def test_targets_without_peers_are_not_claimed():
   assert rows[starve] == ("n/a", None)
   r["train_steps"]["float_fed"] = {"images_per_second": 8.0, "step_time_vs_float": 1.25}
   assert {n: (f, ok) for n, f, ok in suite.targets(r)}[starve] == ("1.250x", False)
+
+
+def test_lightweight_targets_and_peer_parameter_check():
+  r = {"train_steps": {"resnet20": {"images_per_second": 300.0},
+                       "mobilenetv2": {"images_per_second": 90.0}},
+       "peers": {"torch_mobilenetv2": {"images_per_second": 80.0, "info": {"params": 5},
+                                       "ours_params": 6, "params_match": False}},
+       "device": {"platform": "cpu"}}
+  rows = {name: (fig, ok) for name, fig, ok in suite.targets(r)}
+  assert rows["MobileNetV2 step time per image <= 3x ResNet-20's"] == ("3.33x", False)
+  assert rows["MobileNetV2 train step >= 1.2x PyTorch eager"] == ("1.12x", False)
+  assert rows["torch_mobilenetv2 has mobilenetv2's parameter count"] == ("5 vs 6", False)
+  r["train_steps"]["mobilenetv2"]["images_per_second"] = 120.0
+  rows = {name: (fig, ok) for name, fig, ok in suite.targets(r)}
+  assert rows["MobileNetV2 step time per image <= 3x ResNet-20's"] == ("2.50x", True)
+  assert rows["MobileNetV2 train step >= 1.2x PyTorch eager"] == ("1.50x", True)

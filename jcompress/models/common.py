@@ -21,8 +21,10 @@ block it sits in, so that compression code needs no per-architecture plumbing:
   `stem_conv` (quantization-aware training of activations). None or kind "none": off.
 * `conv_impl`: "auto", "xla", "staged" or "fast" (`CONV_IMPLS`; "staged": XLA's gradients
   with the kernel gradient's operands stored before XLA:CPU transposes them; "fast": the kernel
-  gradient as a matmul; same values, see `jcompress.fastconv`; "auto" picks the fastest for
-  the platform); None: `DEFAULT_CONV_IMPL` ("auto").
+  gradient as a matmul; both compute depthwise convolutions as shifted multiply-adds,
+  `fastconv.depthwise_conv`; same values within float32 rounding, see `jcompress.fastconv`;
+  "auto" picks the fastest for the platform, "xla" on GPU/TPU); None: `DEFAULT_CONV_IMPL`
+  ("auto").
 * `padding`: "torch" (default, symmetric as above) or "same" (XLA/TF "SAME", as Keras's
   `ZeroPadding2D(correct_pad)` + "valid" does for stride-2 convolutions; for imported Keras
   weights).
@@ -52,7 +54,8 @@ from jcompress.errors import ConfigError
 #: `conv_impl` values: "xla" (plain `lax.conv_general_dilated`), "staged" (the same, the kernel
 #: gradient's operands stored first: `fastconv.staged_conv_general_dilated`), "fast" (the same
 #: forward and input gradient, the kernel gradient as one patches-times-gradient matmul:
-#: `fastconv.conv_general_dilated`) or "auto" (`fastconv.default_conv_impl()`: "xla" on GPU/TPU,
+#: `fastconv.conv_general_dilated`); "staged" and "fast" compute depthwise convolutions as
+#: `fastconv.depthwise_conv`; or "auto" (`fastconv.default_conv_impl()`: "xla" on GPU/TPU,
 #: "staged" on CPU with XLA's Eigen convolutions, which `import jcompress` selects; "fast" on CPU
 #: with YNNPACK convolutions).
 CONV_IMPLS = ("auto", "xla", "staged", "fast")
