@@ -493,13 +493,18 @@ def default_input_shape(params: PyTree, image_size: int = 32) -> tuple:
 
 
 def _float_convs(model):
-  """`model` with a BNN's binary convolutions computed as float32 convolutions (its
-  `binary_compute` set to "f32": the same values). The jaxpr walkers here follow and count
+  """`model` with every convolution a `conv_general_dilated` in its jaxpr: a BNN's binary
+  convolutions computed as float32 convolutions (`binary_compute` "f32") and XLA's own
+  convolutions (`conv_impl` "xla"), the same values. The jaxpr walkers here follow and count
   `conv_general_dilated`; the XNOR-popcount forward (`binary_compute="xnor"`, what "auto"
-  trains with on a CPU) has none."""
+  trains with on a CPU) and the CPU impls' depthwise stencils (`fastconv.depthwise_conv`)
+  have none."""
+  changes = {}
   if getattr(model, "binary_compute", None) not in (None, "f32"):
-    return model.clone(binary_compute="f32")
-  return model
+    changes["binary_compute"] = "f32"
+  if hasattr(model, "conv_impl") and model.conv_impl != "xla":
+    changes["conv_impl"] = "xla"
+  return model.clone(**changes) if changes else model
 
 
 def build_graph(model, params: PyTree, batch_stats: PyTree | None = None,
