@@ -1,7 +1,7 @@
 r"""All the speed figures of issue 8 in one process and one run, as a markdown table and JSON.
 
-  python benchmarks/suite.py --out_dir=runs/bench             # everything (about 10 min on 2 CPUs)
-  python benchmarks/suite.py --only=float,binary --steps=1 --repeats=2 --peers=   # quick
+  python benchmarks/suite.py --out_dir=runs/bench             # everything (about 15 min on 2 CPUs)
+  python benchmarks/suite.py --only=float,w1a1 --steps=1 --repeats=2 --peers=   # quick
 
 Measured on the current default device (CPU or GPU), batch --batch_size of 32x32 images:
 
