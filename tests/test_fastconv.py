@@ -132,7 +132,7 @@ def test_model_loss_and_gradients_equal_xla(name, kwargs):
                               mutable=["batch_stats"])[0]
       return train.cross_entropy(logits, y), logits
 
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(v["params"]).jaxpr
     out[impl] = (value, logits, grads, jaxpr_utils.count_primitive(jaxpr, "conv_general_dilated"))
   np.testing.assert_allclose(out["fast"][1], out["xla"][1], rtol=0, atol=0)

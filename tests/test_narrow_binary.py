@@ -166,9 +166,9 @@ def _loss(model, transform, params, batch_stats, x):
 
 
 @pytest.mark.parametrize("bits,compute", [
-    (1, "bf16"), (1, "int8"), (1, "xnor"), (2, "xnor"),
-    # the 2-bit model on bf16 and int8 (their 3-level convolution alone is checked by
-    # test_narrow_conv_equals_float32_conv): long, so with -m slow
+    (1, "bf16"), pytest.param(1, "int8", marks=pytest.mark.slow), (1, "xnor"), (2, "xnor"),
+    # the 1-bit model on int8 and the 2-bit model on bf16 and int8 (their convolutions alone
+    # are checked by test_narrow_conv_equals_float32_conv): long, so with -m slow
     pytest.param(2, "bf16", marks=pytest.mark.slow),
     pytest.param(2, "int8", marks=pytest.mark.slow)])
 def test_bnn_with_narrow_forward_gives_the_float32_logits_and_gradients(bnn, compute, bits):

@@ -92,7 +92,7 @@ def _logits(model, params, batch_stats, x):
     "name, size, other_fields",
     [
         # Keras's ResNet50 is v1: with the stride on the 3x3 instead, the logits must differ.
-        ("ResNet50", 64, {"stride_in_1x1": False}),
+        pytest.param("ResNet50", 64, {"stride_in_1x1": False}, marks=pytest.mark.slow),  # 10 s
         # Keras's MobileNetV2 pads as TF "SAME": symmetric padding must give other logits.
         ("MobileNetV2", 96, {"padding": "torch"}),
     ],
