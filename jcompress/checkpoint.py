@@ -29,7 +29,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> boo
     return False
   try:
     with open(path) as f:
-      old = config_lib.flatten(json.load(f))
+      old = config_lib.flatten({**config_lib.LEGACY_VALUES, **json.load(f)})
   except (OSError, json.JSONDecodeError) as e:
     raise WorkdirError(f"{path} cannot be read ({e}); refusing to reuse this workdir") from e
   new = config_lib.flatten(config)

@@ -25,6 +25,11 @@ from ml_collections import config_dict
 from jcompress.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+EVAL_SPLITS = ("validation", "test")
+# Keys added to `base_config()` after runs were made without them: the value that reproduces
+# what those runs did (their config.json has no such key). Other absent keys take today's
+# default.
+LEGACY_VALUES = {"eval_split": "test"}
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 
@@ -130,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""             # start from these weights: another run's workdir (latest
                                # checkpoint), "keras:ResNet50", or a .safetensors file
   c.train_examples = 0         # > 0: train on the first N training examples only
+  c.eval_split = "validation"  # "validation": train on the train split less its validation
+                               # images, evaluate on those while training, read the test split
+                               # once at the end; "test": train on all of train, evaluate on
+                               # test (no held-out choice)
   c.calibration_batches = 4    # training batches handed to a transform's calibrate hook
   c.batch_size = 128           # global batch, split over all devices
   c.eval_batch_size = 256
@@ -196,6 +205,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     _check(config.total_steps > 0, "total_steps",
            f"must be > 0 (0 only with init_from), got {config.total_steps}")
+  _check(config.eval_split in EVAL_SPLITS, "eval_split",
+         f"must be one of {EVAL_SPLITS}, got {config.eval_split!r}")
   _check(config.train_examples >= 0, "train_examples",
          f"must be >= 0 (0: the whole train split), got {config.train_examples}")
   _check(config.calibration_batches >= 1, "calibration_batches",
@@ -238,8 +249,9 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def from_dict(data: dict) -> ml_collections.ConfigDict:
-  """Inverse of `to_dict` for configs read back from a workdir's config.json."""
-  return ml_collections.ConfigDict(data)
+  """Inverse of `to_dict` for configs read back from a workdir's config.json; keys of
+  `LEGACY_VALUES` it lacks get the value that reproduces what that run did."""
+  return ml_collections.ConfigDict({**LEGACY_VALUES, **data})
 
 
 def flatten(data: Any, prefix: str = "") -> dict:

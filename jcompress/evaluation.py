@@ -31,13 +31,17 @@ def make_eval_step(model, transform: transforms_lib.ParamTransform) -> Callable:
   return eval_step
 
 
-def evaluate_state(exp, eval_step: Callable, state) -> dict:
-  """Accuracy and loss over the whole eval split of the experiment's dataset."""
+def evaluate_state(exp, eval_step: Callable, state, split: str = "eval") -> dict:
+  """Accuracy and loss over a whole split of the experiment's dataset: "eval", the split
+  evaluated while training (validation, or test with `eval_split="test"`), or "test"."""
   c = exp.config
+  if split not in ("eval", "test"):
+    raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
   per_process = c.eval_batch_size // jax.process_count()
   for batch in data_lib.eval_iterator(
       c.data, batch_size=per_process, image_size=image_size_arg(c),
+      split=exp.info.eval_split if split == "eval" else exp.info.test_split,
       data_dir=c.data_dir or None, process_index=jax.process_index(),
       process_count=jax.process_count()):
     out = eval_step(state, shard_batch(exp, batch))

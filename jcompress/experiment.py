@@ -139,7 +139,8 @@ def make_experiment(config: ml_collections.ConfigDict, load_teacher: bool = True
   # The model before the data: a bad model name or field is refused before TensorFlow starts.
   model = build_model(config, data_lib.dataset_defaults(config.data).num_classes)
   info = data_lib.dataset_info(config.data, image_size=image_size_arg(config),
-                               data_dir=config.data_dir or None)
+                               data_dir=config.data_dir or None,
+                               validation=config.eval_split == "validation")
   plans = {}
   for m in registry.with_hook(config, "rewrite_model"):
     model, plans[m.name] = m.rewrite_model(config, info, model, MethodContext())
@@ -352,7 +353,7 @@ def calibration_context(exp, state: TrainState) -> transforms_lib.CalibrationCon
       c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed + 7919, start_step=0,
       image_size=image_size_arg(c), augment=False, data_dir=c.data_dir or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      train_examples=c.train_examples)
+      train_examples=c.train_examples, validation=c.eval_split == "validation")
   batches = [evaluation.shard_batch(exp, next(it)) for _ in range(c.calibration_batches)]
   model = exp.model
 
@@ -402,7 +403,7 @@ class SourceModel(NamedTuple):
   params: PyTree
   batch_stats: PyTree
   message: str               # where the weights came from
-  float_accuracy: float      # its accuracy on the eval split, as it is
+  float_accuracy: float      # its accuracy on the test split, as it is (a report)
   batches: list              # calibration batches (numpy), `config.calibration_batches` of them
   num_classes: int
 
@@ -427,7 +428,7 @@ class MethodContext:
     src_state = state_lib.state_from_variables(src, params, batch_stats)
     eval_step = jax.jit(evaluation.make_eval_step(src.model, transforms_lib.identity()),
                         out_shardings=src.replicated)
-    accuracy = evaluation.evaluate_state(src, eval_step, src_state)["eval_accuracy"]
+    accuracy = evaluation.evaluate_state(src, eval_step, src_state, "test")["eval_accuracy"]
     batches = jax.device_get(calibration_context(src, src_state).batches)
     params, batch_stats = jax.device_get((params, batch_stats))
     return SourceModel(params, batch_stats, message, accuracy, batches, src.info.num_classes)

@@ -196,7 +196,7 @@ def _start_from_init(exp: Experiment, init_vars, prepared) -> tuple[TrainState, 
     float_model = float_model.clone(act_quant=None)
   eval_step = jax.jit(evaluation.make_eval_step(float_model, transforms_lib.identity()),
                       out_shardings=exp.replicated)
-  accuracy = evaluation.evaluate_state(exp, eval_step, state)["eval_accuracy"]
+  accuracy = evaluation.evaluate_state(exp, eval_step, state, "test")["eval_accuracy"]
   meta = {"float_test_accuracy": accuracy}
   if prepared is not None or exp.plans:   # the model above is already compressed
     source = (prepared.meta.get("float_test_accuracy") if prepared is not None
@@ -205,7 +205,7 @@ def _start_from_init(exp: Experiment, init_vars, prepared) -> tuple[TrainState, 
       meta.update(init_test_accuracy=accuracy, float_test_accuracy=source)
   if prepared is not None:
     meta.update({k: v for k, v in prepared.meta.items() if k != "float_test_accuracy"})
-  logging.info("init_from model before compression: eval_accuracy %.4f", accuracy)
+  logging.info("init_from model before compression: test accuracy %.4f", accuracy)
   return state, meta
 
 
@@ -264,8 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   start = int(jax.device_get(state.step))
   wall_before = float(meta.get("wall_seconds", 0.0))
-  logging.info("%s on %s: %d train / %d eval examples, image %s, %d classes; mesh %s",
-               c.model, c.data, exp.info.train_size, exp.info.eval_size, exp.info.image_shape,
+  logging.info("%s on %s: %d train / %d eval (%s) / %d test examples, image %s, %d classes; "
+               "mesh %s", c.model, c.data, exp.info.train_size, exp.info.eval_size,
+               exp.info.eval_split, exp.info.test_size, exp.info.image_shape,
                exp.info.num_classes, dict(exp.mesh.shape))
 
   train_step, eval_step = compile_steps(exp)
@@ -275,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       c.data, batch_size=c.batch_size // jax.process_count(), seed=c.seed, start_step=start,
       image_size=evaluation.image_size_arg(c), augment=c.augment, data_dir=c.data_dir or None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      train_examples=c.train_examples)
+      train_examples=c.train_examples, validation=c.eval_split == "validation")
 
   def meta_now(step):
     return {**meta, "step": step, "wall_seconds": wall_before + time.time() - t_start}
@@ -331,7 +332,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if latest is None and c.total_steps == 0:   # PTQ: keep the compressed state for analysis
       checkpoint.save_state(mngr, state, meta_now(step))
       mngr.wait_until_finished()
-  results = summarize(exp, state, eval_metrics, wall_before + time.time() - t_start, meta)
+  test_metrics = eval_metrics
+  if c.eval_split == "validation":   # the test split: read once, here
+    test_metrics = evaluation.evaluate_state(exp, eval_step, state, "test")
+    logging.info("step %d: test accuracy %.4f (validation %.4f)", step,
+                 test_metrics["eval_accuracy"], eval_metrics["eval_accuracy"])
+  results = summarize(exp, state, test_metrics, wall_before + time.time() - t_start, meta,
+                      val_metrics=eval_metrics if c.eval_split == "validation" else None)
   if lead:
     metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
     logging.info("results: %s", json.dumps(results))
@@ -340,11 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: float,
-              meta: dict | None = None) -> dict:
+              meta: dict | None = None, val_metrics: dict | None = None) -> dict:
   """results.json: accuracy, sizes in bytes, the compression ratio, and each active method's
   figures (`Method.results`; the transform's `metrics`). `model_bytes` is what --mode=export
   writes (manifest.json + weights.bin: `artifact.artifact_nbytes`); `float_bytes` the float32
-  model the compression started from (a method that changed the model's shape says which)."""
+  model the compression started from (a method that changed the model's shape says which).
+  `eval_metrics` are the test split's; `val_metrics` the validation split's, if any."""
   meta = meta or {}
   params = jax.device_get(state.params)
   n_params = models_lib.count_params(params)
@@ -357,6 +365,9 @@ def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: floa
       "test_accuracy": eval_metrics["eval_accuracy"],
       "test_loss": eval_metrics["eval_loss"],
       "test_examples": eval_metrics["eval_examples"],
+      **({"val_accuracy": val_metrics["eval_accuracy"], "val_loss": val_metrics["eval_loss"],
+          "val_examples": val_metrics["eval_examples"]} if val_metrics else {}),
+      "eval_split": exp.config.eval_split,
       "params": n_params,
       "float_bytes": 4 * n_params,
       "model_bytes": artifact.artifact_nbytes(*artifact.artifact_arrays(exp, state)),
@@ -375,7 +386,9 @@ def summarize(exp: Experiment, state: TrainState, eval_metrics: dict, wall: floa
 
 
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict:
-  """Evaluates the latest checkpoint of `workdir` on the eval split (--mode=eval)."""
+  """Evaluates the latest checkpoint of `workdir` (--mode=eval): `eval_accuracy` on the split
+  evaluated while training (validation, or test with `eval_split="test"`), `test_accuracy` on
+  the test split; written to DIR/eval.json."""
   if config is None:
     config = checkpoint.load_workdir_config(workdir)
   exp = make_experiment(config)
@@ -389,7 +402,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict:
   state, _ = checkpoint.restore_state(mngr, step, exp)
   _, eval_step = compile_steps(exp)
   metrics = evaluation.evaluate_state(exp, eval_step, state)
-  metrics["step"] = step
+  test = (evaluation.evaluate_state(exp, eval_step, state, "test")
+          if exp.config.eval_split == "validation" else metrics)
+  metrics.update(test_accuracy=test["eval_accuracy"], test_loss=test["eval_loss"],
+                 test_examples=test["eval_examples"], eval_split=exp.config.eval_split,
+                 step=step)
   if jax.process_index() == 0:
     metrics_lib.write_json(os.path.join(workdir, "eval.json"), metrics)
   mngr.close()

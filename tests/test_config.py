@@ -38,7 +38,7 @@ def test_base_config_is_valid():
     ("batch_size", 0), ("total_steps", 0), ("width", 0.0), ("label_smoothing", 1.0),
     ("optimizer.name", "rmsprop"), ("optimizer.learning_rate", -1.0),
     ("optimizer.momentum", 1.0), ("schedule.name", "linear"), ("schedule.warmup_steps", 10**9),
-    ("dtype", "float16"), ("log_every", 0), ("eval_every", -1),
+    ("dtype", "float16"), ("log_every", 0), ("eval_every", -1), ("eval_split", "train"),
 ])
 def test_validate_names_the_bad_key(key, value):
   c = config_lib.base_config()
@@ -80,3 +80,23 @@ def test_runlocal_arg_shrinks_every_experiment_to_a_valid_smoke_run():
     config_lib.validate(small)
     assert small.total_steps == 20 < full.total_steps
     assert small.checkpoint_every == small.eval_every == 10
+
+
+def test_workdirs_made_before_eval_split_load_with_the_protocol_they_ran(tmp_path):
+  """A config.json without `eval_split` (runs that evaluated on the test split while training)
+  loads as eval_split="test"; today's default ("validation") is another run and is refused
+  with the key named, "test" resumes it."""
+  import json
+
+  from jcompress import checkpoint
+  from jcompress.errors import WorkdirError
+
+  old = config_lib.to_dict(config_lib.base_config())
+  del old["eval_split"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert checkpoint.load_workdir_config(str(tmp_path)).eval_split == "test"
+  with pytest.raises(WorkdirError, match="eval_split: 'test' in the workdir, 'validation' now"):
+    checkpoint.check_workdir_config(config_lib.base_config(), str(tmp_path))
+  c = config_lib.base_config()
+  c.eval_split = "test"
+  assert checkpoint.check_workdir_config(c, str(tmp_path))

@@ -22,8 +22,8 @@ from jcompress.errors import DataError
 pytestmark = pytest.mark.plumbing
 
 _REAL_PROBE = pipeline._probe_download_host
-TRAIN_SIZE, TEST_SIZE = 1437, 360
-EPOCH_BATCH = 479  # 3 * 479 == 1437: one digits epoch is exactly 3 steps, nothing dropped.
+TRAIN_SIZE, VAL_SIZE, TEST_SIZE = 1293, 144, 360
+EPOCH_BATCH = 431  # 3 * 431 == 1293: one digits epoch is exactly 3 steps, nothing dropped.
 
 
 @pytest.fixture(autouse=True)
@@ -74,16 +74,16 @@ def _take(it, n):
 
 def test_digits_splits_partition_sklearn_digits(ddir):
   info = data.dataset_info("digits", data_dir=ddir)
-  assert (info.train_size, info.eval_size) == (TRAIN_SIZE, TEST_SIZE)
-  assert (info.train_split, info.eval_split, info.num_classes) == ("train", "test", 10)
-  assert info.image_shape == (8, 8, 1)
+  assert (info.train_size, info.eval_size, info.test_size) == (TRAIN_SIZE, VAL_SIZE, TEST_SIZE)
+  assert (info.train_split, info.eval_split, info.test_split) == ("train", "validation", "test")
+  assert info.image_shape == (8, 8, 1) and info.num_classes == 10
 
   sk_images, sk_labels = _sklearn_digits()
   sk = {img.tobytes(): int(lab) for img, lab in zip(sk_images, sk_labels)}
   assert len(sk) == 1797  # sklearn's digits are pairwise distinct images.
 
   seen = {}
-  for split, size in (("train", TRAIN_SIZE), ("test", TEST_SIZE)):
+  for split, size in (("train", TRAIN_SIZE), ("validation", VAL_SIZE), ("test", TEST_SIZE)):
     images, labels = _split_arrays(ddir, split)
     assert images.shape == (size, 8, 8, 1) and images.dtype == np.uint8
     keys = [img.tobytes() for img in images]
@@ -93,10 +93,37 @@ def test_digits_splits_partition_sklearn_digits(ddir):
       assert int(label) == sk[key], "label differs from sklearn's for the same image"
       assert key not in seen, f"image in both splits ({seen.get(key)} and {split})"
       seen[key] = split
+    counts = np.bincount(labels, minlength=10)
     if split == "test":  # Stratified: every class 35..37 times in the 360 test images.
-      counts = np.bincount(labels, minlength=10)
       assert counts.min() >= 35 and counts.max() <= 37
+    if split == "validation":  # 10% of the train images, every class 14..15 times.
+      assert counts.min() >= 14 and counts.max() <= 15
   assert set(seen) == set(sk)  # The union is exactly sklearn's 1,797 images.
+  # The test split is version 1.0.0's: sklearn's rows of train_test_split(test_size=360, ...).
+  from sklearn import model_selection
+  _, test_rows = model_selection.train_test_split(np.arange(1797), test_size=360,
+                                                  stratify=sk_labels, random_state=0)
+  assert sorted(k for k, s in seen.items() if s == "test") == sorted(
+      sk_images[i].tobytes() for i in test_rows)
+
+
+def test_without_validation_runs_train_on_train_plus_validation(ddir):
+  info = data.dataset_info("digits", data_dir=ddir, validation=False)
+  assert (info.train_size, info.eval_size, info.test_size) == (
+      TRAIN_SIZE + VAL_SIZE, TEST_SIZE, TEST_SIZE)
+  assert (info.train_split, info.eval_split) == ("train+validation", "test")
+  assert data.splits("cifar10") == ("train[:45000]", "train[45000:]", "test")
+  assert data.splits("imagenet2012", validation=False)[1] == "validation"
+  train_images = np.concatenate([_split_arrays(ddir, s)[0] for s in ("train", "validation")])
+  keys = lambda imgs: sorted(i.tobytes() for i in imgs)   # noqa: E731
+  it = data.train_iterator("digits", batch_size=479, seed=0, augment=False, data_dir=ddir,
+                           validation=False)
+  epoch = np.concatenate([b["image"] for b in _take(it, 3)])   # 3 * 479 = 1,437
+  assert keys(_to_uint8(epoch, "digits")) == keys(train_images)
+  # train_examples beyond the train split's 1,293 takes the first validation images next.
+  it = data.train_iterator("digits", batch_size=1300, seed=0, augment=False, data_dir=ddir,
+                           validation=False, train_examples=1300)
+  assert keys(_to_uint8(next(it)["image"], "digits")) == keys(train_images[:1300])
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,7 +142,7 @@ def test_resume_matches_across_epoch_boundary(ddir):
 
 
 def test_resume_with_uneven_epochs_and_32x32_variant(ddir):
-  # 1437 // 100 = 14 steps per epoch (37 examples dropped per epoch); the 32x32x3 variant.
+  # 1293 // 100 = 12 steps per epoch (93 examples dropped per epoch); the 32x32x3 variant.
   kw = dict(batch_size=100, seed=11, data_dir=ddir, image_size=32)
   ref = _take(data.train_iterator("digits", **kw), 17)
   resumed = _take(data.train_iterator("digits", start_step=13, **kw), 4)
@@ -285,7 +312,7 @@ def test_cifar10_pipeline_shapes_normalisation_and_flip():
                         .get_single_element())
     info = data.dataset_info("cifar10")
     assert info.image_shape == (32, 32, 3) and info.num_classes == 10
-    assert info.eval_split == "test"
+    assert (info.eval_split, info.test_split) == ("train[45000:]", "test")
 
     ev = list(data.eval_iterator("cifar10", batch_size=32))
     assert [b["image"].shape for b in ev] == [(32, 32, 32, 3)] * 2
@@ -315,8 +342,8 @@ def test_cifar10_pipeline_shapes_normalisation_and_flip():
 def test_imagenet_style_pipeline_is_resumable():
   with tfds.testing.mock_data(num_examples=24):
     kw = dict(batch_size=4, seed=2, image_size=48)
-    assert data.DATASET_DEFAULTS["imagenette"].eval_split == "validation"
-    ref = _take(data.train_iterator("imagenette", **kw), 9)  # 6 steps per epoch.
+    assert data.DATASET_DEFAULTS["imagenette"].test_split == "validation"
+    ref = _take(data.train_iterator("imagenette", **kw), 9)  # 5 steps per epoch (22 of 24).
     resumed = _take(data.train_iterator("imagenette", start_step=5, **kw), 4)
     ev = next(data.eval_iterator("imagenette", batch_size=4, image_size=48))
   for step, batch in enumerate(resumed, start=5):
@@ -407,3 +434,37 @@ def test_download_host_probe_on_loopback():
     assert _REAL_PROBE("127.0.0.1", timeout=2, port=port) is None
   # Nothing listens on the port any more: refused at once.
   assert "cannot reach 127.0.0.1" in _REAL_PROBE("127.0.0.1", timeout=2, port=port)
+
+
+# ------------------------------------------------------------------------------------------
+# digits_hard.
+
+
+def test_digits_hard_images_are_seeded_distortions_of_their_split_originals():
+  from jcompress.data import digits as digits_lib
+  from jcompress.data import digits_hard
+
+  originals, labels = digits_lib.load_sklearn_digits()
+  a = digits_hard.distort(originals[7], 7, 0)
+  assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, digits_hard.distort(originals[7], 7, 0))  # deterministic
+  assert not np.array_equal(a, digits_hard.distort(originals[7], 7, 1))     # variants differ
+  images, split_labels, rows = digits_hard.generate("validation")
+  want_rows = np.repeat(digits_lib.split_indices(labels)["validation"], digits_hard.VARIANTS)
+  np.testing.assert_array_equal(rows, want_rows)     # only validation originals, 5 each
+  np.testing.assert_array_equal(split_labels, labels[want_rows])
+  assert images.shape == (digits_hard.VALIDATION_SIZE, 32, 32, 3)
+  np.testing.assert_array_equal(images[5], digits_hard.distort(originals[rows[5]], rows[5], 0))
+  # Colours vary: the per-image mean colours are spread, not one grey.
+  assert images.reshape(len(images), -1, 3).mean(1).std(0).min() > 20
+
+
+@pytest.mark.slow   # prepares the whole dataset: about 40 s
+def test_digits_hard_prepares_with_its_sizes_and_normalisation(tmp_path):
+  d = str(tmp_path)
+  info = data.dataset_info("digits_hard", data_dir=d)
+  assert (info.train_size, info.eval_size, info.test_size) == (6465, 720, 1800)
+  assert info.image_shape == (32, 32, 3)
+  batch = next(data.eval_iterator("digits_hard", batch_size=6465, split="train", data_dir=d))
+  assert np.abs(batch["image"].mean((0, 1, 2))).max() < 0.01
+  assert np.abs(batch["image"].std((0, 1, 2)) - 1).max() < 0.01

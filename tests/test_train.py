@@ -114,7 +114,11 @@ def test_run_writes_metrics_results_and_checkpoints(reference_run):
   assert steps == list(range(1, 201))
   evals = [m for m in metrics if "eval_accuracy" in m]
   assert [m["step"] for m in evals] == [100, 200]
-  assert evals[-1]["eval_examples"] == 360           # the whole digits test split, once
+  # While training: the 144 validation images; the 360 test images once, at the end.
+  assert all(m["eval_examples"] == 144 for m in evals)
+  assert results["eval_split"] == "validation" and results["test_examples"] == 360
+  assert results["val_accuracy"] == evals[-1]["eval_accuracy"]
+  assert results["val_examples"] == 144
   # 200 steps of SGD on real digits learn the task, far above chance (10%)
   assert results["test_accuracy"] > 0.85
   assert np.mean([m["train_loss"] for m in metrics[-10:] if "train_loss" in m]) < \
@@ -150,7 +154,8 @@ def test_eval_mode_reads_config_from_workdir(reference_run):
   workdir, results = reference_run
   metrics = train.evaluate(None, workdir)
   assert metrics["step"] == 200
-  assert metrics["eval_accuracy"] == pytest.approx(results["test_accuracy"])
+  assert metrics["test_accuracy"] == pytest.approx(results["test_accuracy"])
+  assert metrics["eval_accuracy"] == pytest.approx(results["val_accuracy"])
 
 
 @pytest.mark.slow   # two launcher processes, about 45 s; the SIGTERM test below stays in the default run

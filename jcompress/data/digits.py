@@ -11,11 +11,15 @@ Features:
   (0..255; v=8 is the one tie and rounds half-to-even to 128).
 * `label`: ClassLabel with 10 classes (the digit).
 
-Splits (fixed: stratified by label with `sklearn.model_selection.train_test_split(...,
-test_size=360, stratify=y, random_state=0)`):
+Splits (fixed, stratified by label with `sklearn.model_selection.train_test_split`): 360 test
+images first (`test_size=360, stratify=y, random_state=0`), then a fixed 10% of the remaining
+1,437 held out as validation (`test_size=144, stratify=y, random_state=0`):
 
-* `train`: 1,437 images (per class 139..146).
-* `test`: 360 images (per class 35..37).
+* `train`: 1,293 images, trained on.
+* `validation`: 144 images (per class 14..15), evaluated during training and for every choice
+  made from accuracy.
+* `test`: 360 images (per class 35..37), read once at the end of a run. The same 360 images as
+  version 1.0.0's test split; `train+validation` is version 1.0.0's train split.
 
 The builder registers itself under the TFDS name `digits` when this module is imported
 (`import jcompress.data` does that), so `tfds.builder("digits")` and `tfds.load("digits")` work.
@@ -31,7 +35,8 @@ import tensorflow_datasets as tfds
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
 TEST_SIZE = 360
-TRAIN_SIZE = 1797 - TEST_SIZE  # 1,437
+VALIDATION_SIZE = 144          # 10% of the 1,437 images outside the test split
+TRAIN_SIZE = 1797 - TEST_SIZE - VALIDATION_SIZE  # 1,293
 SPLIT_RANDOM_STATE = 0
 
 _CITATION = """\
@@ -55,7 +60,8 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """Indices into sklearn's digits arrays of the fixed `train` and `test` splits (sorted).
+  """Indices into sklearn's digits arrays of the fixed `train`, `validation` and `test` splits
+  (each sorted; disjoint; together all 1,797).
 
   Args:
     labels: sklearn's digits labels (loaded if None).
@@ -64,20 +70,31 @@ def split_indices(labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
 
   if labels is None:
     _, labels = load_sklearn_digits()
-  train, test = model_selection.train_test_split(
+  rest, test = model_selection.train_test_split(
       np.arange(len(labels)),
       test_size=TEST_SIZE,
       stratify=labels,
       random_state=SPLIT_RANDOM_STATE,
   )
-  return {"train": np.sort(train), "test": np.sort(test)}
+  rest = np.sort(rest)
+  train, validation = model_selection.train_test_split(
+      rest,
+      test_size=VALIDATION_SIZE,
+      stratify=labels[rest],
+      random_state=SPLIT_RANDOM_STATE,
+  )
+  return {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), prepared offline."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: stratified 1,437 / 360 train / test split."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release: stratified 1,437 / 360 train / test split.",
+      "2.0.0": "A stratified validation split (144) held out of the 1,437 train images; the "
+               "test split is unchanged.",
+  }
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -91,8 +108,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         description=(
             "scikit-learn's bundled handwritten digits (UCI Optical Recognition of Handwritten "
             "Digits, test part): 1,797 real 8x8 grey images with 16 intensity levels, rescaled "
-            "to 0..255. Fixed stratified split: train 1,437, test 360 "
-            "(train_test_split(test_size=360, stratify=label, random_state=0))."
+            "to 0..255. Fixed stratified splits: test 360 (train_test_split(test_size=360, "
+            "stratify=label, random_state=0)), validation 144 of the rest (the same with "
+            "test_size=144), train 1,293."
         ),
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=IMAGE_SHAPE, dtype=np.uint8),

@@ -2,17 +2,26 @@
 
 Supported datasets (`DATASET_DEFAULTS` holds every per-dataset default in one table):
 
-| name         | train/eval split | classes | yields (default)  | mean/std  | train augment       |
-| ------------ | ---------------- | ------- | ----------------- | --------- | ------------------- |
-| digits       | train/test       | 10      | 8x8x1 (32x32x3)   | digits    | pad-1 crop, no flip |
-| mnist        | train/test       | 10      | 28x28x1 (32x32x3) | MNIST     | pad-2 crop, no flip |
-| cifar10      | train/test       | 10      | 32x32x3           | CIFAR-10  | pad-4 crop + flip   |
-| cifar100     | train/test       | 100     | 32x32x3           | CIFAR-100 | pad-4 crop + flip   |
-| imagenette   | train/validation | 10      | 224x224x3         | ImageNet  | RR-crop + flip      |
-| imagenet2012 | train/validation | 1000    | 224x224x3         | ImageNet  | RR-crop + flip      |
+| name         | train / validation / test (TFDS splits)        | classes | yields (default)  | mean/std  | train augment       |
+| ------------ | ---------------------------------------------- | ------- | ----------------- | --------- | ------------------- |
+| digits       | train / validation / test                      | 10      | 8x8x1 (32x32x3)   | digits    | pad-1 crop, no flip |
+| digits_hard  | train / validation / test                      | 10      | 32x32x3           | its own   | pad-4 crop, no flip |
+| mnist        | train[:54000] / train[54000:] / test           | 10      | 28x28x1 (32x32x3) | MNIST     | pad-2 crop, no flip |
+| cifar10      | train[:45000] / train[45000:] / test           | 10      | 32x32x3           | CIFAR-10  | pad-4 crop + flip   |
+| cifar100     | train[:45000] / train[45000:] / test           | 100     | 32x32x3           | CIFAR-100 | pad-4 crop + flip   |
+| imagenette   | train[:90%] / train[90%:] / validation         | 10      | 224x224x3         | ImageNet  | RR-crop + flip      |
+| imagenet2012 | train[:-10000] / train[-10000:] / validation   | 1000    | 224x224x3         | ImageNet  | RR-crop + flip      |
 
-Digits are not mirror-invariant, so `digits` and `mnist` never flip. For them `image_size=32` is
-the "32x32 variant": bilinear resize to 32x32 and the grey channel repeated to 3 channels, so
+Validation. Every dataset holds a validation split out of its train split (digits: a fixed
+stratified 10% of its train images, a split of the builder; the others: the last 10% or
+10,000 images of TFDS's train split, which TFDS stores shuffled). Runs train on the train column,
+evaluate on the validation column while training and for any choice made from accuracy, and
+read the test column (for ImageNet-style sets TFDS's `validation`, the figure papers report)
+once at the end. `validation=False` (config `eval_split="test"`) trains on train + validation
+and evaluates on the test split, the protocol of runs made before the split existed.
+
+Digits are not mirror-invariant, so `digits`, `digits_hard` and `mnist` never flip. For the
+grey ones `image_size=32` is the "32x32 variant": bilinear resize to 32x32 and the grey channel repeated to 3 channels, so
 CIFAR-shaped models run on them (pad-4 crop then). ImageNet-style sets train on an Inception
 random-resized crop ("RR-crop": area 8%..100%, aspect 3/4..4/3) resized to `image_size`
 (default 224, any size >= 16) and evaluate on "resize 256, center-crop 224" (the center crop
@@ -57,6 +66,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jcompress.data import digits as _digits  # noqa: F401  (registers the `digits` builder)
+from jcompress.data import digits_hard as _digits_hard  # noqa: F401  (and `digits_hard`)
 from jcompress.errors import ConfigError
 from jcompress.errors import DataError
 
@@ -115,8 +125,9 @@ class DatasetDefaults:
   """Per-dataset defaults of the pipelines.
 
   Attributes:
-    train_split: TFDS split read by `train_iterator`.
-    eval_split: TFDS split read by `eval_iterator` by default.
+    train_split: TFDS split trained on (the train split less the validation images).
+    val_split: TFDS split held out of the train split for validation.
+    test_split: TFDS split read once at the end (`eval_iterator`'s default).
     num_classes: number of labels.
     image_size: side of the images the pipeline yields by default (native size for the
       fixed-size sets; the crop size for ImageNet-style sets).
@@ -137,7 +148,8 @@ class DatasetDefaults:
   """
 
   train_split: str
-  eval_split: str
+  val_split: str
+  test_split: str
   num_classes: int
   image_size: int
   channels: int
@@ -156,28 +168,39 @@ class DatasetDefaults:
 DATASET_DEFAULTS: Mapping[str, DatasetDefaults] = types.MappingProxyType({
     # Stats of x / 255 over the 1,437 train images (pixels, all positions).
     "digits": DatasetDefaults(
-        train_split="train", eval_split="test", num_classes=10, image_size=8, channels=1,
+        train_split="train", val_split="validation", test_split="test", num_classes=10,
+        image_size=8, channels=1,
         mean=(0.3054,), std=(0.3760,), flip=False, augment="pad_crop", crop_pad=1),
+    # Stats of x / 255 over the 6,465 train images (jcompress/data/digits_hard.py).
+    "digits_hard": DatasetDefaults(
+        train_split="train", val_split="validation", test_split="test", num_classes=10,
+        image_size=32, channels=3, mean=(0.5036, 0.4999, 0.5011), std=(0.2958, 0.2957, 0.2919),
+        flip=False,
+        augment="pad_crop", crop_pad=4),
     "mnist": DatasetDefaults(
-        train_split="train", eval_split="test", num_classes=10, image_size=28, channels=1,
+        train_split="train[:54000]", val_split="train[54000:]", test_split="test",
+        num_classes=10, image_size=28, channels=1,
         mean=(0.1307,), std=(0.3081,), flip=False, augment="pad_crop", crop_pad=2,
         download_host="storage.googleapis.com"),
     "cifar10": DatasetDefaults(
-        train_split="train", eval_split="test", num_classes=10, image_size=32, channels=3,
+        train_split="train[:45000]", val_split="train[45000:]", test_split="test",
+        num_classes=10, image_size=32, channels=3,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), flip=True,
         augment="pad_crop", crop_pad=4, download_host="www.cs.toronto.edu"),
     "cifar100": DatasetDefaults(
-        train_split="train", eval_split="test", num_classes=100, image_size=32, channels=3,
+        train_split="train[:45000]", val_split="train[45000:]", test_split="test",
+        num_classes=100, image_size=32, channels=3,
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), flip=True,
         augment="pad_crop", crop_pad=4, download_host="www.cs.toronto.edu"),
     "imagenette": DatasetDefaults(
-        train_split="train", eval_split="validation", num_classes=10, image_size=224, channels=3,
+        train_split="train[:90%]", val_split="train[90%:]", test_split="validation",
+        num_classes=10, image_size=224, channels=3,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, flip=True, augment="random_resized_crop",
         fixed_size=False, in_memory=False, shuffle_buffer=10_000,
         download_host="s3.amazonaws.com"),
     "imagenet2012": DatasetDefaults(
-        train_split="train", eval_split="validation", num_classes=1000, image_size=224,
-        channels=3, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, flip=True,
+        train_split="train[:-10000]", val_split="train[-10000:]", test_split="validation",
+        num_classes=1000, image_size=224, channels=3, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, flip=True,
         augment="random_resized_crop", fixed_size=False, in_memory=False,
         shuffle_buffer=20_000, manual_download=True),
 })
@@ -191,10 +214,13 @@ class DatasetInfo:
     name: the dataset name as given (may carry a TFDS config, e.g. "imagenette/320px-v2").
     num_classes: number of labels.
     image_shape: (H, W, C) of the images the pipelines yield for this `image_size`.
-    train_size: examples in the whole train split (all processes together).
-    eval_size: examples in the whole default eval split.
-    train_split: TFDS name of the train split.
-    eval_split: TFDS name of the default eval split.
+    train_size: examples trained on (all processes together).
+    eval_size: examples of the split evaluated while training (validation, or test with
+      `validation=False`).
+    test_size: examples of the test split.
+    train_split: TFDS split trained on.
+    eval_split: TFDS split evaluated while training.
+    test_split: TFDS split read once at the end.
   """
 
   name: str
@@ -202,8 +228,10 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]
   train_size: int
   eval_size: int
+  test_size: int
   train_split: str
   eval_split: str
+  test_split: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,14 +387,40 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: Any) -> int:
   return n
 
 
+def splits(name: str, validation: bool = True) -> tuple[str, str, str]:
+  """(train, eval, test) TFDS splits of dataset `name`: with `validation`, the train split less
+  the validation images, the validation split, the test split; without, train + validation,
+  the test split, the test split. Reads nothing from disk."""
+  spec = _defaults(name)
+  if validation:
+    return spec.train_split, spec.val_split, spec.test_split
+  return f"{spec.train_split}+{spec.val_split}", spec.test_split, spec.test_split
+
+
+def _head(builder: tfds.core.DatasetBuilder, split: str, n: int) -> str:
+  """The TFDS split of the first `n` examples of `split` ("train", "train[:45000]",
+  "train+validation"; each part starts at its TFDS split's first example), `n` <= its size."""
+  out = []
+  for part in split.split("+"):
+    base, _, _ = part.partition("[")
+    size = _split_size(builder, part)
+    if n <= size:
+      out.append(f"{base}[:{n}]")
+      break
+    out.append(part)
+    n -= size
+  return "+".join(out)
+
+
 def dataset_info(name: str, *, image_size: int | None = None,
-                 data_dir: str | None = None) -> DatasetInfo:
+                 data_dir: str | None = None, validation: bool = True) -> DatasetInfo:
   """Sizes, classes and output shape of dataset `name` (prepares it if needed).
 
   Args:
     name: TFDS name, one of `DATASET_DEFAULTS` (optionally with a TFDS config / version).
     image_size: as for `train_iterator`.
     data_dir: TFDS data_dir; None: TFDS's default (`TFDS_DATA_DIR` or ~/tensorflow_datasets).
+    validation: as for `train_iterator`: the eval split is the validation split (else test).
 
   Returns:
     A `DatasetInfo`; sizes are those of the whole splits.
@@ -378,14 +432,17 @@ def dataset_info(name: str, *, image_size: int | None = None,
   spec = _defaults(name)
   shape = _output_shape(name, spec, image_size)
   builder = _builder(name, data_dir)
+  train, evaluated, test = splits(name, validation)
   return DatasetInfo(
       name=name,
       num_classes=spec.num_classes,
       image_shape=shape,
-      train_size=_split_size(builder, spec.train_split),
-      eval_size=_split_size(builder, spec.eval_split),
-      train_split=spec.train_split,
-      eval_split=spec.eval_split,
+      train_size=_split_size(builder, train),
+      eval_size=_split_size(builder, evaluated),
+      test_size=_split_size(builder, test),
+      train_split=train,
+      eval_split=evaluated,
+      test_split=test,
   )
 
 
@@ -540,8 +597,8 @@ def _base_key(seed: int, process_index: int) -> tf.Tensor:
 def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0,
                    image_size: int | None = None, augment: bool = True,
                    data_dir: str | None = None, process_index: int = 0,
-                   process_count: int = 1,
-                   train_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                   process_count: int = 1, train_examples: int = 0,
+                   validation: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator over training batches; batch `s` depends only on (seed, s, settings).
 
   Args:
@@ -559,6 +616,8 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
     process_count: number of processes (`jax.process_count()`).
     train_examples: > 0: train on the first `train_examples` examples of the train split only
       (a small labelled subset, as in Hinton et al.'s distillation experiments); 0: all.
+    validation: train on the train split less the validation images (the default); False:
+      on train + validation (see the module docstring).
 
   Yields:
     {"image": float32 [batch_size, H, W, C] normalised, "label": int32 [batch_size]}. Epochs
@@ -576,14 +635,14 @@ def train_iterator(name: str, *, batch_size: int, seed: int, start_step: int = 0
     raise ConfigError(f"Config key `seed` must be an integer, got {seed!r}.")
   process_index, process_count = _check_process(process_index, process_count)
   builder = _builder(name, data_dir)
-  train_split = spec.train_split
+  train_split = splits(name, validation)[0]
   train_examples = _check_int("train_examples", train_examples, 0)
   if train_examples:
-    available = _split_size(builder, spec.train_split)
+    available = _split_size(builder, train_split)
     if train_examples > available:
       raise ConfigError(f"Config key `train_examples` ({train_examples}) exceeds the "
-                        f"{available} examples of {name!r}'s train split.")
-    train_split = f"{spec.train_split}[:{train_examples}]"
+                        f"{available} examples of {name!r}'s train split ({train_split}).")
+    train_split = _head(builder, train_split, train_examples)
 
   split = tfds.split_for_jax_process(
       train_split, process_index=process_index, process_count=process_count,
@@ -655,7 +714,8 @@ def eval_iterator(name: str, *, batch_size: int, split: str | None = None,
   Args:
     name: TFDS name, one of `DATASET_DEFAULTS`.
     batch_size: examples per batch on this process.
-    split: TFDS split (any TFDS split string); None: the dataset's eval split.
+    split: TFDS split (any TFDS split string); None: the dataset's test split (`splits(name)`
+      gives the validation split).
     image_size: as for `train_iterator`.
     data_dir: TFDS data_dir (None: TFDS's default).
     process_index: this process's index.
@@ -674,7 +734,7 @@ def eval_iterator(name: str, *, batch_size: int, split: str | None = None,
   batch_size = _check_int("batch_size", batch_size, 1)
   process_index, process_count = _check_process(process_index, process_count)
   builder = _builder(name, data_dir)
-  split = spec.eval_split if split is None else split
+  split = spec.test_split if split is None else split
   try:
     total = _split_size(builder, split)
   except (ValueError, KeyError, tf.errors.InvalidArgumentError) as e:
