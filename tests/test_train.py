@@ -158,7 +158,8 @@ def test_eval_mode_reads_config_from_workdir(reference_run):
   assert metrics["eval_accuracy"] == pytest.approx(results["val_accuracy"])
 
 
-@pytest.mark.slow   # two launcher processes, about 45 s; the SIGTERM test below stays in the default run
+# two launcher processes, about 45 s; the SIGTERM test below stays in the default run
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses(reference_run, experiment_file,
                                                            data_dir, tmp_path):
   """Killed with SIGKILL after a checkpoint, the rerun resumes and reproduces every loss."""

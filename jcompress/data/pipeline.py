@@ -2,15 +2,18 @@
 
 Supported datasets (`DATASET_DEFAULTS` holds every per-dataset default in one table):
 
-| name         | train / validation / test (TFDS splits)        | classes | yields (default)  | mean/std  | train augment       |
-| ------------ | ---------------------------------------------- | ------- | ----------------- | --------- | ------------------- |
-| digits       | train / validation / test                      | 10      | 8x8x1 (32x32x3)   | digits    | pad-1 crop, no flip |
-| digits_hard  | train / validation / test                      | 10      | 32x32x3           | its own   | pad-4 crop, no flip |
-| mnist        | train[:54000] / train[54000:] / test           | 10      | 28x28x1 (32x32x3) | MNIST     | pad-2 crop, no flip |
-| cifar10      | train[:45000] / train[45000:] / test           | 10      | 32x32x3           | CIFAR-10  | pad-4 crop + flip   |
-| cifar100     | train[:45000] / train[45000:] / test           | 100     | 32x32x3           | CIFAR-100 | pad-4 crop + flip   |
-| imagenette   | train[:90%] / train[90%:] / validation         | 10      | 224x224x3         | ImageNet  | RR-crop + flip      |
-| imagenet2012 | train[:-10000] / train[-10000:] / validation   | 1000    | 224x224x3         | ImageNet  | RR-crop + flip      |
+| name         | train / validation / test (TFDS)     | cls  | yields (default)  | train augment |
+| ------------ | ------------------------------------ | ---- | ----------------- | ------------- |
+| digits       | train / validation / test            | 10   | 8x8x1 (32x32x3)   | pad-1 crop    |
+| digits_hard  | train / validation / test            | 10   | 32x32x3           | pad-4 crop    |
+| mnist        | train[:54000] / train[54000:] / test | 10   | 28x28x1 (32x32x3) | pad-2 crop    |
+| cifar10      | train[:45000] / train[45000:] / test | 10   | 32x32x3           | pad-4 + flip  |
+| cifar100     | train[:45000] / train[45000:] / test | 100  | 32x32x3           | pad-4 + flip  |
+| imagenette   | train[:90%] / train[90%:] / val.     | 10   | 224x224x3         | RR-crop, flip |
+| imagenet2012 | train[:-10000] / train[-10000:] / val. | 1000 | 224x224x3     | RR-crop, flip |
+
+("val.": TFDS's `validation` split, the test split of ImageNet-style sets. Each set is
+normalised with its own mean/std, in `DATASET_DEFAULTS`.)
 
 Validation. Every dataset holds a validation split out of its train split (digits: a fixed
 stratified 10% of its train images, a split of the builder; the others: the last 10% or
@@ -21,9 +24,9 @@ once at the end. `validation=False` (config `eval_split="test"`) trains on train
 and evaluates on the test split, the protocol of runs made before the split existed.
 
 Digits are not mirror-invariant, so `digits`, `digits_hard` and `mnist` never flip. For the
-grey ones `image_size=32` is the "32x32 variant": bilinear resize to 32x32 and the grey channel repeated to 3 channels, so
-CIFAR-shaped models run on them (pad-4 crop then). ImageNet-style sets train on an Inception
-random-resized crop ("RR-crop": area 8%..100%, aspect 3/4..4/3) resized to `image_size`
+grey ones `image_size=32` is the "32x32 variant": bilinear resize to 32x32 and the grey channel
+repeated to 3 channels, so CIFAR-shaped models run on them (pad-4 crop then). ImageNet-style
+sets train on an Inception random-resized crop ("RR-crop": area 8%..100%, aspect 3/4..4/3) resized to `image_size`
 (default 224, any size >= 16) and evaluate on "resize 256, center-crop 224" (the center crop
 covering 224/256 of the shorter side, resized to `image_size`). Images come out as float32
 `(x / 255 - mean) / std`; the mean/std values are in `DATASET_DEFAULTS`.
@@ -200,7 +203,8 @@ DATASET_DEFAULTS: Mapping[str, DatasetDefaults] = types.MappingProxyType({
         download_host="s3.amazonaws.com"),
     "imagenet2012": DatasetDefaults(
         train_split="train[:-10000]", val_split="train[-10000:]", test_split="validation",
-        num_classes=1000, image_size=224, channels=3, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, flip=True,
+        num_classes=1000, image_size=224, channels=3, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+        flip=True,
         augment="random_resized_crop", fixed_size=False, in_memory=False,
         shuffle_buffer=20_000, manual_download=True),
 })
