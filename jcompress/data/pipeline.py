@@ -23,13 +23,13 @@ read the test column (for ImageNet-style sets TFDS's `validation`, the figure pa
 once at the end. `validation=False` (config `eval_split="test"`) trains on train + validation
 and evaluates on the test split, the protocol of runs made before the split existed.
 
-Digits are not mirror-invariant, so `digits`, `digits_hard` and `mnist` never flip. For the
-grey ones `image_size=32` is the "32x32 variant": bilinear resize to 32x32 and the grey channel
+Digits are not mirror-invariant, so `digits`, `digits_hard` and `mnist` never flip. For the grey
+ones `image_size=32` is the "32x32 variant": bilinear resize to 32x32 and the grey channel
 repeated to 3 channels, so CIFAR-shaped models run on them (pad-4 crop then). ImageNet-style
 sets train on an Inception random-resized crop ("RR-crop": area 8%..100%, aspect 3/4..4/3)
-resized to `image_size` (default 224, any size >= 16) and evaluate on "resize 256, center-crop 224" (the center crop
-covering 224/256 of the shorter side, resized to `image_size`). Images come out as float32
-`(x / 255 - mean) / std`; the mean/std values are in `DATASET_DEFAULTS`.
+resized to `image_size` (default 224, any size >= 16) and evaluate on "resize 256, center-crop
+224" (the center crop covering 224/256 of the shorter side, resized to `image_size`). Images
+come out as float32 `(x / 255 - mean) / std`; the mean/std values are in `DATASET_DEFAULTS`.
 
 Determinism. The batch that `train_iterator` yields at step `s` is a pure function of
 (dataset, seed, s, batch_size, image_size, augment, process_index, process_count):
