@@ -22,8 +22,8 @@ def get_config(arg=None):
   c.data = arg.data
   c.model = arg.model
   c.optimizer.nesterov = True
-  if arg.data in ("digits", "digits_hard"):
-    c.image_size = 32 if arg.data == "digits" else 0
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     # ~25 epochs of digits' 1,293 training images; ~15 of digits_hard's 6,465
     c.total_steps = 500 if arg.data == "digits" else 1500

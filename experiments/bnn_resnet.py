@@ -41,6 +41,7 @@ _BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline_r
 TEACHERS = {
     "cifar10": _BASELINE + ":model=resnet18_cifar",
     "digits": _BASELINE + ":data=digits",
+    "digits_hard": _BASELINE + ":data=digits_hard",
 }
 
 
@@ -50,7 +51,7 @@ def get_config(arg=None):
                              alpha=0.9, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
-  c.model = arg.model or ("bnn_resnet20" if arg.data == "digits" else "bnn_resnet18_cifar")
+  c.model = arg.model or ("bnn_resnet20" if arg.data in config_lib.OFFLINE_DATASETS else "bnn_resnet18_cifar")
   c.width = arg.width
   c.model_kwargs.num_bits = arg.num_bits
   c.seed = arg.seed
@@ -75,8 +76,8 @@ def get_config(arg=None):
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.0
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.total_steps = 600
     c.eval_every = 200

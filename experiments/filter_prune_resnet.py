@@ -40,8 +40,8 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 0.01     # fine-tuning: a tenth of the from-scratch rate
   c.schedule.warmup_steps = 0
   c.total_steps = arg.steps or 20_000
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.total_steps = arg.steps or 300
     c.eval_every = 100

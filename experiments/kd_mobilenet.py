@@ -42,8 +42,8 @@ def get_config(arg=None):
   c.distill.beta = arg.beta
   c.optimizer.learning_rate = 0.05
   c.optimizer.nesterov = True
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.train_examples = 200 if arg.train_examples < 0 else arg.train_examples
     c.total_steps = 300

@@ -44,8 +44,8 @@ def get_config(arg=None):
   c.optimizer.nesterov = True
   c.optimizer.learning_rate = arg.lr
   c.total_steps = 16_000          # CIFAR-10: ~40 epochs of fine-tuning
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.total_steps = 300
     c.eval_every = 100

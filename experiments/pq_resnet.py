@@ -67,8 +67,8 @@ def get_config(arg=None):
   c.total_steps = 4_000
   c.eval_every = 1_000
   c.checkpoint_every = 1_000
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.total_steps = 300
     c.eval_every = 100

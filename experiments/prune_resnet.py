@@ -46,8 +46,8 @@ def get_config(arg=None):
   c.optimizer.nesterov = True
   finetune = bool(arg.init_from)
 
-  if arg.data == "digits":
-    c.image_size = 32
+  if arg.data in config_lib.OFFLINE_DATASETS:
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.total_steps = 400 if finetune else 600
     c.eval_every = 100

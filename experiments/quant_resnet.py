@@ -75,9 +75,9 @@ def get_config(arg=None):
     c.model_kwargs.act_quant = ml_collections.ConfigDict(
         {"kind": arg.act, "bits": arg.abits, "calibrate": arg.act == "pact"})
 
-  digits = arg.data == "digits"
+  digits = arg.data in config_lib.OFFLINE_DATASETS
   if digits:
-    c.image_size = 32
+    c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.eval_every = 100
     c.checkpoint_every = 100

@@ -26,6 +26,8 @@ from jcompress.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 EVAL_SPLITS = ("validation", "test")
+#: The offline datasets: experiments give them their short CPU recipes (`:data=digits`).
+OFFLINE_DATASETS = ("digits", "digits_hard")
 # Keys added to `base_config()` after runs were made without them: the value that reproduces
 # what those runs did (their config.json has no such key). Other absent keys take today's
 # default.
@@ -169,6 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.decay_factor = 0.1
   c.schedule.end_value = 0.0
   return c
+
+
+def offline_image_size(data: str) -> int:
+  """`image_size` of an offline dataset's runs: digits' 32x32x3 variant, digits_hard as stored."""
+  return 32 if data == "digits" else 0
 
 
 def make_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
