@@ -19,8 +19,8 @@ of the test accuracy (the test split read once at the end of each run; every cho
 run is made on the validation split), the exported artifact's bytes, the ratio to float32 and
 the wall time. Written to `docs/results/<data>[_quick].json` and `.md` with the date, the
 commit and the machine; `--readme` also rewrites README.md's results table (between the
-`results:begin` and `results:end` markers) from that file, and tests/test_readme.py checks that
-README's table is what the file it names gives. A point that ran at another commit than the checkout's
+`results:begin` and `results:end` markers) from that file, and tests/test_readme.py checks
+that README's table is what the file it names gives. A point that ran at another commit than the checkout's
 is marked stale in the tables, never mixed in silently.
 """
 
@@ -131,8 +131,9 @@ def build_config(point: dict, data: str):
   return c
 
 
-def run_point(point: dict, data: str) -> dict:
-  """Runs (or resumes, or skips) one point; returns its status."""
+def run_point(point: dict, data: str, commit: str) -> dict:
+  """Runs (or resumes, or skips) one point at `commit` (the checkout's when this process
+  started); returns its status."""
   from jcompress import train  # noqa: PLC0415
 
   workdir = point["workdir"]
@@ -156,7 +157,7 @@ def run_point(point: dict, data: str) -> dict:
   if not os.path.exists(results):   # SIGTERM: a checkpoint was saved, rerun to resume
     return {"status": "interrupted"}
   with open(os.path.join(workdir, "point.json"), "w") as f:
-    json.dump({"row": point["row"], "seed": point["seed"], "commit": git_commit(),
+    json.dump({"row": point["row"], "seed": point["seed"], "commit": commit,
                "date": datetime.date.today().isoformat(),
                "seconds": round(time.time() - t0, 1)}, f)
   err = os.path.join(workdir, "error.txt")
@@ -243,7 +244,8 @@ def markdown(summary: dict, readme: bool = False) -> str:
           "standard deviation over seeds; bytes: the exported artifact).")
   lines = [head, ""]
   if readme:
-    lines += ["| run | test accuracy | drop | model bytes | vs float32 |", "|---|---|---|---|---|"]
+    lines += ["| run | test accuracy | drop | model bytes | vs float32 |",
+              "|---|---|---|---|---|"]
   else:
     lines += ["| run | test accuracy | drop | model bytes | vs float32 | wall s | command | notes |",
               "|---|---|---|---|---|---|---|---|"]
@@ -312,6 +314,7 @@ def main(argv=None) -> int:
       print(f"{p['index']:3d}  {p['row']:14s} seed {p['seed']}  {p['workdir']}")
     return 0
 
+  commit = git_commit()   # what this process runs, whatever changes on disk meanwhile
   from jcompress import runtime  # noqa: PLC0415
   runtime.configure_cpu()
   failed = 0
@@ -320,13 +323,13 @@ def main(argv=None) -> int:
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
     for p in todo:
-      status = run_point(p, args.data)
+      status = run_point(p, args.data, commit)
       print(f"point {p['index']} {p['row']} seed {p['seed']}: {status['status']}"
             + (f" ({status['error']})" if "error" in status else ""), flush=True)
       failed += status["status"] == "failed"
     if args.point >= 0:
       return 1 if failed else 0
-  summary = summarize(rows, pts, args.data, git_commit())
+  summary = summarize(rows, pts, args.data, commit)
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, args.data + ("_quick" if args.quick else ""))
   with open(stem + ".json", "w") as f:

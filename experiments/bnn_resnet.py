@@ -51,7 +51,8 @@ def get_config(arg=None):
                              alpha=0.9, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
-  c.model = arg.model or ("bnn_resnet20" if arg.data in config_lib.OFFLINE_DATASETS else "bnn_resnet18_cifar")
+  offline = arg.data in config_lib.OFFLINE_DATASETS
+  c.model = arg.model or ("bnn_resnet20" if offline else "bnn_resnet18_cifar")
   c.width = arg.width
   c.model_kwargs.num_bits = arg.num_bits
   c.seed = arg.seed

@@ -47,3 +47,31 @@ def test_readme_test_command_is_what_ci_runs():
 def test_adding_a_method_shows_a_real_method_module():
   blocks = re.findall(r"```python\n(.*?)```", _section("Adding a method"), re.S)
   assert blocks and blocks[0] == (ROOT / "jcompress" / "methods" / "quant.py").read_text()
+
+
+def test_results_table_is_the_generated_file_it_names():
+  """README's results table is benchmarks/quality.py's rendering of the json file it names,
+  not typed by hand; and the renderer marks stale and missing seeds."""
+  import json
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  text = (ROOT / "README.md").read_text()
+  assert text.count(quality.README_BEGIN) == 1 and text.count(quality.README_END) == 1
+  block = text[text.index(quality.README_BEGIN):text.index(quality.README_END)
+               + len(quality.README_END)]
+  source = re.search(r"From `([^`]+)`", block).group(1)
+  summary = json.loads((ROOT / source).read_text())
+  assert block == quality.readme_block(summary, source)
+  rows = {r["row"] for r in summary["rows"] if r["seeds"]}
+  assert "float" in rows and len(rows) >= 5
+  # Rendering: a stale seed is said in the table, a failed one listed with its error.
+  row = {"row": "x", "label": "X", "command": "c", "seeds": [{"test_accuracy": 0.5}],
+         "missing": [{"seed": 1, "reason": "failed: ValueError: bad"}], "stale_seeds": [0],
+         "accuracy_mean": 50.0, "accuracy_std": 0.0, "model_bytes": 10,
+         "compression_ratio": 2.0, "wall_seconds": 1.0}
+  table = quality.markdown({**summary, "rows": [row]})
+  assert "STALE: seeds [0]" in table and "seed 1 failed: ValueError: bad" in table
+  assert "X (stale)" in quality.markdown({**summary, "rows": [row]}, readme=True)
