@@ -20,8 +20,9 @@ run is made on the validation split), the exported artifact's bytes, the ratio t
 the wall time. Written to `docs/results/<data>[_quick].json` and `.md` with the date, the
 commit and the machine; `--readme` also rewrites README.md's results table (between the
 `results:begin` and `results:end` markers) from that file, and tests/test_readme.py checks
-that README's table is what the file it names gives. A point that ran at another commit than the checkout's
-is marked stale in the tables, never mixed in silently.
+that README's table is what the file it names gives. A point that ran at a commit whose code
+(jcompress/, experiments/, pyproject.toml, this file) differs from the checkout's, or with
+uncommitted changes there, is marked stale in the tables, never mixed in silently.
 """
 
 from __future__ import annotations
@@ -87,15 +88,37 @@ ROWS = (
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
+#: What decides a point's figures: a change here makes earlier points stale.
+CODE_PATHS = ("jcompress", "experiments", "pyproject.toml", "benchmarks/quality.py")
+
+
 def git_commit() -> str:
+  """The checkout's commit, "+dirty" where CODE_PATHS have uncommitted changes."""
   try:
     out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           check=True, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            *CODE_PATHS], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout.strip()
     return out + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+
+
+
+
+def is_stale(point_commit: str | None, commit: str) -> bool:
+  """Whether a point run at `point_commit` is not what the code at `commit` gives: a dirty or
+  unknown commit, or one whose CODE_PATHS differ from `commit`'s."""
+  if not point_commit or "+" in point_commit or point_commit == "unknown":
+    return True
+  if point_commit == commit:
+    return False
+  if "+" in commit or commit == "unknown":
+    return True
+  diff = subprocess.run(["git", "diff", "--quiet", point_commit, commit, "--", *CODE_PATHS],
+                        cwd=ROOT, capture_output=True)
+  return diff.returncode != 0
 
 
 def points(rows, seeds: int, root: str, data: str) -> list[dict]:
@@ -196,7 +219,7 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
         r = json.load(f)
       meta_path = os.path.join(p["workdir"], "point.json")
       meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-      if meta.get("commit") != commit:
+      if is_stale(meta.get("commit"), commit):
         stale.append(p["seed"])
       seeds.append({"seed": p["seed"], "test_accuracy": r["test_accuracy"],
                     "val_accuracy": r.get("val_accuracy"), "model_bytes": r["model_bytes"],
@@ -247,8 +270,8 @@ def markdown(summary: dict, readme: bool = False) -> str:
     lines += ["| run | test accuracy | drop | model bytes | vs float32 |",
               "|---|---|---|---|---|"]
   else:
-    lines += ["| run | test accuracy | drop | model bytes | vs float32 | wall s | command | notes |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| run | test accuracy | drop | model bytes | vs float32 | wall s | command "
+              "| notes |", "|---|---|---|---|---|---|---|---|"]
   for e in summary["rows"]:
     if readme and not e["seeds"]:
       continue
