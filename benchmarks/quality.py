@@ -243,6 +243,26 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
           "machine": device_name(), "seeds": sorted({p["seed"] for p in pts}), "rows": table}
 
 
+def merge(summary: dict, previous: dict, commit: str) -> dict:
+  """`summary` (a `--rows` subset) with the rows of `previous` (the table file it rewrites)
+  that it did not run, in ROWS order, their stale seeds checked again against `commit`."""
+  if previous.get("data") != summary["data"]:
+    return summary
+  mine = {e["row"]: e for e in summary["rows"]}
+  kept = {e["row"]: e for e in previous.get("rows", []) if e["row"] not in mine}
+  for e in kept.values():
+    e["stale_seeds"] = [s["seed"] for s in e["seeds"] if is_stale(s.get("commit"), commit)]
+  rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS]
+  rows = [e for e in rows if e is not None]
+  floats = next((e for e in rows if e["row"] == "float" and e["seeds"]), None)
+  for e in rows:
+    e.pop("drop", None)
+    if floats and e["seeds"]:
+      e["drop"] = floats["accuracy_mean"] - e["accuracy_mean"]
+  seeds = sorted({s["seed"] for e in rows for s in e["seeds"]} | set(summary["seeds"]))
+  return {**summary, "seeds": seeds, "rows": rows}
+
+
 def _acc(e: dict) -> str:
   if "accuracy_mean" not in e:
     return "n/a"
@@ -309,7 +329,8 @@ def main(argv=None) -> int:
   ap.add_argument("--data", default="digits", help="digits or digits_hard")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--quick", action="store_true", help="one seed, the main rows")
-  ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+  ap.add_argument("--rows", default="", help="comma-separated row names (default: all); the "
+                  "table file keeps its other rows")
   ap.add_argument("--root", default=os.path.join(ROOT, "runs", "quality"))
   ap.add_argument("--point", type=int, default=-1, help="run this point only")
   ap.add_argument("--list", action="store_true")
@@ -346,6 +367,8 @@ def main(argv=None) -> int:
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
     for p in todo:
+      print(f"point {p['index']}/{len(pts)} {p['row']} seed {p['seed']}: {p['workdir']}",
+            flush=True)
       status = run_point(p, args.data, commit)
       print(f"point {p['index']} {p['row']} seed {p['seed']}: {status['status']}"
             + (f" ({status['error']})" if "error" in status else ""), flush=True)
@@ -355,6 +378,9 @@ def main(argv=None) -> int:
   summary = summarize(rows, pts, args.data, commit)
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, args.data + ("_quick" if args.quick else ""))
+  if args.rows and os.path.exists(stem + ".json"):   # a subset updates its rows, keeps the rest
+    with open(stem + ".json") as f:
+      summary = merge(summary, json.load(f), commit)
   with open(stem + ".json", "w") as f:
     json.dump(summary, f, indent=1)
   with open(stem + ".md", "w") as f:

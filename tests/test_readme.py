@@ -75,3 +75,30 @@ def test_results_table_is_the_generated_file_it_names():
   table = quality.markdown({**summary, "rows": [row]})
   assert "STALE: seeds [0]" in table and "seed 1 failed: ValueError: bad" in table
   assert "X (stale)" in quality.markdown({**summary, "rows": [row]}, readme=True)
+
+
+def test_quality_rows_subset_keeps_the_other_rows_of_the_table():
+  """`quality.py --rows=...` rewrites its rows in the table file and keeps the others, in the
+  table's order, re-checked for staleness and with their drops from the (new) float row."""
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  def row(name, acc, commit, seed=0):
+    return {"row": name, "label": name, "command": "c", "missing": [], "stale_seeds": [],
+            "seeds": [{"seed": seed, "test_accuracy": acc / 100, "commit": commit}],
+            "accuracy_mean": acc, "accuracy_std": 0.0}
+
+  previous = {"data": "digits", "seeds": [0, 1], "rows": [
+      row("float", 99.0, "abc"), row("ptq_uniform8", 98.0, "abc"),
+      row("prune90", 97.0, "abc+dirty", seed=1)]}
+  summary = {"data": "digits", "seeds": [0], "commit": "abc",
+             "rows": [row("float", 99.5, "abc"), row("qat_w4a4", 99.0, "abc")]}
+  merged = quality.merge(summary, previous, "abc")
+  assert [e["row"] for e in merged["rows"]] == ["float", "ptq_uniform8", "qat_w4a4", "prune90"]
+  by = {e["row"]: e for e in merged["rows"]}
+  assert by["float"]["accuracy_mean"] == 99.5 and by["ptq_uniform8"]["drop"] == 1.5
+  assert by["prune90"]["stale_seeds"] == [1] and by["ptq_uniform8"]["stale_seeds"] == []
+  assert merged["seeds"] == [0, 1]
+  assert quality.merge(summary, {**previous, "data": "digits_hard"}, "abc") == summary
