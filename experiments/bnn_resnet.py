@@ -48,7 +48,7 @@ TEACHERS = {
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", num_bits=1, method="ste_sign",
                              width=1.0, teacher="default", loss="kd", temperature=4.0,
-                             alpha=0.9, seed=0, runlocal=False)
+                             alpha=0.9, float_steps=-1, steps=0, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   offline = arg.data in config_lib.OFFLINE_DATASETS
@@ -73,6 +73,7 @@ def get_config(arg=None):
   c.binary.method = arg.method
   c.binary.include = (r".*",)
   c.binary.exclude = transforms.DEFAULT_EXCLUDE   # float first conv and classifier
+  c.binary.float_steps = 0
 
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3
@@ -86,6 +87,10 @@ def get_config(arg=None):
     c.log_every = 25
     c.optimizer.learning_rate = 2e-3
     c.schedule.warmup_steps = 25
+  if arg.steps:
+    c.total_steps = arg.steps
+  if arg.float_steps >= 0:
+    c.binary.float_steps = arg.float_steps
   if arg.runlocal:
     config_lib.make_runlocal(c)
   return c

@@ -325,7 +325,8 @@ def binary_weights(params_like: PyTree,
                    method: str = "ste_sign",
                    include: str | Sequence[str] = (r".*",),
                    exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
-                   key: str = "binary.include") -> transforms.ParamTransform:
+                   key: str = "binary.include",
+                   float_steps: int = 0) -> transforms.ParamTransform:
   """BNN weights: the forward pass sees binarized kernels, the optimizer moves latent floats.
 
   `params_like` (params or their shapes) fixes the selection: kernels (ndim >= 2)
@@ -333,10 +334,18 @@ def binary_weights(params_like: PyTree,
   of nothing raises ConfigError naming `key`). `method` names the binarizer
   (`get_binarizer`, config key `binary.method`).
 
-  - init: no state (`{}`).
+  `float_steps` > 0 trains in two stages in one run, as ReActNet's two-step schedule does
+  (binary activations first, then binary weights too): for the first `float_steps` optimizer
+  steps the selected kernels stay float (clipped to [-1, 1] like the latents), then they are
+  binarized for the rest of the run; the optimizer and its schedule carry on across the switch.
+
+  - init: no state (`{}`); with `float_steps` > 0, `{"binary_on": bool}` (False until the
+    `float_steps`-th step).
   - apply: selected leaves -> binarizer(w) (+1/-1, or alpha * sign(w) for "xnor"),
     gradients through the binarizer's relaxation onto the latent w; others untouched.
-  - update: clips the selected latent weights to [-1, 1]; returns (params, state).
+    (Stage one: the selected leaves as they are.)
+  - update: clips the selected latent weights to [-1, 1]; returns (params, state), the state
+    switched on once `step` (steps done) reaches `float_steps`.
   - export: {"params": tree} where each selected leaf is {"bits": pack_signs(w, axis=-2),
     "shape": w.shape} (plus "scale": the per-output-channel alpha for "xnor") and the
     other leaves are kept as they are; `unpack_export` turns it back into the weights
@@ -344,17 +353,21 @@ def binary_weights(params_like: PyTree,
   """
   binarizer = get_binarizer(method)
   mask = transforms.select(params_like, include, exclude, kernels_only=True, key=key)
+  float_steps = int(float_steps)
 
   def init(params, rng):
     del params, rng
-    return {}
+    return {"binary_on": jnp.asarray(False)} if float_steps > 0 else {}
 
   def apply(params, state):
-    del state
+    if float_steps > 0:
+      on = state["binary_on"]
+      return jax.tree.map(lambda m, w: jnp.where(on, binarizer(w), w) if m else w, mask, params)
     return jax.tree.map(lambda m, w: binarizer(w) if m else w, mask, params)
 
   def update(params, state, step):
-    del step
+    if float_steps > 0:
+      state = {"binary_on": jnp.asarray(step) >= float_steps}
     return jax.tree.map(lambda m, w: jnp.clip(w, -1, 1) if m else w, mask, params), state
 
   def export_leaf(m, w):
@@ -374,10 +387,18 @@ def binary_weights(params_like: PyTree,
 
 def transform_from_config(cfg, params_like: PyTree, config=None) -> transforms.ParamTransform:
   """The `binary` sub-config's transform (`experiment.build_transform`): `binary_weights` with
-  `cfg.method`, `cfg.include`, `cfg.exclude`."""
-  del config
+  `cfg.method`, `cfg.include`, `cfg.exclude` and `cfg.float_steps` (optional, default 0: an int
+  in [0, total_steps), else ConfigError naming `binary.float_steps`)."""
+  float_steps = cfg.get("float_steps", 0)
+  total = None if config is None else config.get("total_steps")
+  if (isinstance(float_steps, bool) or not isinstance(float_steps, int) or float_steps < 0
+      or (total and float_steps >= total)):
+    raise ConfigError(f"config key 'binary.float_steps': the number of steps before the weights "
+                      f"are binarized must be an int in [0, total_steps={total}), got "
+                      f"{float_steps!r}")
   return binary_weights(params_like, method=cfg.method, include=tuple(cfg.include),
-                        exclude=tuple(cfg.exclude), key="binary.include")
+                        exclude=tuple(cfg.exclude), key="binary.include",
+                        float_steps=float_steps)
 
 
 def _is_packed(x) -> bool:

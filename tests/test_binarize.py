@@ -308,6 +308,47 @@ def test_binary_weights_export_packs_bits_and_unpacks_to_apply(method):
     np.testing.assert_array_equal(restored[path], eff)
 
 
+def test_binary_weights_float_steps_two_stages():
+  """`float_steps`: kernels float (identity, identity gradient) until that many steps are done,
+  then signs with the straight-through gradient."""
+  params = _params()
+  t = bz.binary_weights(params, float_steps=3)
+  state = t.init(params, jax.random.PRNGKey(0))
+  apply, update = jax.jit(t.apply), jax.jit(t.update)
+
+  def grads(p, st):
+    return _by_path(jax.grad(lambda q: sum(jnp.sum(e * e) for e in jax.tree.leaves(
+        t.apply(q, st))))(p))
+
+  for step in (1, 2):
+    params, state = update(params, state, step)
+    assert not bool(state["binary_on"])
+    for path, w in _by_path(apply(params, state)).items():
+      np.testing.assert_array_equal(w, _by_path(params)[path])
+      np.testing.assert_allclose(grads(params, state)[path], 2 * _by_path(params)[path])
+  params, state = update(params, state, 3)
+  assert bool(state["binary_on"])
+  eff, g = _by_path(apply(params, state)), grads(params, state)
+  for path, w in _by_path(params).items():
+    if path in SELECTED:
+      sign = np.where(np.asarray(w) >= 0, 1.0, -1.0)
+      np.testing.assert_array_equal(eff[path], sign)
+      np.testing.assert_allclose(g[path], 2 * sign * (np.abs(np.asarray(w)) <= 1))
+    else:
+      np.testing.assert_array_equal(eff[path], w)
+  assert t.init(params, None) == {"binary_on": False}
+  assert bz.binary_weights(params).init(params, None) == {}   # no state without float_steps
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, 100])
+def test_binary_float_steps_config_errors(bad):
+  import ml_collections  # noqa: PLC0415
+  cfg = ml_collections.ConfigDict({"method": "ste_sign", "include": (r".*",),
+                                   "exclude": transforms.DEFAULT_EXCLUDE, "float_steps": bad})
+  with pytest.raises(ConfigError, match=r"'binary\.float_steps'"):
+    bz.transform_from_config(cfg, _params(), ml_collections.ConfigDict({"total_steps": 100}))
+
+
 def test_binary_weights_selection_errors():
   params = _params()
   with pytest.raises(ConfigError, match=r"'binary\.include'"):

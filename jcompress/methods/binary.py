@@ -50,6 +50,8 @@ def resolve_binary_compute(config, model, params):
     why = "the config has no enabled `binary` sub-config, so the block kernels are float"
   elif binary.method not in binarize.BINARIZERS or binary.method == "xnor":
     why = f"binary.method {binary.method!r} does not give +-1 kernels"
+  elif binary.get("float_steps", 0):
+    why = "binary.float_steps keeps the kernels float for the first steps"
   else:
     selection = bnn_infer.block_conv_selection(params, tuple(binary.include),
                                                tuple(binary.exclude))
