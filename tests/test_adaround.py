@@ -1,0 +1,71 @@
+"""AdaRound (jcompress/adaround.py): learned rounding lowers the layer's output error below
+round-to-nearest, stays on the quantizer's grid, and quantizing the result again gives its codes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcompress import adaround
+from jcompress import quantize_core
+from jcompress.errors import ConfigError
+
+
+class Tiny(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(16, (3, 3), use_bias=False, name="conv1")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), use_bias=False, name="conv2")(x))
+    return nn.Dense(4, name="head")(x.mean((1, 2))), {}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = Tiny()
+  # Correlated channels (as real activations are): under white inputs round-to-nearest is
+  # already the best rounding, and there would be nothing to learn.
+  z = jax.random.normal(jax.random.key(0), (64, 8, 8, 3))
+  x = z @ jax.random.normal(jax.random.key(2), (3, 16)) + 0.05 * jax.random.normal(
+      jax.random.key(3), (64, 8, 8, 16))
+  params = model.init(jax.random.key(1), x)["params"]
+  return model, params, x
+
+
+def test_h_init_and_regularizer_closed_forms():
+  frac = jnp.array([0.0, 0.25, 0.5, 0.9])
+  np.testing.assert_allclose(adaround.rectified_sigmoid(adaround.init_v(frac))[1:], frac[1:],
+                             atol=1e-5)
+  v = jnp.array([-50.0, 50.0])   # h = 0 and 1: no regularizer
+  assert float(adaround.round_reg(v, 2.0)) == 0.0
+  assert float(adaround.round_reg(jnp.zeros(1), 2.0)) == pytest.approx(1 - 0.0 ** 2)
+  assert float(adaround.beta_schedule(0, 100, 0.2)) == 20.0
+  assert float(adaround.beta_schedule(100, 100, 0.2)) == 2.0
+
+
+def test_adaround_beats_nearest_on_the_grid_and_requantizes_to_its_codes(setup):
+  model, params, x = setup
+  bits = {"conv1/kernel": 2, "conv2/kernel": 3}
+  out, rep = adaround.adaround_tree(model, params, None, x, bits, iters=300, batch=32)
+  for leaf, b in bits.items():
+    r = rep[leaf]
+    assert r["mse_adaround"] < 0.8 * r["mse_nearest"], r
+    assert 0 < r["flipped"] < 0.5
+    layer = leaf.split("/")[0]
+    w = out[layer]["kernel"]
+    q = quantize_core.quantize(w, b, symmetric=True, narrow_range=True, per_channel=True)
+    np.testing.assert_allclose(quantize_core.dequantize(q), w, rtol=1e-6, atol=1e-7)
+    q0 = quantize_core.quantize(params[layer]["kernel"], b, symmetric=True, narrow_range=True,
+                                per_channel=True)
+    np.testing.assert_allclose(q.scale, q0.scale, rtol=1e-6)   # the range is kept
+  np.testing.assert_array_equal(out["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_adaround_bad_input(setup):
+  model, params, x = setup
+  with pytest.raises(ConfigError, match="no quantized kernel"):
+    adaround.adaround_tree(model, params, None, x, {})
+  with pytest.raises(ConfigError, match="calibration_batches"):
+    adaround.adaround_tree(model, params, None, x[:1], {"conv1/kernel": 2})
+  with pytest.raises(ConfigError, match="nope/kernel"):
+    adaround.adaround_tree(model, params, None, x, {"nope/kernel": 2})
