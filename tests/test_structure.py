@@ -19,7 +19,8 @@ LAYERS = {
     0: ("errors", "config", "transforms", "runtime", "packing", "jaxpr_utils"),
     # algorithms, models, data: the pure math each method uses
     1: ("quantize", "prune", "binary", "pq", "lowrank", "distill", "structured", "fastconv",
-        "actquant", "bnn_infer", "pretrained", "sensitivity", "models", "data"),
+        "actquant", "bnn_infer", "pretrained", "sensitivity", "hessian", "bitalloc", "adaround",
+        "models", "data"),
     2: ("methods",),
     3: ("artifact", "state", "optim", "evaluation", "metrics", "checkpoint"),
     4: ("experiment",),
