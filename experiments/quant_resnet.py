@@ -32,7 +32,8 @@ Args: data (cifar10 | digits), model, width, method (uniform | kmeans | pow2), b
 2..8; kmeans 1..8), abits (activation bits, 0 = float), act (pact | dorefa | lsq), mode
 (qat | ptq), per_channel (auto: per channel for uniform / pow2, per tensor for kmeans; or
 true / false), init_from (a float workdir; required for ptq), steps (QAT steps; 0: the default),
-lr (QAT learning rate; 0: the default), runlocal.
+lr (QAT learning rate; 0: the default), adaround (uniform: learned up/down rounding of the
+weights on the calibration batches, `jcompress.adaround`, instead of round-to-nearest), runlocal.
 """
 
 import ml_collections
@@ -46,7 +47,7 @@ from jcompress.errors import ConfigError
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", width=1.0, method="uniform",
                              bits=8, abits=0, act="pact", mode="qat", per_channel="auto",
-                             init_from="", steps=0, lr=0.0, runlocal=False)
+                             init_from="", steps=0, lr=0.0, adaround=False, runlocal=False)
   if arg.mode not in ("qat", "ptq"):
     raise ConfigError(f"config arg 'mode': must be qat or ptq, got {arg.mode!r}")
   if arg.act not in ("pact", "dorefa", "lsq"):
@@ -71,6 +72,8 @@ def get_config(arg=None):
   c.quant.include = (r".*",)
   c.quant.exclude = transforms.DEFAULT_EXCLUDE   # float first conv and classifier
   c.quant.bits_by_path = ()                      # e.g. ("stage3=4",): mixed precision
+  c.quant.adaround = arg.adaround                # learned rounding at calibration (uniform)
+  c.quant.adaround_iters = 500                   # its Adam steps per layer
   if arg.abits:
     c.model_kwargs.act_quant = ml_collections.ConfigDict(
         {"kind": arg.act, "bits": arg.abits, "calibrate": arg.act == "pact"})

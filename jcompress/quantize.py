@@ -34,6 +34,7 @@ from typing import Any
 from typing import NamedTuple
 from typing import Sequence
 
+from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,8 @@ QUANT_DEFAULTS = {
                                   # 100 gives 99.4%: 1-D Lloyd converges slowly)
     "kmeans_grad": "sum",         # sum (Deep Compression) | mean of the members' changes
     "seed": 0,
+    "adaround": False,            # uniform minmax: learned rounding at calibration (AdaRound)
+    "adaround_iters": 500,        # Adam steps per layer
 }
 QUANT_METHODS = ("uniform", "kmeans", "pow2", "none")
 QUANT_MODES = ("qat", "ptq")
@@ -249,7 +252,8 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
                   include: str | Sequence[str] = (r".*",),
                   exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
                   mode: str = "qat", kmeans_iters: int = 100, kmeans_grad: str = "sum",
-                  seed: int = 0, act_quant: Any = None,
+                  seed: int = 0, act_quant: Any = None, adaround: bool = False,
+                  adaround_iters: int = 500,
                   prefix: str = "quant") -> transforms.ParamTransform:
   r"""Weight quantization as a ParamTransform: QAT (fine-tuning through the quantizer) or PTQ.
 
@@ -278,6 +282,10 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
     optimizers whose per-weight steps do not add up). With mode "ptq" the codebooks stay as
     calibrated and `update` changes nothing.
   method "none": weights stay float (for activation-only quantization).
+  `adaround` (uniform, range_method "minmax"): `calibrate` moves the selected weights onto
+    the grid points AdaRound chooses (`jcompress.adaround.adaround_tree`, `adaround_iters`
+    Adam steps per layer on the calibration batches) instead of the nearest ones; the
+    quantizer then gives those codes (PTQ: the exported codes; QAT: the starting point).
 
   The state is `{}` (uniform, pow2), or `{leaf path nested as dicts: {"codebook", "codes"}}`
   (k-means; its shapes follow from the params' shapes). `calibrate(params, state, ctx)`
@@ -310,6 +318,13 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
   if not isinstance(kmeans_iters, (int, np.integer)) or kmeans_iters < 1:
     raise ConfigError(f"config key '{prefix}.kmeans_iters': must be an int >= 1, got "
                       f"{kmeans_iters!r}")
+  if adaround and (method != "uniform" or range_method != "minmax"):
+    raise ConfigError(f"config key '{prefix}.adaround': AdaRound needs method 'uniform' with "
+                      f"range_method 'minmax', got {method!r} / {range_method!r}")
+  if isinstance(adaround_iters, bool) or not isinstance(adaround_iters, (int, np.integer)) \
+      or adaround_iters < 1:
+    raise ConfigError(f"config key '{prefix}.adaround_iters': must be an int >= 1, got "
+                      f"{adaround_iters!r}")
   from jcompress import actquant  # noqa: PLC0415
 
   act_spec = actquant.check_spec(act_quant)
@@ -420,6 +435,17 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
                              if name in leaves else w), params)
     if ctx is not None and actquant.needs_calibration(act_spec):
       params = actquant.calibrate(ctx.model, params, ctx.batch_stats, ctx.batches)
+    if adaround and leaves:
+      if ctx is None or not ctx.batches:
+        raise ConfigError(f"config key '{prefix}.adaround': needs calibration batches "
+                          "(config key 'calibration_batches')")
+      from jcompress import adaround as adaround_lib  # noqa: PLC0415
+      images = jnp.concatenate([jnp.asarray(b["image"]) for b in ctx.batches])
+      params, _ = adaround_lib.adaround_tree(
+          ctx.model, params, ctx.batch_stats, images,
+          {name: lf.bits for name, lf in leaves.items()}, seed=seed, symmetric=symmetric,
+          narrow_range=narrow_range, per_channel=per_channel, iters=int(adaround_iters),
+          log=logging.info)
     return params, state
 
   def leaf_qtensor(name, w, state) -> QTensor:

@@ -69,3 +69,34 @@ def test_adaround_bad_input(setup):
     adaround.adaround_tree(model, params, None, x[:1], {"conv1/kernel": 2})
   with pytest.raises(ConfigError, match="nope/kernel"):
     adaround.adaround_tree(model, params, None, x, {"nope/kernel": 2})
+
+
+def test_quant_method_calibrates_with_adaround(setup):
+  """`quant.adaround`: PTQ's calibrate puts the weights on AdaRound's grid points; the uniform
+  quantizer keeps them (apply == calibrated weights) and the model's output error drops."""
+  from jcompress import quantize  # noqa: PLC0415
+  from jcompress import transforms  # noqa: PLC0415
+
+  model, params, x = setup
+  ctx = transforms.CalibrationContext(model=model, batch_stats=None, batches=[{"image": x}],
+                                      loss_fn=None, config=None)
+  exclude = (r"(^|/)head/",)
+  plain = quantize.quant_weights(params, bits=2, mode="ptq", exclude=exclude)
+  ada = quantize.quant_weights(params, bits=2, mode="ptq", exclude=exclude, adaround=True,
+                               adaround_iters=300)
+  calibrated, state = ada.calibrate(params, {}, ctx)
+  eff = ada.apply(calibrated, state)
+  for layer in ("conv1", "conv2"):
+    np.testing.assert_allclose(eff[layer]["kernel"], calibrated[layer]["kernel"], atol=1e-6)
+  ref, _ = model.apply({"params": params}, x)
+
+  def err(p):
+    return float(jnp.mean((model.apply({"params": p}, x)[0] - ref) ** 2))
+
+  assert err(eff) < 0.8 * err(plain.apply(params, {}))
+  with pytest.raises(ConfigError, match=r"'quant\.adaround'"):
+    quantize.quant_weights(params, method="kmeans", bits=2, adaround=True)
+  with pytest.raises(ConfigError, match=r"'quant\.adaround_iters'"):
+    quantize.quant_weights(params, bits=2, adaround=True, adaround_iters=0)
+  with pytest.raises(ConfigError, match="calibration_batches"):
+    ada.calibrate(params, {}, None)
