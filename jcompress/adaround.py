@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from jcompress import quantize_core
+from jcompress import transforms
 from jcompress.errors import ConfigError
 
 PyTree = Any
@@ -194,13 +195,6 @@ def _get(tree, path):
   return tree
 
 
-def _set(tree, path, value):
-  keys = path.split("/")
-  if len(keys) == 1:
-    return {**tree, keys[0]: value}
-  return {**tree, keys[0]: _set(tree[keys[0]], "/".join(keys[1:]), value)}
-
-
 def adaround_tree(model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array,
                   bits_by_leaf: dict[str, int], *, seed: int = 0, asymmetric: bool = True,
                   log: Callable[[str], None] | None = None, **kwargs) -> tuple[PyTree, dict]:
@@ -234,7 +228,8 @@ def adaround_tree(model: nn.Module, params: PyTree, batch_stats: PyTree, images:
     rest = {k: v for k, v in node.items() if k != "kernel"}
     w_q, rep = adaround_layer(layer, node["kernel"], rest, x, y, bits_by_leaf[leaf],
                               jax.random.fold_in(key, i), name=leaf, **kwargs)
-    out = _set(out, leaf, w_q)
+    out = transforms.map_with_path(
+        lambda name, w, leaf=leaf, w_q=w_q: w_q if name == leaf else w, out)
     report[leaf] = {"bits": int(bits_by_leaf[leaf]), **rep}
     if log is not None:
       log(f"adaround {leaf} ({bits_by_leaf[leaf]} bits): output mse {rep['mse_nearest']:.3g} "

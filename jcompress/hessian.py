@@ -102,6 +102,18 @@ def _selected(params: PyTree, include, exclude, kernels_only: bool, key: str) ->
   return [i for i, s in enumerate(jax.tree.leaves(sel)) if s]
 
 
+def _restricted_loss(loss_fn, leaves, treedef, selected):
+  """The loss as a function of the selected leaves only (the others held at `leaves`)."""
+
+  def restricted(sel_leaves):
+    full = list(leaves)
+    for i, w in zip(selected, sel_leaves):
+      full[i] = w
+    return loss_fn(jax.tree.unflatten(treedef, full))
+
+  return restricted
+
+
 def make_probe_fn(loss_fn: Callable[[PyTree], jax.Array], params_like: PyTree,
                   selected: Sequence[int]) -> Callable[[PyTree, jax.Array], jax.Array]:
   """`probe(params, key) -> (L,)` float32: one Rademacher probe's t_l(v) for the L selected
@@ -115,13 +127,7 @@ def make_probe_fn(loss_fn: Callable[[PyTree], jax.Array], params_like: PyTree,
   @jax.jit
   def probe(params, key):
     leaves = jax.tree.leaves(params)
-
-    def restricted(sel_leaves):
-      full = list(leaves)
-      for i, w in zip(selected, sel_leaves):
-        full[i] = w
-      return loss_fn(jax.tree.unflatten(treedef, full))
-
+    restricted = _restricted_loss(loss_fn, leaves, treedef, selected)
     w = [leaves[i] for i in selected]
     v = [jax.random.rademacher(jax.random.fold_in(key, i), leaves[i].shape, leaves[i].dtype)
          for i in selected]
@@ -284,14 +290,7 @@ def quadratic_sensitivity(loss_fn: Callable[[PyTree], jax.Array], params: PyTree
   @jax.jit
   def quad(params, dw):          # dw: one tangent per selected leaf (all but one zero)
     lv = jax.tree.leaves(params)
-
-    def restricted(sel_leaves):
-      full = list(lv)
-      for i, w in zip(selected, sel_leaves):
-        full[i] = w
-      return loss_fn(jax.tree.unflatten(treedef, full))
-
-    hv = hvp(restricted, [lv[i] for i in selected], dw)
+    hv = hvp(_restricted_loss(loss_fn, lv, treedef, selected), [lv[i] for i in selected], dw)
     return jnp.stack([0.5 * jnp.vdot(a, b).astype(jnp.float32) for a, b in zip(dw, hv)])
 
   out: dict[str, dict[int, float]] = {}
