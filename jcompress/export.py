@@ -60,12 +60,14 @@ import zlib
 from absl import logging
 from flax import traverse_util
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from jcompress import binary as binarize
 from jcompress import data as data_lib
 from jcompress import experiment
+from jcompress import intinfer
 from jcompress import models as models_lib
 from jcompress import packing
 from jcompress import pq
@@ -224,6 +226,11 @@ def _unpack_codes(packed: jax.Array, bits: int, count: int, signed: bool) -> jax
   packed = jnp.asarray(packed, jnp.uint8).reshape(-1)
   if bits == 8:
     c = packed[:count].astype(jnp.int32)
+  elif 8 % bits == 0:   # whole codes per byte, the first in the low bits: shifts and masks
+    per = 8 // bits
+    shifts = jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)
+    c = ((packed[:, None] >> shifts) & jnp.uint8(2 ** bits - 1)).reshape(-1)[:count]
+    c = c.astype(jnp.int32)
   else:
     stream = jnp.unpackbits(packed, bitorder="little")[:count * bits].reshape(count, bits)
     c = jnp.sum(stream.astype(jnp.int32) << jnp.arange(bits, dtype=jnp.int32), axis=1)
@@ -265,6 +272,21 @@ def _scatter_mask(bitmask, values, n: int, nnz: int, dtype) -> jax.Array:
   return jnp.where(mask, jnp.asarray(values)[idx], jnp.zeros((), dtype))
 
 
+def leaf_codes(arrays: dict, path: str, e: dict, int8: bool = False) -> jax.Array:
+  """The int32 codes (flat) of a `quant` or `sparse_quant` leaf (jnp, jit-able); `int8`:
+  signed codes of at most 8 bits as int8 (8-bit ones straight from their stored bytes)."""
+  n = math.prod(e["shape"])
+  if int8:
+    if e["encoding"] == "quant" and e["bits"] == 8 and _signed_zero(e):
+      packed = jnp.asarray(arrays[f"{path}/codes"], jnp.uint8).reshape(-1)[:n]
+      return lax.bitcast_convert_type(packed ^ jnp.uint8(128), jnp.int8)   # code + 128
+    return leaf_codes(arrays, path, e).astype(jnp.int8)
+  if e["encoding"] == "quant":
+    return _unpack_codes(arrays[f"{path}/codes"], e["bits"], n, _signed_zero(e))
+  nz = _unpack_codes(arrays[f"{path}/codes"], e["bits"], e["nnz"], True)
+  return _scatter_mask(arrays[f"{path}/bitmask"], nz, n, e["nnz"], jnp.int32)
+
+
 def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
   """The effective float32 weights of param leaf `path` (jnp, jit-able; shapes from `e`)."""
   enc = e["encoding"]
@@ -272,13 +294,8 @@ def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
     return jnp.asarray(arrays[path])
   shape = tuple(e["shape"])
   n = math.prod(shape)
-  if enc == "quant":
-    codes = _unpack_codes(arrays[f"{path}/codes"], e["bits"], n, _signed_zero(e))
-    return _qtensor(arrays, path, e, codes)
-  if enc == "sparse_quant":
-    nz = _unpack_codes(arrays[f"{path}/codes"], e["bits"], e["nnz"], True)
-    codes = _scatter_mask(arrays[f"{path}/bitmask"], nz, n, e["nnz"], jnp.int32)
-    return _qtensor(arrays, path, e, codes)
+  if enc in ("quant", "sparse_quant"):
+    return _qtensor(arrays, path, e, leaf_codes(arrays, path, e))
   if enc == "sparse":
     values = jnp.asarray(arrays[f"{path}/values"], jnp.float32)
     return _scatter_mask(arrays[f"{path}/bitmask"], values, n, values.shape[0],
@@ -342,20 +359,38 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
           "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
 
 
-def make_apply(manifest: dict, model=None) -> Callable:
+def make_apply(manifest: dict, model=None, integer: bool = True) -> Callable:
   """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
   then the model in eval mode (an artifact in a method's own layout: its `artifact_apply`, e.g.
-  `bnn_infer.packed_apply`)."""
+  `bnn_infer.packed_apply`).
+
+  `integer`: the layers `intinfer.integer_layers` accepts (symmetric uniform weight codes of at
+  most 8 bits after an activation quantizer) run as int8 products with int32 sums
+  (`jcompress.intinfer`); False: every layer computes in float on the decoded weights, as the
+  fake-quant model in training did. `apply.integer_layers` lists the integer ones."""
   for method in _methods_of(manifest):
     own = method.artifact_apply(manifest) if method.artifact_apply is not None else None
     if own is not None:
       return own
   model = build_model(manifest) if model is None else model
+  layers = intinfer.integer_layers(manifest)[0] if integer else {}
 
   def apply(arrays, images):
-    logits, _ = model.apply(decode_variables(manifest, arrays), images, train=False)
-    return logits
+    variables = decode_variables(manifest, arrays)
+    if not layers:
+      return model.apply(variables, images, train=False)[0]
 
+    def weight(layer):
+      path = f"{layer}/kernel"
+      e = manifest["params"][path]
+      codes = leaf_codes(arrays, path, e, int8=True).reshape(e["shape"])
+      return codes, jnp.asarray(arrays[f"{path}/scale"], jnp.float32)
+
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    with intinfer.intercept(layers, flat, weight):
+      return model.apply(variables, images, train=False)[0]
+
+  apply.integer_layers = sorted(layers)
   return apply
 
 
@@ -390,18 +425,19 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
       raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")
 
 
-def inference_fn(source) -> Callable:
+def inference_fn(source, integer: bool = True) -> Callable:
   """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
 
   The model is rebuilt from the manifest alone and checked against the stored tensors; the
-  tensors are decoded inside the jit-compiled function. `fn.manifest`, `fn.arrays` and
+  tensors are decoded inside the jit-compiled function; `integer` (`make_apply`): quantized
+  layers with quantized inputs compute on int8 codes. `fn.manifest`, `fn.arrays` and
   `fn.apply` (the pure `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source
   own_layout = manifest.get("kind") not in ("float", "compressed")
   model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
-  apply = make_apply(manifest, model)
+  apply = make_apply(manifest, model, integer=integer)
   jitted = jax.jit(apply)
   device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
 

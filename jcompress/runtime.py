@@ -40,8 +40,12 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 #: run on XLA's Eigen kernels. On the 2-core AVX2 CPU (benchmarks/conv_rates.py, batch 64)
 #: resnet18_cifar's convolutions ran at 115 GFLOP/s with it against 78 without (stage 1's
 #: 64-channel convs: 139/126 GFLOP/s forward/input gradient against 48-72), and XLA's own
-#: kernel gradients (72-140 GFLOP/s) beat `fastconv.kernel_grad` (47-79) there.
-XLA_CPU_FLAG = f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT"
+#: kernel gradients (72-140 GFLOP/s) beat `fastconv.kernel_grad` (47-79) there. Standalone
+#: dots go to YNNPACK as well (INDIVIDUAL_DOT): without it an int8 x int8 -> int32 matmul ran
+#: on XLA's own loops at 42-83 GOP/s, with it at 250-690 (AVX-512 VNNI CPU; the integer
+#: inference of `jcompress.intinfer` is such matmuls); the float train step was unchanged.
+XLA_CPU_FLAG = (f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT,"
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
 
 #: What `configure_cpu_malloc` sets: glibc `mallopt` parameter (malloc.h), value, and the
 #: environment variable that sets the same in a process started with it (`malloc_env`).

@@ -20,7 +20,7 @@ LAYERS = {
     # algorithms, models, data: the pure math each method uses
     1: ("quantize", "prune", "binary", "pq", "lowrank", "distill", "structured", "fastconv",
         "actquant", "bnn_infer", "pretrained", "sensitivity", "hessian", "bitalloc", "adaround",
-        "models", "data"),
+        "intinfer", "models", "data"),
     2: ("methods",),
     3: ("artifact", "state", "optim", "evaluation", "metrics", "checkpoint"),
     4: ("experiment",),

@@ -1,0 +1,140 @@
+r"""Inference speed of quantized artifacts computed on integers, against the float artifact.
+
+  python benchmarks/int_inference.py
+  python benchmarks/int_inference.py --models=resnet20 --batch_size=64 --json=out.json
+
+For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifacts of
+
+* `float`: the float model (the export of a run without compression);
+* `w8a8`: 8-bit symmetric per-channel weight codes, 8-bit PACT activations at every conv input
+  but the stem (the int8 PTQ artifact of `experiments/quant_resnet.py:mode=ptq,bits=8,abits=8`);
+* `w4a8`, `w4a4`: 4-bit weight codes with 8- or 4-bit activations;
+
+with He-initialised weights and random BatchNorm statistics (speed does not depend on training),
+through `export.artifact_arrays`, and times `export.inference_fn` on each (the codes unpacked
+inside the compiled function at every call, as a loaded artifact runs): the quantized ones once
+on integers (`intinfer`: int8 products, int32 sums) and once on their decoded float weights
+(`integer=False`, the fake-quant model's arithmetic). Before timing, every artifact's argmax is
+checked against its trainer's eval path (`export._reference_logits`) on the same images.
+The runners take turns in blocks (--repeats blocks of --steps calls each), so the ratios are
+measured under the same load. Prints images/s, the ratio to the float artifact, artifact bytes,
+the integer layers, and the agreement; --json writes it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from jcompress import runtime  # noqa: E402
+
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from jcompress import config as config_lib  # noqa: E402
+from jcompress import export  # noqa: E402
+from jcompress import train  # noqa: E402
+
+_MODELS = flags.DEFINE_list("models", ["resnet18_cifar", "resnet20"], "CIFAR-stem models.")
+_KINDS = flags.DEFINE_list("artifacts", ["float", "w8a8", "w4a8", "w4a4"],
+                           "Artifacts: float or wXaY (X weight bits, Y activation bits).")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Calls per timed block.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per runner (median reported).")
+_FLOAT_ROUTE = flags.DEFINE_bool("float_route", True,
+                                 "Also time the quantized artifacts on float (integer=False).")
+_JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+
+
+def artifact_config(model: str, kind: str) -> ml_collections.ConfigDict:
+  c = config_lib.base_config()
+  c.data, c.image_size, c.model = "digits", 32, model
+  c.batch_size, c.eval_batch_size = 64, 64
+  if kind != "float":
+    wbits, abits = (int(v) for v in kind[1:].split("a"))
+    c.model_kwargs.act_quant = ml_collections.ConfigDict(
+        {"kind": "pact", "bits": abits, "calibrate": False})
+    c.quant = ml_collections.ConfigDict({"method": "uniform", "bits": wbits, "mode": "ptq",
+                                         "per_channel": True})
+  return c
+
+
+def randomize_stats(state, seed: int):
+  """BatchNorm statistics drawn at random (mean N(0, 0.5), var U(0.5, 2)), so that the
+  artifact's arithmetic is not the initial identity."""
+  rng = np.random.RandomState(seed)
+
+  def draw(path, x):
+    name = str(path[-1].key)
+    if name == "mean":
+      return jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype)
+    return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+
+  return state.replace(batch_stats=jax.tree_util.tree_map_with_path(draw, state.batch_stats))
+
+
+def build(model: str, kind: str, images):
+  exp = train.make_experiment(artifact_config(model, kind))
+  state = randomize_stats(train.create_state(exp), seed=1)
+  arrays, manifest = export.artifact_arrays(exp, state)
+  reference = export._reference_logits(exp, state, images)  # noqa: SLF001
+  return arrays, manifest, reference
+
+
+def main(argv):
+  del argv
+  images = np.random.RandomState(0).rand(_BATCH.value, 32, 32, 3).astype(np.float32)
+  out = {"device": common.device_info(), "batch_size": _BATCH.value,
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": {}}
+  for model in _MODELS.value:
+    runners, rows = {}, {}
+    for kind in _KINDS.value:
+      arrays, manifest, reference = build(model, kind, images)
+      routes = [True] + ([False] if kind != "float" and _FLOAT_ROUTE.value else [])
+      for integer in routes:
+        name = kind if integer else f"{kind}_float_route"
+        fn = export.inference_fn((manifest, arrays), integer=integer)
+        logits = np.asarray(fn(images))
+        agree = float(np.mean(logits.argmax(1) == reference.argmax(1)))
+        rows[name] = {"artifact_bytes": export.artifact_nbytes(arrays, manifest),
+                      "integer_layers": len(fn.apply.integer_layers)
+                      if hasattr(fn.apply, "integer_layers") else 0,
+                      "argmax_agreement": agree,
+                      "max_abs_logit_diff": float(np.max(np.abs(logits - reference)))}
+        if kind == "float" and agree < 1.0:
+          raise SystemExit(f"{model} {name}: predictions differ from the trainer's")
+        x = jnp.asarray(images)
+        runners[name] = common.block_runner(fn, x)
+        runners[name](1)   # compile and warm up
+    times = common.alternate(runners, _STEPS.value, _REPEATS.value)
+    for name, t in times.items():
+      rows[name].update(common.rates(t, _STEPS.value, _BATCH.value))
+      if "float" in times and name != "float":
+        rows[name]["vs_float"] = common.ratio(times["float"], t)
+    out["models"][model] = rows
+    print(f"\n{model}, batch {_BATCH.value} ({out['device']['device']}):")
+    for name, r in rows.items():
+      vs = f"{r['vs_float']['median']:.2f}x float" if "vs_float" in r else ""
+      print(f"  {name:20s} {r['images_per_second']:8.1f} images/s  {vs:12s} "
+            f"{r['artifact_bytes']:>10,} B  int layers {r['integer_layers']:2d}  "
+            f"argmax agree {r['argmax_agreement']:.3f}  max|dlogit| "
+            f"{r['max_abs_logit_diff']:.2e}", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,159 @@
+"""Integer inference (`jcompress.intinfer`): exact int8 convolutions and matmuls, and an
+exported quantized model computed on integers (products int8, sums int32)."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jcompress import config as config_lib
+from jcompress import export
+from jcompress import intinfer
+from jcompress import packing
+from jcompress import train
+
+pytestmark = pytest.mark.plumbing
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _reference(codes, wq, strides, padding):
+  """The convolution of the integer values in float32: exact, every partial sum is an integer
+  below 2^24 at these sizes."""
+  return np.asarray(lax.conv_general_dilated(
+      np.asarray(codes, np.float32), np.asarray(wq, np.float32), strides, padding,
+      dimension_numbers=_DN, precision=lax.Precision.HIGHEST)).astype(np.int64)
+
+
+@pytest.mark.parametrize("code_range", [(0, 255), (0, 15), (-128, 127)])
+@pytest.mark.parametrize("kernel,strides,padding,chunk", [
+    (3, (1, 1), ((1, 1), (1, 1)), None),
+    (3, (2, 2), ((1, 1), (1, 1)), 2),
+    (1, (2, 2), ((0, 0), (0, 0)), None),
+    (3, (1, 1), "SAME", 1),
+])
+def test_int_conv_is_exact(code_range, kernel, strides, padding, chunk):
+  """Unsigned 8-bit codes (shifted into int8, the shift put back through the weight sums and
+  the padding), 4-bit and signed codes; strides, 1x1, string padding, chunked or not."""
+  rng = np.random.RandomState(0)
+  codes = rng.randint(code_range[0], code_range[1] + 1, (4, 7, 7, 5))
+  wq = rng.randint(-127, 128, (kernel, kernel, 5, 6)).astype(np.int8)
+  xq, shift = intinfer.to_int8(jnp.asarray(codes), code_range)
+  assert shift == (128 if code_range[1] > 127 else 0)
+  got = intinfer.int_conv(xq, shift, jnp.asarray(wq), strides, padding, chunk=chunk)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), _reference(codes, wq, strides, padding))
+
+
+def test_int_dense_is_exact():
+  rng = np.random.RandomState(1)
+  codes = rng.randint(0, 256, (3, 4, 9))
+  wq = rng.randint(-127, 128, (9, 5)).astype(np.int8)
+  xq, shift = intinfer.to_int8(jnp.asarray(codes), (0, 255))
+  np.testing.assert_array_equal(np.asarray(intinfer.int_dense(xq, shift, jnp.asarray(wq))),
+                                codes.astype(np.int64) @ wq.astype(np.int64))
+
+
+def test_codes_that_do_not_fit_int8_are_refused():
+  with pytest.raises(ValueError, match="int8"):
+    intinfer.to_int8(jnp.zeros((2,), jnp.int32), (-1, 255))
+
+
+def test_chunk_images_divides_the_batch_and_keeps_under_the_limit():
+  assert intinfer.chunk_images(64, 1000, limit=8000) == 8
+  assert intinfer.chunk_images(60, 1000, limit=7000) == 6
+  assert intinfer.chunk_images(7, 10_000, limit=100) == 1     # one image over the limit
+  assert intinfer.chunk_images(64, 1, limit=10**6) == 64
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_unpack_codes_matches_packing(bits, signed):
+  rng = np.random.RandomState(bits)
+  lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+  codes = rng.randint(lo, hi + 1, 37)
+  packed = packing.pack(codes, bits, signed=signed)
+  got = export._unpack_codes(jnp.asarray(packed), bits, 37, signed)  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(got), codes)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def _config(data_dir, act_kind="pact", abits=8, wbits=8, symmetric=True, method="uniform"):
+  c = config_lib.base_config()
+  c.data, c.data_dir, c.image_size = "digits", data_dir, 0
+  c.model, c.width = "resnet20", 0.25
+  c.batch_size, c.eval_batch_size, c.total_steps = 32, 128, 1
+  if act_kind:
+    c.model_kwargs.act_quant = ml_collections.ConfigDict(
+        {"kind": act_kind, "bits": abits, "calibrate": False})
+  c.quant = ml_collections.ConfigDict({"method": method, "bits": wbits, "mode": "ptq",
+                                       "symmetric": symmetric})
+  return c
+
+
+def _artifact(c):
+  exp = train.make_experiment(c)
+  state = train.create_state(exp)
+  rng = np.random.RandomState(0)   # BatchNorm statistics away from the identity
+  stats = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype),
+                       state.batch_stats)
+  state = state.replace(batch_stats=stats)
+  arrays, manifest = export.artifact_arrays(exp, state)
+  images = rng.rand(32, 8, 8, 1).astype(np.float32)
+  return manifest, arrays, images, export._reference_logits(exp, state, images)  # noqa: SLF001
+
+
+@pytest.fixture(scope="module")
+def w8a8(data_dir):
+  return _artifact(_config(data_dir))
+
+
+def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
+  manifest, arrays, images, reference = w8a8
+  fn = export.inference_fn((manifest, arrays))
+  layers = fn.apply.integer_layers
+  kernels = [p[:-len("/kernel")] for p, e in manifest["params"].items()
+             if p.endswith("/kernel") and e["encoding"] == "quant"]
+  assert layers and sorted(layers) == sorted(kernels)      # every quantized conv
+  got = np.asarray(fn(images))
+  np.testing.assert_allclose(got, reference, rtol=0, atol=1e-3 * np.abs(reference).max())
+  assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.995
+  # The jaxpr: int8 x int8 products for the integer layers; in float only the stem's conv
+  # (float, as the export says) and the classifier's matmul.
+  arrays_j = {k: jnp.asarray(v) for k, v in arrays.items()}
+  ops = intinfer.products(jax.make_jaxpr(fn.apply)(arrays_j, jnp.asarray(images)))
+  int8 = [o for o in ops if o[1] == ("int8", "int8")]
+  float_ops = [o for o in ops if o[1] != ("int8", "int8")]
+  assert len(int8) >= len(layers)
+  assert sorted(float_ops) == [("conv_general_dilated", ("float32", "float32")),
+                               ("dot_general", ("float32", "float32"))]
+
+
+def test_float_route_is_the_fake_quant_model_exactly(w8a8):
+  manifest, arrays, images, reference = w8a8
+  fn = export.inference_fn((manifest, arrays), integer=False)
+  assert fn.apply.integer_layers == []
+  np.testing.assert_array_equal(np.asarray(fn(images)), reference)
+
+
+@pytest.mark.parametrize("kind,abits,wbits", [("lsq", 4, 4), ("dorefa", 2, 8)])
+def test_other_activation_quantizers_and_bits(data_dir, kind, abits, wbits):
+  manifest, arrays, images, reference = _artifact(
+      _config(data_dir, act_kind=kind, abits=abits, wbits=wbits))
+  fn = export.inference_fn((manifest, arrays))
+  assert fn.apply.integer_layers
+  got = np.asarray(fn(images))
+  np.testing.assert_allclose(got, reference, rtol=0, atol=1e-3 * np.abs(reference).max())
+
+
+def test_layers_that_cannot_run_on_integers_say_why(data_dir):
+  manifest = _artifact(_config(data_dir, act_kind=None))[0]
+  ok, why = intinfer.integer_layers(manifest)
+  assert not ok and why and all("not quantized" in w for w in why.values())
+  manifest = _artifact(_config(data_dir, symmetric=False))[0]
+  ok, why = intinfer.integer_layers(manifest)
+  assert not ok and all("asymmetric" in w for w in why.values())
