@@ -359,7 +359,8 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
           "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
 
 
-def make_apply(manifest: dict, model=None, integer: bool = True) -> Callable:
+def make_apply(manifest: dict, model=None, integer: bool = True,
+               min_depth: int | None = None) -> Callable:
   """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
   then the model in eval mode (an artifact in a method's own layout: its `artifact_apply`, e.g.
   `bnn_infer.packed_apply`).
@@ -367,13 +368,14 @@ def make_apply(manifest: dict, model=None, integer: bool = True) -> Callable:
   `integer`: the layers `intinfer.integer_layers` accepts (symmetric uniform weight codes of at
   most 8 bits after an activation quantizer) run as int8 products with int32 sums
   (`jcompress.intinfer`); False: every layer computes in float on the decoded weights, as the
-  fake-quant model in training did. `apply.integer_layers` lists the integer ones."""
+  fake-quant model in training did; `min_depth` (default `intinfer.MIN_DEPTH`): shallower
+  layers stay float. `apply.integer_layers` lists the integer ones."""
   for method in _methods_of(manifest):
     own = method.artifact_apply(manifest) if method.artifact_apply is not None else None
     if own is not None:
       return own
   model = build_model(manifest) if model is None else model
-  layers = intinfer.integer_layers(manifest)[0] if integer else {}
+  layers = intinfer.integer_layers(manifest, min_depth)[0] if integer else {}
 
   def apply(arrays, images):
     variables = decode_variables(manifest, arrays)
@@ -425,19 +427,19 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
       raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")
 
 
-def inference_fn(source, integer: bool = True) -> Callable:
+def inference_fn(source, integer: bool = True, min_depth: int | None = None) -> Callable:
   """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
 
   The model is rebuilt from the manifest alone and checked against the stored tensors; the
-  tensors are decoded inside the jit-compiled function; `integer` (`make_apply`): quantized
-  layers with quantized inputs compute on int8 codes. `fn.manifest`, `fn.arrays` and
+  tensors are decoded inside the jit-compiled function; `integer`, `min_depth` (`make_apply`):
+  quantized layers with quantized inputs compute on int8 codes. `fn.manifest`, `fn.arrays` and
   `fn.apply` (the pure `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source
   own_layout = manifest.get("kind") not in ("float", "compressed")
   model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
-  apply = make_apply(manifest, model, integer=integer)
+  apply = make_apply(manifest, model, integer=integer, min_depth=min_depth)
   jitted = jax.jit(apply)
   device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
 

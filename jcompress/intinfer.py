@@ -170,12 +170,22 @@ def int_dense(xq: jax.Array, shift: int, wq: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the artifact
 
 
-def integer_layers(manifest: dict) -> tuple[dict[str, dict], dict[str, str]]:
+#: Layers whose matmul depth (kh * kw * C_in) is below this run float: there im2col costs as
+#: much as the int8 products save (batch 64 on the 2-core CPU: resnet20's 3x3 convs with 16
+#: and 32 channels took 2.5 / 1.2 ms on integers against 2.3 / 1.0 ms in float32; with 64
+#: channels 0.9 against 1.0; resnet18_cifar's 64-512 channels 13.8-7.9 against 15.0-10.9).
+MIN_DEPTH = 512
+
+
+def integer_layers(manifest: dict,
+                   min_depth: int | None = None) -> tuple[dict[str, dict], dict[str, str]]:
   """({layer: info}, {layer: why not}) over the artifact's conv / Dense kernels.
 
   `info`: `act` (the input quantizer's path), `bits` (weight bits), `per_channel`,
   `code_range` (the activation codes'). A kernel is listed in the second dict, with the
-  reason, when it is stored quantized but cannot run on integers."""
+  reason, when it is stored quantized but cannot (or, below `min_depth`, default
+  `MIN_DEPTH`, should not) run on integers."""
+  min_depth = MIN_DEPTH if min_depth is None else min_depth
   spec = (manifest["model"].get("kwargs") or {}).get("act_quant")
   kind = dict(spec).get("kind", "none") if spec else "none"
   ok, why = {}, {}
@@ -199,6 +209,11 @@ def integer_layers(manifest: dict) -> tuple[dict[str, dict], dict[str, str]]:
       continue
     if len(e["shape"]) == 4 and e["shape"][2] == 1 and e["shape"][3] > 1:
       why[layer] = "depthwise convolution (runs float)"
+      continue
+    depth = int(np.prod(e["shape"][:-1]))
+    if depth < min_depth:
+      why[layer] = (f"matmul depth {depth} < {min_depth} (intinfer.MIN_DEPTH): im2col costs "
+                    "what the int8 products save; runs float")
       continue
     act = layer + "_act"
     has_param = any(p.startswith(act + "/") for p in manifest["params"])

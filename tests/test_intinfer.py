@@ -114,7 +114,7 @@ def w8a8(data_dir):
 
 def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
   manifest, arrays, images, reference = w8a8
-  fn = export.inference_fn((manifest, arrays))
+  fn = export.inference_fn((manifest, arrays), min_depth=0)
   layers = fn.apply.integer_layers
   kernels = [p[:-len("/kernel")] for p, e in manifest["params"].items()
              if p.endswith("/kernel") and e["encoding"] == "quant"]
@@ -144,7 +144,7 @@ def test_float_route_is_the_fake_quant_model_exactly(w8a8):
 def test_other_activation_quantizers_and_bits(data_dir, kind, abits, wbits):
   manifest, arrays, images, reference = _artifact(
       _config(data_dir, act_kind=kind, abits=abits, wbits=wbits))
-  fn = export.inference_fn((manifest, arrays))
+  fn = export.inference_fn((manifest, arrays), min_depth=0)
   assert fn.apply.integer_layers
   got = np.asarray(fn(images))
   np.testing.assert_allclose(got, reference, rtol=0, atol=1e-3 * np.abs(reference).max())
@@ -152,8 +152,11 @@ def test_other_activation_quantizers_and_bits(data_dir, kind, abits, wbits):
 
 def test_layers_that_cannot_run_on_integers_say_why(data_dir):
   manifest = _artifact(_config(data_dir, act_kind=None))[0]
-  ok, why = intinfer.integer_layers(manifest)
+  ok, why = intinfer.integer_layers(manifest, min_depth=0)
   assert not ok and why and all("not quantized" in w for w in why.values())
   manifest = _artifact(_config(data_dir, symmetric=False))[0]
-  ok, why = intinfer.integer_layers(manifest)
+  ok, why = intinfer.integer_layers(manifest, min_depth=0)
   assert not ok and all("asymmetric" in w for w in why.values())
+  manifest = _artifact(_config(data_dir))[0]      # 4-16 channels: too shallow by default
+  ok, why = intinfer.integer_layers(manifest)
+  assert not ok and all("depth" in w for w in why.values())
