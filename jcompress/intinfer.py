@@ -140,9 +140,11 @@ def int_conv(xq: jax.Array, shift: int, wq: jax.Array, strides, padding,
   n = xq.shape[0]
   ho = (xq.shape[1] + sum(pads[0]) - kh) // strides[0] + 1
   wo = (xq.shape[2] + sum(pads[1]) - kw) // strides[1] + 1
-  if chunk is None:
+  if not isinstance(n, int):   # a symbolic batch (jax.export): one piece
+    chunk = n
+  elif chunk is None:
     chunk = chunk_images(n, ho * wo * kh * kw * c)
-  if chunk >= n:
+  if chunk is n or chunk >= n:
     acc = one(xq)
   else:
     acc = lax.map(one, xq.reshape(n // chunk, chunk, *xq.shape[1:]))

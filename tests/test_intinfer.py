@@ -160,3 +160,14 @@ def test_layers_that_cannot_run_on_integers_say_why(data_dir):
   manifest = _artifact(_config(data_dir))[0]      # 4-16 channels: too shallow by default
   ok, why = intinfer.integer_layers(manifest)
   assert not ok and all("depth" in w for w in why.values())
+
+
+def test_int_conv_exports_with_a_symbolic_batch():
+  """jax.export (the artifact's StableHLO) traces with a symbolic batch: no chunking there."""
+  from jax import export as jax_export  # noqa: PLC0415
+  wq = jnp.asarray(np.random.RandomState(2).randint(-127, 128, (3, 3, 4, 6)), jnp.int8)
+  f = jax.jit(lambda x: intinfer.int_conv(x, 128, wq, (1, 1), ((1, 1), (1, 1))))
+  b = jax_export.symbolic_shape("b")[0]
+  exported = jax_export.export(f)(jax.ShapeDtypeStruct((b, 8, 8, 4), jnp.int8))
+  x = jnp.asarray(np.random.RandomState(3).randint(-128, 128, (5, 8, 8, 4)), jnp.int8)
+  np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(f(x)))
