@@ -1,24 +1,30 @@
-r"""Inference speed of quantized artifacts computed on integers, against the float artifact.
+r"""Inference speed of every kind of exported artifact, against the float artifact.
 
-  python benchmarks/int_inference.py
-  python benchmarks/int_inference.py --models=resnet20 --batch_size=64 --json=out.json
+  python benchmarks/inference.py
+  python benchmarks/inference.py --models=resnet20 --artifacts=float,w8a8 --json=out.json
 
 For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifacts of
 
 * `float`: the float model (the export of a run without compression);
 * `w8a8`: 8-bit symmetric per-channel weight codes, 8-bit PACT activations at every conv input
   but the stem (the int8 PTQ artifact of `experiments/quant_resnet.py:mode=ptq,bits=8,abits=8`);
-* `w4a8`, `w4a4`: 4-bit weight codes with 8- or 4-bit activations;
+  `w4a8`, `w4a4`: 4-bit weight codes with 8- or 4-bit activations; these compute on integers
+  where `intinfer.integer_layers` says so (int8 products, int32 sums);
+* `w1a1`, `w1a2`: the binary ResNet of the same shape (`bnn_<model>`: binary weights, 1- or
+  2-bit activations), its packed artifact (`bnn_infer`, XNOR-popcount on a CPU);
+* `nm24`: 2:4 sparse kernels (`prune.n_m`), stored as a bitmask and the kept values;
+* `half_flops`: the model with filters physically removed down to half its MACs
+  (`structured.plan_for_flops`, uniform, multiples of 8; the artifact of a smaller model);
 
-with He-initialised weights and random BatchNorm statistics (speed does not depend on training),
-through `export.artifact_arrays`, and times `export.inference_fn` on each (the codes unpacked
-inside the compiled function at every call, as a loaded artifact runs): the quantized ones once
-on integers (`intinfer`: int8 products, int32 sums) and once on their decoded float weights
-(`integer=False`, the fake-quant model's arithmetic). Before timing, every artifact's argmax is
-checked against its trainer's eval path (`export._reference_logits`) on the same images.
-The runners take turns in blocks (--repeats blocks of --steps calls each), so the ratios are
-measured under the same load. Prints images/s, the ratio to the float artifact, artifact bytes,
-the integer layers, and the agreement; --json writes it all.
+with He-initialised weights and random BatchNorm statistics (speed does not depend on training)
+through `export.artifact_arrays`, and times `export.inference_fn` on each (codes unpacked inside
+the compiled function at every call, as a loaded artifact runs); with --float_route the
+quantized ones also on their decoded float weights (`integer=False`: the fake-quant model's
+arithmetic). Before timing, every artifact's argmax is checked against its trainer's eval path
+(`export._reference_logits`) on the same images (the float one must agree exactly). The runners
+take turns in blocks (--repeats blocks of --steps calls each), so the ratios to `float` are
+measured under the same load. Prints images/s, the ratio, artifact bytes, the integer layers,
+the agreement; --json writes it all.
 """
 
 from __future__ import annotations
@@ -44,16 +50,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from jcompress import config as config_lib  # noqa: E402
+from jcompress import experiment  # noqa: E402
 from jcompress import export  # noqa: E402
+from jcompress import models  # noqa: E402
+from jcompress import prune  # noqa: E402
+from jcompress import structured  # noqa: E402
 from jcompress import train  # noqa: E402
+from jcompress import transforms  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["resnet18_cifar", "resnet20"], "CIFAR-stem models.")
-_KINDS = flags.DEFINE_list("artifacts", ["float", "w8a8", "w4a8", "w4a4"],
-                           "Artifacts: float or wXaY (X weight bits, Y activation bits).")
+KINDS = ("float", "w8a8", "w4a8", "w4a4", "w1a1", "w1a2", "nm24", "half_flops")
+_KINDS = flags.DEFINE_list("artifacts", list(KINDS),
+                           f"Artifacts: {', '.join(KINDS)} (wXaY: any X, Y in 2..8).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Calls per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per runner (median reported).")
-_FLOAT_ROUTE = flags.DEFINE_bool("float_route", True,
+_FLOAT_ROUTE = flags.DEFINE_bool("float_route", False,
                                  "Also time the quantized artifacts on float (integer=False).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 
@@ -62,7 +74,23 @@ def artifact_config(model: str, kind: str) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.data, c.image_size, c.model = "digits", 32, model
   c.batch_size, c.eval_batch_size = 64, 64
-  if kind != "float":
+  if kind in ("w1a1", "w1a2"):
+    c.model = f"bnn_{model}"
+    c.model_kwargs.num_bits = int(kind[-1])
+    c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (".*",),
+                                          "exclude": transforms.DEFAULT_EXCLUDE})
+  elif kind == "nm24":
+    c.prune = prune.default_config()
+    c.prune.n_m, c.prune.sparsity = "2:4", 0.5
+  elif kind == "half_flops":
+    m = models.get_model(model, 10)
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    graph = structured.build_graph(m, v["params"], v["batch_stats"], (1, 32, 32, 3))
+    keep = structured.plan_for_flops(m, v["params"], v["batch_stats"], flops_target=0.5,
+                                     method="uniform", graph=graph, round_to=8)
+    c.model_kwargs.channels = structured.prune_channels(
+        m, v["params"], v["batch_stats"], keep, graph=graph)[0]
+  elif kind != "float":
     wbits, abits = (int(v) for v in kind[1:].split("a"))
     c.model_kwargs.act_quant = ml_collections.ConfigDict(
         {"kind": "pact", "bits": abits, "calibrate": False})
@@ -88,9 +116,16 @@ def randomize_stats(state, seed: int):
 def build(model: str, kind: str, images):
   exp = train.make_experiment(artifact_config(model, kind))
   state = randomize_stats(train.create_state(exp), seed=1)
+  if kind == "nm24":   # the 2:4 masks of these weights (a fresh run's calibration)
+    params, compression = exp.transform.calibrate(
+        state.params, state.compression, experiment.calibration_context(exp, state))
+    state = state.replace(params=params, compression=compression)
   arrays, manifest = export.artifact_arrays(exp, state)
   reference = export._reference_logits(exp, state, images)  # noqa: SLF001
-  return arrays, manifest, reference
+  macs = None
+  if kind in ("float", "half_flops"):
+    macs = structured.count_flops(exp.model, (1, 32, 32, 3), state.params, state.batch_stats)
+  return arrays, manifest, reference, macs
 
 
 def main(argv):
@@ -101,8 +136,8 @@ def main(argv):
   for model in _MODELS.value:
     runners, rows = {}, {}
     for kind in _KINDS.value:
-      arrays, manifest, reference = build(model, kind, images)
-      routes = [True] + ([False] if kind != "float" and _FLOAT_ROUTE.value else [])
+      arrays, manifest, reference, macs = build(model, kind, images)
+      routes = [True] + ([False] if kind[0] == "w" and _FLOAT_ROUTE.value else [])
       for integer in routes:
         name = kind if integer else f"{kind}_float_route"
         fn = export.inference_fn((manifest, arrays), integer=integer)
@@ -112,7 +147,8 @@ def main(argv):
                       "integer_layers": len(fn.apply.integer_layers)
                       if hasattr(fn.apply, "integer_layers") else 0,
                       "argmax_agreement": agree,
-                      "max_abs_logit_diff": float(np.max(np.abs(logits - reference)))}
+                      "max_abs_logit_diff": float(np.max(np.abs(logits - reference))),
+                      "macs_per_image": macs}
         if kind == "float" and agree < 1.0:
           raise SystemExit(f"{model} {name}: predictions differ from the trainer's")
         x = jnp.asarray(images)
@@ -124,13 +160,18 @@ def main(argv):
       if "float" in times and name != "float":
         rows[name]["vs_float"] = common.ratio(times["float"], t)
     out["models"][model] = rows
+    if rows.get("half_flops", {}).get("macs_per_image") and rows.get("float", {}).get(
+        "macs_per_image"):
+      rows["half_flops"]["macs_ratio"] = (rows["half_flops"]["macs_per_image"]
+                                          / rows["float"]["macs_per_image"])
     print(f"\n{model}, batch {_BATCH.value} ({out['device']['device']}):")
     for name, r in rows.items():
       vs = f"{r['vs_float']['median']:.2f}x float" if "vs_float" in r else ""
       print(f"  {name:20s} {r['images_per_second']:8.1f} images/s  {vs:12s} "
             f"{r['artifact_bytes']:>10,} B  int layers {r['integer_layers']:2d}  "
             f"argmax agree {r['argmax_agreement']:.3f}  max|dlogit| "
-            f"{r['max_abs_logit_diff']:.2e}", flush=True)
+            f"{r['max_abs_logit_diff']:.2e}"
+            + (f"  MACs {r['macs_ratio']:.2f}x" if "macs_ratio" in r else ""), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
