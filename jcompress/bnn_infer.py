@@ -87,16 +87,17 @@ FORMAT = "jcompress.bnn_infer/1"
 COMPUTE = ("auto", "int8", "bf16", "f32", "xnor")
 
 
-def fastest_compute(num_bits: int = 1) -> str:
+def fastest_compute(num_bits: int = 1, platform: str | None = None) -> str:
   """What `compute="auto"` (the default) means where an artifact of `num_bits` activations is
   loaded: on a CPU "xnor" for 1 and 2 bits (XNOR-popcount, `fastconv.xnor_conv`: 3-4x faster
   than XLA's float32 convolutions on the 2-core AVX2 CPU), else "int8" where XLA's convolutions
   run on YNNPACK (int8 x int8 -> int32 was the fastest there) and "f32" on XLA's Eigen
   convolutions (`runtime.XLA_CPU_FLAG`, set by `runtime.configure_cpu()`: their int8
   convolution measured ~50x slower than float32); "bf16" on GPU/TPU. All are exact (module
-  docstring)."""
+  docstring). `platform` ("cpu", "cuda", "tpu", ...; default: jax's default backend) says
+  where."""
   from jcompress import fastconv  # noqa: PLC0415
-  if jax.default_backend() != "cpu":
+  if (platform or jax.default_backend()) != "cpu":
     return "bf16"
   if num_bits <= 2:
     return "xnor"
@@ -298,9 +299,9 @@ def freeze(params: PyTree, batch_stats: PyTree, model, *, method: str = "ste_sig
                       f"got {method!r}")
   if compute not in COMPUTE:
     raise ConfigError(f"`compute` must be one of {COMPUTE}, got {compute!r}")
-  if compute == "xnor" and int(model.num_bits) != 1:
-    raise ConfigError(f"`compute`='xnor' needs 1-bit activations (num_bits=1), "
-                      f"got num_bits={model.num_bits}")
+  if compute == "xnor" and int(model.num_bits) > 2:
+    raise ConfigError(f"`compute`='xnor' needs num_bits 1 or 2 (sign or -1/0/+1 "
+                      f"activations), got num_bits={model.num_bits}")
   try:
     in_ch = int(params["stem_conv"]["kernel"].shape[2])
   except (KeyError, TypeError, AttributeError, IndexError):
@@ -520,8 +521,23 @@ def _to_float(acc: jax.Array, entry: dict, num_bits: int) -> jax.Array:
 
 
 def _forward(arrays: dict, images: jax.Array, meta: _Static) -> jax.Array:
+  """The network; compute "auto" chooses by the platform the graph runs on
+  (`lax.platform_dependent`): a StableHLO export lowered for several platforms carries the
+  CPU's compute (`fastest_compute(nb, "cpu")`) and GPU/TPU's (bf16), and the device that loads
+  it takes its own."""
   nb = meta["num_bits"]
-  compute = _resolve(meta["compute"], nb)
+  if meta["compute"] != "auto":
+    return _forward_with(arrays, images, meta, meta["compute"])
+
+  def run(compute):
+    return lambda a, x: _forward_with(a, x, meta, compute)
+
+  return lax.platform_dependent(arrays, images, cpu=run(fastest_compute(nb, "cpu")),
+                                default=run(fastest_compute(nb, "gpu")))
+
+
+def _forward_with(arrays: dict, images: jax.Array, meta: _Static, compute: str) -> jax.Array:
+  nb = meta["num_bits"]
   code_dtype = _compute_dtype(compute)
   stem = arrays["stem"]
   x = jnp.asarray(images, jnp.float32)

@@ -375,3 +375,31 @@ def test_auto_compute_takes_the_fastest_exact_kind_where_it_is_loaded(nets, imag
   np.testing.assert_array_equal(
       bnn_infer.packed_apply(runtime, images),
       bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images))
+
+
+def test_stablehlo_of_auto_compute_chooses_where_it_runs(nets, images):
+  """A graph exported for CPU and GPU/TPU from here carries both computes (XNOR-popcount for
+  the CPU, bf16 products elsewhere) and picks by the platform that runs it: the CPU gets the
+  same logits as the XNOR path."""
+  from jax import export as jax_export  # noqa: PLC0415
+  net = nets(1)
+  arrays = bnn_infer._arrays(net.frozen)   # noqa: SLF001
+  meta = bnn_infer._Static(bnn_infer._meta(net.frozen))   # noqa: SLF001
+  fn = jax.jit(lambda a, x: bnn_infer._forward(a, x, meta))   # noqa: SLF001
+  exported = jax_export.export(fn, platforms=("cpu", "cuda"))(arrays, images)
+  text = exported.mlir_module()
+  assert "popcnt" in text and "bf16" in text
+  np.testing.assert_array_equal(
+      np.asarray(exported.call(arrays, images)),
+      np.asarray(bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="xnor"), images)))
+
+
+def test_freeze_and_load_accept_the_same_computes_per_bit_width(nets):
+  """xnor takes 1- and 2-bit activations in both; 3 bits are refused by both."""
+  net = nets(2)
+  frozen = bnn_infer.freeze(net.params, net.stats, net.model, compute="xnor")
+  assert bnn_infer.load(frozen)["meta"]["compute"] == "xnor"
+  three = get_model("bnn_resnet20", 10, width=0.25, num_bits=3)
+  v = three.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  with pytest.raises(ConfigError, match="xnor.*num_bits 1 or 2"):
+    bnn_infer.freeze(v["params"], v["batch_stats"], three, compute="xnor")
