@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import subprocess
 import sys
-import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -162,76 +159,6 @@ def pipeline_feed(batch: int, data_dir: str | None):
                                  augment=True, data_dir=data_dir or tempfile.mkdtemp())
 
 
-class Peer:
-  """A peer benchmark process (benchmarks/peers/protocol.py) as a runner."""
-
-  def __init__(self, args: list, env: dict | None = None, timeout: int = 900):
-    import tempfile  # noqa: PLC0415
-    self.stderr = tempfile.TemporaryFile("w+")   # a file, so a chatty peer never blocks on it
-    self.proc = subprocess.Popen(
-        [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=self.stderr, text=True, env={**PEER_ENV, **(env or {})}, cwd=HERE)
-    self.timeout = timeout
-    self.lines = queue.Queue()
-    threading.Thread(target=self._pump, daemon=True).start()
-    line = self._read()
-    if line is None or not line.get("ready"):
-      raise RuntimeError(self._reason())
-    self.info = line["info"]
-
-  def _pump(self):
-    for line in self.proc.stdout:
-      self.lines.put(line)
-    self.lines.put(None)   # EOF
-
-  def _read(self):
-    """The peer's next JSON line (other stdout lines are skipped); None at EOF or timeout."""
-    deadline = time.time() + self.timeout
-    while True:
-      try:
-        line = self.lines.get(timeout=max(0.0, deadline - time.time()))
-      except queue.Empty:
-        return None
-      if line is None:
-        self.lines.put(None)
-        return None
-      try:
-        out = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(out, dict):
-        return out
-
-  def _reason(self) -> str:
-    try:   # stdout closed: the process is exiting; give it a moment to report its status
-      self.proc.wait(10)
-    except subprocess.TimeoutExpired:
-      pass
-    if self.proc.poll() is None:
-      self.proc.kill()
-      return f"did not start within {self.timeout} s"
-    self.stderr.seek(0)
-    err = [ln for ln in self.stderr.read().splitlines() if ln.strip()]
-    return (err[-1] if err else f"exit code {self.proc.returncode}")[:200]
-
-  def __call__(self, steps: int) -> float:
-    self.proc.stdin.write(f"{steps}\n")
-    self.proc.stdin.flush()
-    line = self._read()
-    if line is None or "seconds" not in line:
-      raise RuntimeError(self._reason())
-    return float(line["seconds"])
-
-  def close(self):
-    if self.proc.poll() is None:
-      try:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait(30)
-      except (OSError, subprocess.TimeoutExpired):
-        self.proc.kill()
-
-
 def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
   """(Peer, None) or (None, reason it is skipped); `malloc`: with `runtime.malloc_env()`."""
   if name.startswith("torch"):
@@ -260,7 +187,7 @@ def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
   if malloc:
     env = {**(env or {}), **runtime.malloc_env()}
   try:
-    return Peer(args, env, timeout), None
+    return common.Peer(args, {**PEER_ENV, **(env or {})}, timeout, cwd=HERE), None
   except (RuntimeError, OSError) as e:
     return None, f"failed to start: {e}"
 

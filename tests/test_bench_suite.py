@@ -1,5 +1,5 @@
-"""benchmarks/suite.py's peers: a missing or failing peer is skipped with its reason, never a
-figure."""
+"""benchmarks/suite.py's peers (`common.Peer`): a missing or failing peer is skipped with its
+reason, never a figure."""
 
 import importlib.util
 import os
@@ -27,7 +27,7 @@ def test_peer_that_crashes_is_skipped_with_its_error(tmp_path):
   script = tmp_path / "bad_peer.py"
   script.write_text("raise ImportError('no module named frobnicate')\n")
   with pytest.raises(RuntimeError, match="frobnicate"):
-    suite.Peer([str(script)], timeout=60)
+    suite.common.Peer([str(script)], timeout=60)
 
 
 def test_peer_protocol_round_trip(tmp_path):
@@ -38,7 +38,7 @@ def test_peer_protocol_round_trip(tmp_path):
       "import protocol\n"
       "calls = []\n"
       "protocol.serve(lambda: calls.append(1), {'framework': 'fake'})\n")
-  peer = suite.Peer([str(script)], timeout=60)
+  peer = suite.common.Peer([str(script)], timeout=60)
   assert peer.info == {"framework": "fake"}
   assert peer(3) >= 0.0
   peer.close()
