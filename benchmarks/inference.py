@@ -14,7 +14,8 @@ For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifa
   2-bit activations), its packed artifact (`bnn_infer`, XNOR-popcount on a CPU);
 * `nm24`: 2:4 sparse kernels (`prune.n_m`), stored as a bitmask and the kept values;
 * `half_flops`: the model with filters physically removed down to half its MACs
-  (`structured.plan_for_flops`, uniform, multiples of 8; the artifact of a smaller model);
+  (`structured.plan_for_flops`, uniform, kept channels in multiples of 8, or of 4 or 2 where
+  8 would keep under 45% of the MACs; the artifact of a smaller model);
 
 with He-initialised weights and random BatchNorm statistics (speed does not depend on training)
 through `export.artifact_arrays`, and times `export.inference_fn` on each (codes unpacked inside
@@ -120,10 +121,16 @@ def artifact_config(model: str, kind: str) -> ml_collections.ConfigDict:
     m = models.get_model(model, 10)
     v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     graph = structured.build_graph(m, v["params"], v["batch_stats"], (1, 32, 32, 3))
-    keep = structured.plan_for_flops(m, v["params"], v["batch_stats"], flops_target=0.5,
-                                     method="uniform", graph=graph, round_to=8)
-    c.model_kwargs.channels = structured.prune_channels(
-        m, v["params"], v["batch_stats"], keep, graph=graph)[0]
+    full = structured.count_flops(m, (1, 32, 32, 3), v["params"], v["batch_stats"])
+    for round_to in (8, 4, 2):   # the coarsest rounding that keeps about half the MACs
+      keep = structured.plan_for_flops(m, v["params"], v["batch_stats"], flops_target=0.5,
+                                       method="uniform", graph=graph, round_to=round_to)
+      override, p2, s2 = structured.prune_channels(m, v["params"], v["batch_stats"], keep,
+                                                   graph=graph)
+      pruned = structured.with_channels(m, override)
+      if structured.count_flops(pruned, (1, 32, 32, 3), p2, s2) >= 0.45 * full:
+        break
+    c.model_kwargs.channels = override
   elif kind != "float":
     wbits, abits = (int(v) for v in kind[1:].split("a"))
     c.model_kwargs.act_quant = ml_collections.ConfigDict(
