@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -94,8 +95,11 @@ _INFER = flags.DEFINE_boolean("inference", True, "Time float and packed-binary i
 _BNN_COMPUTE = flags.DEFINE_string("bnn_compute", "auto", "bnn_infer compute of the packed net.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square matmuls timed.")
 _PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 900, "Seconds a peer may take to start.")
+_PEER_PYTHON = flags.DEFINE_string(
+    "peer_python", "", "The Python that runs the peers: a venv holding them with all their "
+    "dependencies (README: .venv-peers); default: this one.")
 _PEER_MALLOC = flags.DEFINE_boolean(
-    "peer_malloc", False, "Start the peers with the glibc malloc settings that "
+    "peer_malloc", True, "Start the peers with the glibc malloc settings that "
     "`runtime.configure_cpu()` gives this process (runtime.configure_cpu_malloc; not with "
     "JCOMPRESS_CPU_MALLOC=0): run both sides with them to compare like with like.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
@@ -159,15 +163,26 @@ def pipeline_feed(batch: int, data_dir: str | None):
                                  augment=True, data_dir=data_dir or tempfile.mkdtemp())
 
 
-def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
-  """(Peer, None) or (None, reason it is skipped); `malloc`: with `runtime.malloc_env()`."""
-  if name.startswith("torch"):
+def _installed(module: str, python: str | None) -> bool:
+  """Whether `module` imports in `python` (default: this process's)."""
+  import importlib.util  # noqa: PLC0415
+  if not python:
     try:
-      import importlib.util  # noqa: PLC0415
-      if importlib.util.find_spec("torch") is None:
-        return None, "torch is not installed (pip install torch)"
+      return importlib.util.find_spec(module) is not None
     except ValueError:
-      pass
+      return True
+  return subprocess.run([python, "-c", f"import importlib.util as u, sys; "
+                         f"sys.exit(u.find_spec({module!r}) is None)"],
+                        capture_output=True, check=False).returncode == 0
+
+
+def start_peer(name: str, batch: int, timeout: int, malloc: bool = False,
+               python: str | None = None):
+  """(Peer, None) or (None, reason it is skipped); `malloc`: with `runtime.malloc_env()`;
+  `python`: the interpreter that runs the peer (default: this one)."""
+  if name.startswith("torch"):
+    if not _installed("torch", python):
+      return None, "torch is not installed (pip install torch)"
     args = [os.path.join("peers", "torch_resnet.py"), f"--batch_size={batch}"]
     if name == "torch_w1a1":
       args.append("--binary")
@@ -176,8 +191,7 @@ def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
               f"--model={name.split('_')[1]}", "--width=1.0"]
     env = None
   elif name == "larq_w1a1":
-    import importlib.util  # noqa: PLC0415
-    missing = [m for m in ("larq", "tf_keras", "tensorflow") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("larq", "tf_keras", "tensorflow") if not _installed(m, python)]
     if missing:
       return None, f"not installed: {', '.join(missing)} (pip install larq tf_keras)"
     args = [os.path.join("peers", "larq_resnet.py"), f"--batch_size={batch}"]
@@ -187,7 +201,8 @@ def start_peer(name: str, batch: int, timeout: int, malloc: bool = False):
   if malloc:
     env = {**(env or {}), **runtime.malloc_env()}
   try:
-    return common.Peer(args, {**PEER_ENV, **(env or {})}, timeout, cwd=HERE), None
+    return common.Peer(args, {**PEER_ENV, **(env or {})}, timeout, cwd=HERE,
+                       python=python), None
   except (RuntimeError, OSError) as e:
     return None, f"failed to start: {e}"
 
@@ -355,7 +370,8 @@ def main(argv):
     print(f"compiled {name}: {infos[name]['compile_seconds']} s", flush=True)
   peers, skipped = {}, {}
   for name in [p for p in _PEERS.value if p]:
-    peer, why = start_peer(name, batch, _PEER_TIMEOUT.value, _PEER_MALLOC.value)
+    peer, why = start_peer(name, batch, _PEER_TIMEOUT.value, _PEER_MALLOC.value,
+                           _PEER_PYTHON.value or None)
     if peer is None:
       skipped[name] = why
       print(f"peer {name} skipped: {why}", flush=True)

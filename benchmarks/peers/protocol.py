@@ -26,3 +26,20 @@ def serve(step, info: dict) -> None:
     for _ in range(n):
       step()
     print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+
+
+def fastest_format(make_step, memory_format: str = "auto"):
+  """(format, step, params, {format: seconds of 3 steps}): `make_step(fmt) -> (step, params)`
+  for "channels_last" and "contiguous" (or only `memory_format`), the faster of 3 timed steps
+  after one untimed (PyTorch's convolutions run faster in one or the other, by layer shape)."""
+  fmts = ("channels_last", "contiguous") if memory_format == "auto" else (memory_format,)
+  tried = {}
+  for fmt in fmts:
+    step, params = make_step(fmt)
+    step()
+    t0 = time.perf_counter()
+    for _ in range(3 if len(fmts) > 1 else 0):
+      step()
+    tried[fmt] = (time.perf_counter() - t0, step, params)
+  fmt = min(tried, key=lambda k: tried[k][0])
+  return fmt, tried[fmt][1], tried[fmt][2], {k: round(v[0], 3) for k, v in tried.items()}

@@ -19,7 +19,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -40,18 +39,8 @@ def main():
   base = ResNet18().eval()
   params = sum(q.numel() for q in base.parameters())
 
-  def calls(model, inp, n=3):
-    with torch.inference_mode():
-      model(inp)
-      t0 = time.perf_counter()
-      for _ in range(n):
-        model(inp)
-    return time.perf_counter() - t0
-
-  tried = {}
-  for fmt in ("channels_last", "contiguous"):
-    model = copy.deepcopy(base)
-    inp = x
+  def make_step(fmt):
+    model, inp = copy.deepcopy(base), x
     if fmt == "channels_last":
       model = model.to(memory_format=torch.channels_last)
       inp = x.contiguous(memory_format=torch.channels_last)
@@ -62,24 +51,22 @@ def main():
       torch.backends.quantized.engine = "x86"
       prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (inp,))
       with torch.inference_mode():
-        for _ in range(4):
+        for _ in range(4):   # calibration batches
           prepared(torch.randn_like(inp))
       model = convert_fx(prepared)
     elif args.mode == "int8_dynamic":
       model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
-    tried[fmt] = (calls(model, inp), model, inp)
-  fmt = min(tried, key=lambda k: tried[k][0])
-  _, model, inp = tried[fmt]
 
-  def step():
-    with torch.inference_mode():
-      model(inp)
+    def step():
+      with torch.inference_mode():
+        model(inp)
 
+    return step, params
+
+  fmt, step, _, tried = protocol.fastest_format(make_step)
   protocol.serve(step, {"framework": f"torch {torch.__version__} eager", "mode": args.mode,
                         "threads": torch.get_num_threads(), "memory_format": fmt,
-                        "memory_format_seconds_3_calls": {k: round(v[0], 3)
-                                                          for k, v in tried.items()},
-                        "params": params})
+                        "memory_format_seconds_3_calls": tried, "params": params})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ times beside jcompress's step.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -154,22 +153,11 @@ def main():
 
     return step, sum(p.numel() for p in model.parameters())
 
-  tried = {}
-  fmts = ("channels_last", "contiguous") if args.memory_format == "auto" else (args.memory_format,)
-  for fmt in fmts:
-    step, params = make_step(fmt)
-    step()
-    t0 = time.perf_counter()
-    for _ in range(3 if len(fmts) > 1 else 0):
-      step()
-    tried[fmt] = (time.perf_counter() - t0, step, params)
-  fmt = min(tried, key=lambda k: tried[k][0])
-  _, step, params = tried[fmt]
+  fmt, step, params, tried = protocol.fastest_format(make_step, args.memory_format)
   protocol.serve(step, {"framework": f"torch {torch.__version__} eager", "device": dev,
                         "threads": torch.get_num_threads(), "model": args.model,
                         "width": args.width, "memory_format": fmt,
-                        "memory_format_seconds_3_steps": {k: round(v[0], 3)
-                                                          for k, v in tried.items()},
+                        "memory_format_seconds_3_steps": tried,
                         "params": params})
 
 
