@@ -12,6 +12,7 @@ For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifa
   where `intinfer.integer_layers` says so (int8 products, int32 sums);
 * `w1a1`, `w1a2`: the binary ResNet of the same shape (`bnn_<model>`: binary weights, 1- or
   2-bit activations), its packed artifact (`bnn_infer`, XNOR-popcount on a CPU);
+  `ternary_a1`, `ternary_a2`: the same with ternary (-1/0/+1) weights, two bit planes;
 * `nm24`: 2:4 sparse kernels (`prune.n_m`), stored as a bitmask and the kept values;
 * `half_flops`: the model with filters physically removed down to half its MACs
   (`structured.plan_for_flops`, uniform, kept channels in multiples of 8, or of 4 or 2 where
@@ -60,7 +61,8 @@ from jcompress import train  # noqa: E402
 from jcompress import transforms  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["resnet18_cifar", "resnet20"], "CIFAR-stem models.")
-KINDS = ("float", "w8a8", "w4a8", "w4a4", "w1a1", "w1a2", "nm24", "half_flops")
+KINDS = ("float", "w8a8", "w4a8", "w4a4", "w1a1", "w1a2", "ternary_a1", "ternary_a2", "nm24",
+         "half_flops")
 _KINDS = flags.DEFINE_list("artifacts", list(KINDS),
                            f"Artifacts: {', '.join(KINDS)} (wXaY: any X, Y in 2..8).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -109,11 +111,12 @@ def artifact_config(model: str, kind: str) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.data, c.image_size, c.model = "digits", 32, model
   c.batch_size, c.eval_batch_size = 64, 64
-  if kind in ("w1a1", "w1a2"):
+  if kind in ("w1a1", "w1a2", "ternary_a1", "ternary_a2"):
     c.model = f"bnn_{model}"
     c.model_kwargs.num_bits = int(kind[-1])
-    c.binary = ml_collections.ConfigDict({"method": "ste_sign", "include": (".*",),
-                                          "exclude": transforms.DEFAULT_EXCLUDE})
+    c.binary = ml_collections.ConfigDict({
+        "method": "ternary" if kind.startswith("ternary") else "ste_sign",
+        "include": (".*",), "exclude": transforms.DEFAULT_EXCLUDE})
   elif kind == "nm24":
     c.prune = prune.default_config()
     c.prune.n_m, c.prune.sparsity = "2:4", 0.5
@@ -178,7 +181,8 @@ def main(argv):
     runners, rows = {}, {}
     for kind in _KINDS.value:
       arrays, manifest, reference, macs = build(model, kind, images)
-      routes = [True] + ([False] if kind[0] == "w" and _FLOAT_ROUTE.value else [])
+      quantized = kind[0] == "w" and kind not in ("w1a1", "w1a2")
+      routes = [True] + ([False] if quantized and _FLOAT_ROUTE.value else [])
       for integer in routes:
         name = kind if integer else f"{kind}_float_route"
         fn = export.inference_fn((manifest, arrays), integer=integer)

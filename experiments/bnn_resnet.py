@@ -23,8 +23,9 @@ CIFAR-10 (default): BNN ResNet-18 with a CIFAR stem, batch 128, 64k steps, crop 
 a 2-core CPU; a shorter schedule moves W1A1 by a point or more between seeds).
 
 Args: data, model, num_bits (activation bits, 1..8), method (ste_sign, approx_sign, swish_sign,
-xnor), width, steps (total_steps; 0: the data's default), float_steps (`binary.float_steps`:
-steps with float kernels before they are binarized, ReActNet's two stages in one run), teacher
+xnor, ternary: -1/0/+1 weights, TWN's threshold, two bit planes in the artifact), width,
+steps (total_steps; 0: the data's default), float_steps (`binary.float_steps`: steps with
+float kernels before they are binarized, ReActNet's two stages in one run), teacher
 (the teacher's workdir; empty: no distillation; "default": see above), loss, temperature, alpha
 (the `distill` sub-config), seed, runlocal.
 """

@@ -155,6 +155,8 @@ def _encode_leaf(path: str, x, earlier) -> tuple[dict, dict]:
             {"encoding": "csr", "shape": shape})
   if isinstance(x, dict) and "bits" in x and "shape" in x:      # binarize.binary_weights
     arrays = {f"{path}/bits": np.asarray(x["bits"], np.uint32)}
+    if "nonzero" in x:   # ternary: the plane of weights that are not 0
+      arrays[f"{path}/nonzero"] = np.asarray(x["nonzero"], np.uint32)
     if "scale" in x:
       arrays[f"{path}/scale"] = np.asarray(x["scale"], np.float32)
     return arrays, {"encoding": "binary", "shape": [int(d) for d in x["shape"]]}

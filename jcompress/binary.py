@@ -22,6 +22,9 @@ the input's dtype):
                            dx = g * 1{|x| <= 1}
   xnor_binarize_weights(w) alpha * sign(w), alpha = mean |w| per output channel (last axis);
                            STE through sign, the true gradient through alpha (XNOR-Net)
+  ternarize(w)             sign(w) 1{|w| > delta} in {-1, 0, +1}, delta = 0.7 mean |w| per
+                           output channel (TWN's threshold, unscaled so that integer products
+                           stay exact); dw = g * 1{|w| <= 1} (straight-through)
 
 Bit packing: `pack_signs` stores bit 1 for +1 (x >= 0) and bit 0 for -1, 32 signs a
 word along one axis; `binary_dot(a, b, n) = n - 2 popcount(a xor b)` is the exact
@@ -188,6 +191,37 @@ def xnor_binarize_weights(w: jax.Array) -> jax.Array:
   return alpha * binarize(w)
 
 
+#: TWN's threshold: delta = TERNARY_DELTA * mean |w| (Li et al. 2016, the approximately optimal
+#: threshold for Gaussian or uniform weights).
+TERNARY_DELTA = 0.7
+
+
+def ternary_nonzero(w: jax.Array) -> jax.Array:
+  """1{|w| > delta}, delta = TERNARY_DELTA * mean |w| per output channel (the last axis)."""
+  axes = tuple(range(w.ndim - 1))
+  delta = TERNARY_DELTA * jnp.mean(jnp.abs(w), axis=axes, keepdims=True)
+  return jnp.abs(w) > delta
+
+
+@jax.custom_vjp
+def ternarize(w: jax.Array) -> jax.Array:
+  """Ternary weights: sign(w) where |w| > delta (`ternary_nonzero`), else 0; values -1, 0, +1
+  (no scale: the following BatchNorm absorbs one, and integer products stay exact).
+  Gradient: straight-through, g * 1{|w| <= 1}."""
+  return jnp.where(ternary_nonzero(w), _sign(w), jnp.zeros((), w.dtype))
+
+
+def _ternarize_fwd(w):
+  return ternarize(w), w
+
+
+def _ternarize_bwd(w, g):
+  return (_ste_mask(w, g),)
+
+
+ternarize.defvjp(_ternarize_fwd, _ternarize_bwd)
+
+
 def xnor_scale(w: jax.Array) -> jax.Array:
   """alpha of `xnor_binarize_weights`: mean |w| per output channel (last axis), shape (out,)."""
   return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
@@ -198,6 +232,7 @@ BINARIZERS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "approx_sign": approx_sign,
     "swish_sign": swish_sign,
     "xnor": xnor_binarize_weights,
+    "ternary": ternarize,
 }
 
 
@@ -341,13 +376,15 @@ def binary_weights(params_like: PyTree,
 
   - init: no state (`{}`); with `float_steps` > 0, `{"binary_on": bool}` (False until the
     `float_steps`-th step).
-  - apply: selected leaves -> binarizer(w) (+1/-1, or alpha * sign(w) for "xnor"),
+  - apply: selected leaves -> binarizer(w) (+1/-1, alpha * sign(w) for "xnor", -1/0/+1 for
+    "ternary"),
     gradients through the binarizer's relaxation onto the latent w; others untouched.
     (Stage one: the selected leaves as they are.)
   - update: clips the selected latent weights to [-1, 1]; returns (params, state), the state
     switched on once `step` (steps done) reaches `float_steps`.
   - export: {"params": tree} where each selected leaf is {"bits": pack_signs(w, axis=-2),
-    "shape": w.shape} (plus "scale": the per-output-channel alpha for "xnor") and the
+    "shape": w.shape} (plus "scale": the per-output-channel alpha for "xnor"; "nonzero": the
+    packed nonzero plane for "ternary") and the
     other leaves are kept as they are; `unpack_export` turns it back into the weights
     that `apply` gives.
   """
@@ -376,6 +413,9 @@ def binary_weights(params_like: PyTree,
     out = {"bits": pack_signs(w, axis=-2), "shape": tuple(w.shape)}
     if method == "xnor":
       out["scale"] = xnor_scale(w)
+    if method == "ternary":   # a second plane: which weights are not 0
+      one = jnp.ones((), w.dtype)
+      out["nonzero"] = pack_signs(jnp.where(ternary_nonzero(w), one, -one), axis=-2)
     return out
 
   def export(params, state):
@@ -413,6 +453,8 @@ def unpack_export(artifact: PyTree, dtype=jnp.float32) -> PyTree:
       return x
     shape = tuple(int(s) for s in x["shape"])
     w = unpack_signs(x["bits"], shape[-2], axis=-2, dtype=dtype)
+    if "nonzero" in x:
+      w = w * (unpack_signs(x["nonzero"], shape[-2], axis=-2, dtype=dtype) > 0)
     if "scale" in x:
       w = w * jnp.asarray(x["scale"], dtype)
     return w

@@ -12,7 +12,9 @@ After training, `freeze` turns a BNN ResNet (`jcompress.models.bnn_resnet`, weig
   3x3 kernel over 16 channels (K = 144) takes 5 words = 160 bits, 1.11 bits a weight (28.8x
   smaller than float32); K a multiple of 32 (C_in a multiple of 32) gives exactly 1 bit a weight
   (32x). Each row is word-aligned, so an XNOR-popcount kernel reads it as it is. With
-  `method="xnor"` the artifact adds `scale`, XNOR-Net's alpha = mean |w| per output channel.
+  `method="xnor"` the artifact adds `scale`, XNOR-Net's alpha = mean |w| per output channel;
+  with `method="ternary"` (weights -1, 0, +1: `binarize.ternarize`) a second plane `nonzero`,
+  packed the same way, with bit 1 where the weight is not 0 (2 bits a weight).
 * every BatchNorm folded into per-channel terms. A BatchNorm in eval mode (flax's formula) is the
   affine map
 
@@ -104,7 +106,7 @@ def fastest_compute(num_bits: int = 1, platform: str | None = None) -> str:
   return "f32" if fastconv.cpu_convs_on_eigen() else "int8"
 
 #: Weight binarizers whose frozen form this module knows (config key `binary.method`).
-METHODS = ("ste_sign", "approx_sign", "swish_sign", "xnor")
+METHODS = ("ste_sign", "approx_sign", "swish_sign", "xnor", "ternary")
 
 _BINARY_CONVS = ("conv1", "conv2", "shortcut_conv")
 _INT_LIMIT = 2 ** 30
@@ -220,12 +222,16 @@ def _freeze_arrays(params: PyTree, batch_stats: PyTree, meta: dict, eps: float) 
   nb = meta["num_bits"]
   m = 1.0 if nb == 1 else 2.0 ** (nb - 1) - 1
   xnor = meta["method"] == "xnor"
+  ternary = meta["method"] == "ternary"
   out = {}
   a, b = _bn_affine(params["stem_bn"], batch_stats["stem_bn"], eps)
   out["stem"] = {"kernel": jnp.asarray(params["stem_conv"]["kernel"], jnp.float32) * a,
                  "bias": b}
 
   def binary(w):
+    if ternary:   # signs, and a second plane: 1 where the ternary weight is not 0
+      t = binarize.ternarize(jnp.asarray(w, jnp.float32))
+      return {"bits": pack_kernel(t), "nonzero": pack_kernel(jnp.where(t != 0, 1.0, -1.0))}
     entry = {"bits": pack_kernel(w)}
     if xnor:
       entry["scale"] = binarize.xnor_scale(jnp.asarray(w, jnp.float32))
@@ -416,6 +422,8 @@ def _repacked_shapes(arrays: dict, meta: dict) -> dict:
                           f"{tuple(w.shape)}")
       entry["bits"] = jax.ShapeDtypeStruct((shape[-1], binarize.num_words(
           int(np.prod(shape[:-1])))), jnp.uint32)
+      if entry.pop("wnz", None) is not None or meta["method"] == "ternary":
+        entry["nonzero"] = entry["bits"]
     return entry
 
   out = {}
@@ -461,7 +469,11 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
       for conv in _BINARY_CONVS:
         if conv in blk:
           entry = dict(blk[conv])
-          w = unpack_kernel(entry.pop("bits"), meta["kernels"][f"{name}/{conv}"], dtype)
+          w = _kernel(entry, meta["kernels"][f"{name}/{conv}"], dtype)
+          entry.pop("bits")
+          if entry.pop("nonzero", None) is not None and compute == "xnor":
+            entry["wnz"] = jax.device_put(binarize.pack_signs(
+                jnp.where(w != 0, jnp.ones((), dtype), -jnp.ones((), dtype)), axis=2))
           if compute == "xnor":
             w = binarize.pack_signs(w, axis=2)
           entry["w"] = jax.device_put(w)
@@ -497,14 +509,25 @@ def _quantize(x: jax.Array, terms: dict, num_bits: int, dtype) -> jax.Array:
   return jnp.round(jnp.clip(y, -m, m)).astype(dtype)
 
 
+def _kernel(entry: dict, shape: Sequence[int], dtype) -> jax.Array:
+  """The stored kernel of a binary conv entry: +-1, or -1/0/+1 with a `nonzero` plane."""
+  w = unpack_kernel(entry["bits"], shape, dtype)
+  if "nonzero" in entry:
+    w = jnp.where(unpack_kernel(entry["nonzero"], shape, dtype) > 0, w, jnp.zeros((), dtype))
+  return w
+
+
 def _binary_conv(codes: jax.Array, entry: dict, shape: Sequence[int], stride: int,
                  compute: str, num_bits: int) -> jax.Array:
   """The integer accumulator (int32, or exact integers in f32) of a binary conv."""
   from jcompress import fastconv  # noqa: PLC0415
   dtype = _compute_dtype(compute)
-  w = entry["w"] if "w" in entry else unpack_kernel(entry["bits"], shape, dtype)
+  w = entry["w"] if "w" in entry else _kernel(entry, shape, dtype)
   if compute == "xnor":
-    return fastconv.xnor_conv(codes, w, (stride, stride), _pad(shape[0]), ternary=num_bits > 1)
+    # ternary kernels: their nonzero plane (packed at load, else the -1/0/+1 kernel itself)
+    nonzero = entry.get("wnz", w if "nonzero" in entry else None)
+    return fastconv.xnor_conv(codes, w, (stride, stride), _pad(shape[0]), ternary=num_bits > 1,
+                              w_nonzero=nonzero)
   acc = jnp.int32 if compute == "int8" else jnp.float32
   return lax.conv_general_dilated(codes.astype(dtype), w.astype(dtype), (stride, stride),
                                   _pad(shape[0]), dimension_numbers=_DN,

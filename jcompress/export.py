@@ -29,7 +29,8 @@ What is stored, per parameter leaf of the model (named by its `/`-joined param p
                                                pow2): the bitmask and the codes of the kept
                                                weights only, packed at their bit-width
   pq           P/codes, P/codebooks            product quantization (`pq.pack_pq`)
-  binary       P/bits [+ P/scale]              signs 32 to a uint32 word (`binarize.pack_signs`)
+  binary       P/bits [+ P/nonzero, P/scale]   signs 32 to a uint32 word (`binarize.pack_signs`);
+                                               ternary: a second plane, 1 where w != 0
 
 plus the BatchNorm statistics (`P` = `layer/mean`, `layer/var`, float32). A chain of transforms
 (prune, then quantize) stores each leaf once, in the encoding of the last method that encoded it
@@ -317,6 +318,8 @@ def decode_leaf(arrays: dict, path: str, e: dict) -> jax.Array:
     return pq.reconstruct(cb, codes, shape).astype(jnp.float32)
   if enc == "binary":
     w = binarize.unpack_signs(arrays[f"{path}/bits"], shape[-2], axis=-2, dtype=jnp.float32)
+    if f"{path}/nonzero" in arrays:   # ternary
+      w = w * (binarize.unpack_signs(arrays[f"{path}/nonzero"], shape[-2], axis=-2) > 0)
     if f"{path}/scale" in arrays:
       w = w * jnp.asarray(arrays[f"{path}/scale"], jnp.float32)
     return w

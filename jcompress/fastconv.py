@@ -537,7 +537,8 @@ def with_depthwise(base):
 
 
 def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
-              padding: Sequence[tuple[int, int]], ternary: bool = False) -> jax.Array:
+              padding: Sequence[tuple[int, int]], ternary: bool = False,
+              w_nonzero: jax.Array | None = None) -> jax.Array:
   """The NHWC/HWIO convolution of +-1 activations with +-1 kernels by XOR and popcount: int32.
 
   `x` holds -1 and +1 (`ternary`: -1, 0 and +1, the 2-bit activations), `w` -1 and +1 (any
@@ -552,8 +553,12 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   K = kh kw C. The zero padding of the convolution reads as -1 bits; the sum of w over an output
   position's padded taps (what those -1s took away) is added back. Ternary activations carry a
   second bit plane `nz` (x != 0): sum = popcount(nz) - 2 popcount(nz and (x_bits xor w_bits)),
-  the padding being nz = 0. Exact integers, so equal to the float32 convolution of the same
-  values (tests/test_narrow_binary.py). One XLA loop fusion: every output element sums
+  the padding being nz = 0. Ternary weights (-1, 0, +1) carry their own nonzero plane
+  `w_nonzero` (packed like `w`, or the -1/0/+1 kernel itself, whose zeros it reads): then
+  sum = popcount(m) - 2 popcount(m and (x_bits xor w_bits)), m = nz(x) and nz(w), per output
+  channel (the activations' nz is all ones inside the image for sign activations, 0 in the
+  padding). Exact integers, so equal to the float32 convolution of the same values
+  (tests/test_narrow_binary.py). One XLA loop fusion: every output element sums
   kh kw ceil(C / 32) popcounts, vectorised over the output channels; the result is stored
   (`materialize`), else XLA fuses that sum into each consumer and computes it again there.
   3-4x faster than XLA:CPU's float32 convolutions at ResNet-18's sizes (README "Speed").
@@ -568,20 +573,35 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   spatial = ((0, 0), (pt, pb), (pl, pr), (0, 0))
   # The sign bits (x >= 0; a 0 of ternary activations is masked out by `nz` below).
   bits = jnp.pad(binarize.pack_signs(x, axis=-1), spatial)
-  if ternary:
-    one = jnp.ones((), jnp.int8)
+  one = jnp.ones((), jnp.int8)
+  if ternary or w_nonzero is not None:
     nz = jnp.pad(binarize.pack_signs(jnp.where(x != 0, one, -one), axis=-1), spatial)
 
   def tap(a, i, j, q):   # word q of tap (i, j) of every output position: (n, ho, wo, 1)
     return lax.slice(a, (0, i, j, q), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, q + 1),
                      (1, sh, sw, 1))
 
+  if w_nonzero is not None and w_nonzero.dtype != jnp.uint32:
+    w_nonzero = binarize.pack_signs(jnp.where(w_nonzero != 0, one, -one), axis=2)
+  if w_nonzero is not None and ternary:   # both nonzero planes, per output channel
+    total = None   # one sum (one loop fusion): popcount(m) - 2 popcount(m and (x xor w))
+    for i in range(kh):
+      for j in range(kw):
+        for q in range(wbits.shape[2]):
+          m = tap(nz, i, j, q) & w_nonzero[i, j, q]
+          t = (lax.population_count(m).astype(jnp.int32) - 2 * lax.population_count(
+              (tap(bits, i, j, q) ^ wbits[i, j, q]) & m).astype(jnp.int32))
+          total = t if total is None else total + t
+    return materialize(total)
+
   diff = nonzero = None
   for i in range(kh):
     for j in range(kw):
       for q in range(wbits.shape[2]):
         d = tap(bits, i, j, q) ^ wbits[i, j, q]
-        if ternary:
+        if w_nonzero is not None:   # sign activations, ternary weights: their nonzero plane
+          d = d & w_nonzero[i, j, q]
+        elif ternary:
           d = d & tap(nz, i, j, q)
           o = lax.population_count(tap(nz, i, j, q)).astype(jnp.int32)
           nonzero = o if nonzero is None else nonzero + o
@@ -596,11 +616,17 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
   cols = np.arange(wo)[:, None] * sw + np.arange(kw)[None] - pl          # (wo, kw)
   outside = ~(((rows >= 0) & (rows < h))[:, None, :, None]
               & ((cols >= 0) & (cols < wd))[None, :, None, :])          # (ho, wo, kh, kw)
-  # sum of w over C_in per tap: (+1s) - (-1s) = 2 popcount - C (the pad bits are 0).
-  plus = jnp.sum(lax.population_count(wbits).astype(jnp.int32), axis=2)
-  wsum = 2 * plus - c                                                    # (kh, kw, C_out)
+  # sum of w over C_in per tap: (+1s) - (-1s) = 2 popcount - C (the pad bits are 0); with
+  # ternary weights over their nonzero ones, and the taps' nonzero weights in place of K.
+  if w_nonzero is None:
+    plus = jnp.sum(lax.population_count(wbits).astype(jnp.int32), axis=2)
+    count = jnp.full(plus.shape, c, jnp.int32)
+  else:
+    plus = jnp.sum(lax.population_count(wbits & w_nonzero).astype(jnp.int32), axis=2)
+    count = jnp.sum(lax.population_count(w_nonzero).astype(jnp.int32), axis=2)
+  wsum = 2 * plus - count                                                # (kh, kw, C_out)
   pad_sum = jnp.einsum("hwij,ijo->hwo", outside.astype(np.int32), wsum)
-  return materialize((kh * kw * c) - 2 * diff + pad_sum)
+  return materialize(jnp.sum(count, axis=(0, 1)) - 2 * diff + pad_sum)
 
 
 # ----------------------------------------------------------------------------- exact narrow forward

@@ -471,3 +471,21 @@ def test_quantize_activation_bad_bits_names_key(bits):
     bz.quantize_activation(jnp.zeros(3), bits)
   with pytest.raises(ConfigError, match=r"'binary\.act_bits'"):
     bz.quantize_activation(jnp.zeros(3), 0, key="binary.act_bits")
+
+
+def test_ternarize_threshold_gradient_and_export_round_trip():
+  """TWN's threshold per output channel (0.7 mean |w|), -1/0/+1 values, straight-through
+  gradient; the export's two planes give back what `apply` gives."""
+  w = jnp.asarray([[0.05, -0.9, 0.3], [-0.2, 0.6, 1.5], [0.8, -0.01, -0.4]], jnp.float32)
+  delta = 0.7 * jnp.mean(jnp.abs(w), axis=0)
+  t = bz.ternarize(w)
+  np.testing.assert_array_equal(t, jnp.where(jnp.abs(w) > delta, jnp.sign(w), 0.0))
+  assert set(np.unique(np.asarray(t)).tolist()) == {-1.0, 0.0, 1.0}
+  g = jax.grad(lambda v: jnp.sum(bz.ternarize(v) * jnp.arange(9.0).reshape(3, 3)))(w)
+  np.testing.assert_array_equal(g, jnp.where(jnp.abs(w) <= 1, jnp.arange(9.0).reshape(3, 3), 0))
+  params = {"conv": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 4))}}
+  tr = bz.binary_weights(params, method="ternary", exclude=())
+  art = tr.export(params, {})
+  assert set(art["params"]["conv"]["kernel"]) == {"bits", "shape", "nonzero"}
+  np.testing.assert_array_equal(bz.unpack_export(art)["conv"]["kernel"],
+                                tr.apply(params, {})["conv"]["kernel"])

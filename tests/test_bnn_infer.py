@@ -126,7 +126,7 @@ def test_pack_kernel_layout_and_roundtrip():
 
 
 @pytest.mark.parametrize("num_bits,method", [
-    (1, "ste_sign"), (2, "ste_sign"), (1, "xnor"),
+    (1, "ste_sign"), (2, "ste_sign"), (1, "xnor"), (1, "ternary"), (2, "ternary"),
     pytest.param(2, "xnor", marks=pytest.mark.slow),
 ])
 def test_packed_apply_matches_latent_model(nets, images, num_bits, method):
@@ -403,3 +403,24 @@ def test_freeze_and_load_accept_the_same_computes_per_bit_width(nets):
   v = three.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   with pytest.raises(ConfigError, match="xnor.*num_bits 1 or 2"):
     bnn_infer.freeze(v["params"], v["batch_stats"], three, compute="xnor")
+
+
+@pytest.mark.parametrize("num_bits", [1, 2])
+def test_ternary_weights_every_compute_is_exact_with_two_planes(nets, images, num_bits):
+  """Ternary kernels (-1/0/+1) store a sign plane and a nonzero plane (2 bits a weight); the
+  XNOR route ANDs both nonzero planes; int8, bf16, f32 and xnor give the same logits, from the
+  stored artifact and from its loaded form."""
+  net = nets(num_bits, "ternary")
+  conv = net.frozen["stage1_block0"]["conv1"]
+  assert set(conv) == {"bits", "nonzero"} and conv["nonzero"].shape == conv["bits"].shape
+  zeros = 1 - np.asarray(bnn_infer.unpack_kernel(conv["nonzero"], (3, 3, 4, 4))) > 0
+  assert 0.2 < zeros.mean() < 0.8   # TWN's threshold zeroes a good part of the weights
+  sizes = bnn_infer.artifact_nbytes(net.frozen)
+  assert sizes["binary_bits_per_weight"] == pytest.approx(
+      2 * bnn_infer.artifact_nbytes(nets(num_bits).frozen)["binary_bits_per_weight"])
+  want = np.asarray(bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images))
+  assert_matches_latent(want, net.latent)
+  for compute in ("bf16", "f32", "xnor"):
+    got = bnn_infer.packed_apply(bnn_infer.load(net.frozen, net.model, compute=compute), images)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=compute)
+  np.testing.assert_array_equal(np.asarray(bnn_infer.packed_apply(net.frozen, images)), want)

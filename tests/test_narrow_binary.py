@@ -110,6 +110,27 @@ def test_xnor_conv_equals_float32_conv(zeros, shape, k, stride, pad):
 
 
 @pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("shape,k,stride,pad", [
+    ((2, 9, 7, 64), 3, 2, ((1, 1), (1, 1))),
+    ((1, 6, 6, 40), 3, 2, ((0, 1), (1, 0))),
+    ((2, 5, 5, 33), 1, 1, ((0, 0), (0, 0))),
+    ((1, 4, 4, 32), 3, 1, ((2, 2), (2, 2))),
+])
+def test_xnor_conv_of_ternary_kernels_equals_float32_conv(zeros, shape, k, stride, pad):
+  """-1/0/+1 kernels: a second (nonzero) bit plane, given packed or as the kernel itself."""
+  kx, kw, kz = jax.random.split(jax.random.PRNGKey(shape[-1] + 7 * k + stride), 3)
+  x = _grid(kx, shape, zeros)
+  w = _grid(kw, (k, k, shape[-1], 24), zeros=False) * jax.random.bernoulli(
+      kz, 0.6, (k, k, shape[-1], 24))
+  ref = lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=DN)
+  xnor = jax.jit(fastconv.xnor_conv, static_argnums=(2, 3, 4))
+  np.testing.assert_array_equal(xnor(x, w, (stride, stride), pad, zeros, w), ref)
+  one = jnp.ones((), jnp.float32)
+  words, nonzero = (binarize.pack_signs(v, axis=2) for v in (w, jnp.where(w != 0, one, -one)))
+  np.testing.assert_array_equal(xnor(x, words, (stride, stride), pad, zeros, nonzero), ref)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_xnor_narrow_conv_gives_the_float32_values_and_gradients(zeros, stride):
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(3 + stride), 3)
@@ -249,6 +270,21 @@ def test_narrow_binary_compute_needs_sign_kernels_on_every_block_conv(data_dir, 
     train.make_experiment(c, load_teacher=False)
   c.model_kwargs.binary_compute = "auto"   # auto falls back to float32 instead
   assert train.make_experiment(c, load_teacher=False).model.binary_compute == "f32"
+
+
+def test_ternary_kernels_train_on_int8_not_xnor(data_dir):
+  """-1/0/+1 kernels: int8 products stay exact, the training forward's XNOR is refused, and
+  "auto" takes float32 on a CPU."""
+  c = _config(method="ternary")
+  c.data_dir = data_dir
+  c.model_kwargs.binary_compute = "int8"
+  assert train.make_experiment(c, load_teacher=False).model.binary_compute == "int8"
+  c.model_kwargs.binary_compute = "xnor"
+  with pytest.raises(ConfigError, match="ternary"):
+    train.make_experiment(c, load_teacher=False)
+  c.model_kwargs.binary_compute = "auto"
+  want = "f32" if jax.default_backend() == "cpu" else "bf16"
+  assert train.make_experiment(c, load_teacher=False).model.binary_compute == want
 
 
 def test_unknown_binary_compute_is_a_config_error():

@@ -30,7 +30,8 @@ def packs(config) -> bool:
 def resolve_binary_compute(config, model, params):
   """`model` with its `binary_compute` field checked and "auto" resolved.
 
-  "bf16", "int8" and "xnor" are exact only where every block convolution's kernel is +-1: the
+  "bf16", "int8" and "xnor" are exact only where every block convolution's kernel is +-1 (bf16
+  and int8 also for the -1/0/+1 kernels of "ternary"): the
   config's `binary` sub-config must be enabled with a sign binarizer (not "xnor", whose kernels
   are alpha * sign) and select every block conv kernel (`bnn_infer.block_conv_selection`);
   "xnor" (packed signs, XOR and popcount) also needs activations on the levels-1 grid, 1 or 2
@@ -62,12 +63,17 @@ def resolve_binary_compute(config, model, params):
     elif missed:
       why = (f"binary.include/exclude leave {len(missed)} block conv kernel(s) float, "
              f"e.g. {missed[0]}")
+  ternary = binary is not None and binary.get("method") == "ternary"
+  if why is None and ternary and requested == "xnor":
+    why = ("binary.method 'ternary' gives -1/0/+1 kernels, which the training forward's XNOR "
+           "does not take (the packed artifact computes them by XNOR with two planes); use "
+           "int8, bf16 or f32")
   if requested == "auto":
     if why is not None:
       return model.clone(binary_compute="f32")
     if jax.default_backend() in ("gpu", "tpu"):
       return model.clone(binary_compute="bf16")
-    return model.clone(binary_compute="xnor" if num_bits <= 2 else "f32")
+    return model.clone(binary_compute="xnor" if num_bits <= 2 and not ternary else "f32")
   if why is not None:
     raise ConfigError(f"config key 'model_kwargs.binary_compute': {requested!r} computes the "
                       f"binary convolutions exactly only when their kernels are +-1, but {why}")
