@@ -79,6 +79,18 @@ def test_unpack_codes_matches_packing(bits, signed):
   np.testing.assert_array_equal(np.asarray(got), codes)
 
 
+@pytest.mark.parametrize("n,density", [(37, 0.5), (64, 1.0), (1001, 0.1), (9, 0.0)])
+def test_scatter_mask_puts_the_values_where_the_bitmask_says(n, density):
+  rng = np.random.RandomState(n)
+  mask = rng.rand(n) < density
+  values = rng.randn(int(mask.sum())).astype(np.float32)
+  want = np.zeros(n, np.float32)
+  want[mask] = values
+  got = export._scatter_mask(jnp.asarray(np.packbits(mask)), jnp.asarray(values), n,  # noqa: SLF001
+                             int(mask.sum()), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # ----------------------------------------------------------------------------- artifacts
 
 
