@@ -43,3 +43,31 @@ def fastest_format(make_step, memory_format: str = "auto"):
     tried[fmt] = (time.perf_counter() - t0, step, params)
   fmt = min(tried, key=lambda k: tried[k][0])
   return fmt, tried[fmt][1], tried[fmt][2], {k: round(v[0], 3) for k, v in tried.items()}
+
+
+def torch_train_step(make_model, batch_size: int, image_size: int, fmt: str):
+  """(step, params) of a PyTorch train step on one synthetic batch: `make_model()` (seeded),
+  in memory format `fmt`, SGD with momentum 0.9 and weight decay, cross-entropy; the step
+  synchronises on CUDA. (torch is imported here: this module runs without it.)"""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: PLC0415, N812
+
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  model = make_model().to(dev)
+  x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+  y = torch.randint(0, 10, (batch_size,), device=dev)
+  if fmt == "channels_last":
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+  model.train()
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    if dev == "cuda":
+      torch.cuda.synchronize()
+
+  return step, sum(p.numel() for p in model.parameters())

@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import protocol  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 MOBILENETV2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -131,27 +130,10 @@ def main():
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count() or 1)   # every core, as jcompress's process uses
 
+  net = {"mobilenetv2": MobileNetV2, "shufflenetv2": ShuffleNetV2}[args.model]
+
   def make_step(fmt):
-    torch.manual_seed(0)
-    net = {"mobilenetv2": MobileNetV2, "shufflenetv2": ShuffleNetV2}[args.model]
-    model = net(args.width).to(dev)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=dev)
-    y = torch.randint(0, 10, (args.batch_size,), device=dev)
-    if fmt == "channels_last":
-      model = model.to(memory_format=torch.channels_last)
-      x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    model.train()
-
-    def step():
-      opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(model(x), y)
-      loss.backward()
-      opt.step()
-      if dev == "cuda":
-        torch.cuda.synchronize()
-
-    return step, sum(p.numel() for p in model.parameters())
+    return protocol.torch_train_step(lambda: net(args.width), args.batch_size, args.image_size, fmt)
 
   fmt, step, params, tried = protocol.fastest_format(make_step, args.memory_format)
   protocol.serve(step, {"framework": f"torch {torch.__version__} eager", "device": dev,

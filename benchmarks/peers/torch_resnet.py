@@ -110,25 +110,8 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)   # every core, as jcompress's process uses
 
   def make_step(fmt):
-    torch.manual_seed(0)
-    model = ResNet18(args.binary).to(dev)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=dev)
-    y = torch.randint(0, 10, (args.batch_size,), device=dev)
-    if fmt == "channels_last":
-      model = model.to(memory_format=torch.channels_last)
-      x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    model.train()
-
-    def step():
-      opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(model(x), y)
-      loss.backward()
-      opt.step()
-      if dev == "cuda":
-        torch.cuda.synchronize()
-
-    return step, sum(p.numel() for p in model.parameters())
+    return protocol.torch_train_step(lambda: ResNet18(args.binary), args.batch_size,
+                                     args.image_size, fmt)
 
   fmt, step, params, tried = protocol.fastest_format(make_step, args.memory_format)
   protocol.serve(step, {"framework": f"torch {torch.__version__} eager", "device": dev,
