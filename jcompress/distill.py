@@ -18,6 +18,13 @@ p^T = softmax(z / T), y the integer label, B the batch size.
 * `dkd_loss` (Zhao et al., CVPR 2022): `alpha * TCKD + beta * NCKD`, both times T^2, following
   mdistiller's `dkd_loss`.
 * `dml_losses` (Zhang et al. 2018): each of two peers' CE plus T^2 KL to the other's prediction.
+* `deit_hard_loss` (DeiT, Touvron et al. 2021): `CE(s_cls, y) / 2 + CE(s_dist, argmax t) / 2`,
+  the class head on the labels and the distillation token's head on the teacher's decisions.
+
+A student with a distillation token (a ViT with `distill_token`: feature `dist_logits`, its
+second head) learns the labels through its class head and the teacher through that head: the
+teacher-matching term of every loss reads `dist_logits` instead of the logits (DeiT's "soft
+distillation" for kd), and `deit_hard` needs it.
 
 `make_distill_loss(cfg)` turns the config sub-config `distill` into the whole student loss
 (hard-label cross-entropy included); `validate_distill` checks that sub-config against the
@@ -42,7 +49,10 @@ from jcompress.errors import ConfigError
 
 PyTree = Any
 
-LOSSES = ("kd", "tf_kd", "mse", "fitnet", "dkd")
+LOSSES = ("kd", "tf_kd", "mse", "fitnet", "dkd", "deit_hard")
+
+#: The student feature holding the distillation token's logits (`models.vit.ViT`).
+DIST_LOGITS = "dist_logits"
 
 #: Added to the target class's logit (scaled by 1/T) to remove it from NCKD's softmax, as
 #: mdistiller's `dkd_loss` does (`- 1000.0 * gt_mask`).
@@ -52,7 +62,7 @@ DKD_MASK_LOGIT = 1000.0
 def default_config() -> ml_collections.ConfigDict:
   """The `distill` sub-config with every key it accepts, at its default."""
   c = ml_collections.ConfigDict()
-  c.loss = "kd"                 # kd | tf_kd | mse | fitnet | dkd
+  c.loss = "kd"                 # kd | tf_kd | mse | fitnet | dkd | deit_hard
   c.temperature = 4.0           # T > 0 (kd, tf_kd, dkd, fitnet's optional KD)
   c.alpha = 0.9                 # weight of the distillation term, in [0, 1] (see make_distill_loss)
   c.beta = 8.0                  # dkd: weight of NCKD (mdistiller's CIFAR default)
@@ -230,6 +240,22 @@ def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.A
   return alpha * tckd + beta * nckd
 
 
+def deit_hard_loss(cls_logits: jax.Array, dist_logits: jax.Array, teacher_logits: jax.Array,
+                   labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+  r"""DeiT's hard-label distillation: `CE(s_cls, y) / 2 + CE(s_dist, argmax_k t_k) / 2`.
+
+  The class token's head learns the labels (smoothed by `label_smoothing`), the distillation
+  token's head the teacher's argmax decisions (unsmoothed). Returns the loss and its parts
+  `{"ce_loss": CE(s_cls, y), "deit_hard_loss": CE(s_dist, argmax t)}`.
+  """
+  _check_logits(dist_logits, teacher_logits)
+  _check_logits(cls_logits, teacher_logits)
+  teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+  ce = cross_entropy(cls_logits, labels, label_smoothing)
+  hard = cross_entropy(dist_logits, teacher_labels)
+  return 0.5 * ce + 0.5 * hard, {"ce_loss": ce, "deit_hard_loss": hard}
+
+
 def dml_losses(logits_a: jax.Array, logits_b: jax.Array, labels: jax.Array,
                temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
   r"""Deep mutual learning (Zhang et al. 2018): each peer's CE plus KD towards the other.
@@ -264,8 +290,9 @@ def validate_distill(cfg: ml_collections.ConfigDict,
 
   Refuses: keys it does not know, an unknown `loss`, `temperature <= 0`, `alpha` outside
   [0, 1], negative `beta` / `fitnet_weight` / `warmup_steps`, FitNets features that the models
-  do not produce (the message lists those they do), and a teacher whose class count differs
-  from the student's. Names and class counts that are None are not checked.
+  do not produce (the message lists those they do), `deit_hard` for a student without a
+  distillation token (feature `dist_logits`), and a teacher whose class count differs from the
+  student's. Names and class counts that are None are not checked.
   """
   known = default_config()
   unknown = sorted(set(cfg.keys()) - set(known.keys()) - {"enabled"})
@@ -294,10 +321,20 @@ def validate_distill(cfg: ml_collections.ConfigDict,
       if names is not None and name not in names:
         raise ConfigError(f"config key 'distill.{key}': the {who} model has no feature "
                           f"{name!r}; it produces: {', '.join(names)}")
+  if loss == "deit_hard" and student_feature_names is not None and (
+      DIST_LOGITS not in student_feature_names):
+    raise ConfigError(_no_token_message(student_feature_names))
   if student_classes is not None and teacher_classes is not None and (
       int(student_classes) != int(teacher_classes)):
     raise ConfigError(f"config key 'teacher': the teacher has {teacher_classes} classes, the "
                       f"student {student_classes}; distillation needs the same classes")
+
+
+def _no_token_message(names: Sequence[str]) -> str:
+  return ("config key 'distill.loss': 'deit_hard' trains the student's distillation head, "
+          f"feature '{DIST_LOGITS}', which the student model does not produce (it produces: "
+          f"{', '.join(names)}); give it a distillation token (a ViT with "
+          "model_kwargs.distill_token=True) or choose another loss")
 
 
 def init_aux(cfg: ml_collections.ConfigDict, student_feats_shapes: Mapping[str, Any],
@@ -336,10 +373,15 @@ def make_distill_loss(cfg: ml_collections.ConfigDict,
                                                        CE is reported but not trained)
       dkd:    CE + w(step) (alpha TCKD + beta NCKD)   (mdistiller's DKD, its warm-up included)
       fitnet: (1 - a) CE + a kd_loss(s, t, T) + w(step) fitnet_weight hint   (alpha = 0: FitNets)
+      deit_hard: CE(s, y) / 2 + CE(s_dist, argmax t) / 2        (DeiT; alpha, T unused)
+
+  With a distillation token (`student_feats["dist_logits"]`, `s_dist`), the terms that match the
+  teacher (kd, mse, the MSE of tf_kd, TCKD / NCKD, fitnet's KD) take `s_dist` in place of `s`,
+  and CE stays on `s`: DeiT's soft distillation for kd. `deit_hard` needs `s_dist`.
 
   `metrics` holds the parts: `ce_loss` always, and `kd_loss`, `logit_mse_loss`,
-  `sigmoid_ce_loss`, `tckd_loss`, `nckd_loss`, `hint_loss` where they apply; `distill_loss` is
-  the total. Teacher logits and features are stop-gradient'ed here.
+  `sigmoid_ce_loss`, `tckd_loss`, `nckd_loss`, `hint_loss`, `deit_hard_loss` where they apply;
+  `distill_loss` is the total. Teacher logits and features are stop-gradient'ed here.
   """
   validate_distill(cfg)
   loss_name = _get(cfg, "loss")
@@ -358,22 +400,35 @@ def make_distill_loss(cfg: ml_collections.ConfigDict,
     if warmup and step is not None:
       w = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup)
     a = alpha * w
+    # The logits that face the teacher: the distillation token's head where there is one.
+    s_t = student_feats.get(DIST_LOGITS, student_logits) if student_feats else student_logits
+    if loss_name == "deit_hard":
+      if not student_feats or DIST_LOGITS not in student_feats:
+        raise ConfigError(_no_token_message(list(student_feats or ())))
+      loss, metrics = deit_hard_loss(student_logits, s_t, teacher_logits, labels,
+                                     label_smoothing)
+      metrics["distill_loss"] = loss
+      return loss, metrics
     ce = cross_entropy(student_logits, labels, label_smoothing)
     metrics = {"ce_loss": ce}
     if loss_name == "kd":
-      kd = kd_loss(student_logits, teacher_logits, temperature)
+      kd = kd_loss(s_t, teacher_logits, temperature)
       loss = (1.0 - a) * ce + a * kd
       metrics["kd_loss"] = kd
     elif loss_name == "mse":
-      mse = logit_mse_loss(student_logits, teacher_logits)
+      mse = logit_mse_loss(s_t, teacher_logits)
       loss = (1.0 - a) * ce + a * mse
       metrics["logit_mse_loss"] = mse
     elif loss_name == "tf_kd":
       loss, parts = tf_kd_loss(student_logits, teacher_logits, labels, temperature,
                                lam=1.0 - a, tempered_hard=tempered_hard)
+      if s_t is not student_logits:   # the MSE term on the distillation head
+        soft = tf_kd_loss(s_t, teacher_logits, labels, temperature)[1]["logit_mse_loss"]
+        loss = (1.0 - a) * parts["sigmoid_ce_loss"] + a * soft
+        parts = {**parts, "logit_mse_loss": soft}
       metrics.update(parts)
     elif loss_name == "dkd":
-      tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, temperature)
+      tckd, nckd = dkd_parts(s_t, teacher_logits, labels, temperature)
       loss = ce + w * (alpha * tckd + beta * nckd)
       metrics.update(tckd_loss=tckd, nckd_loss=nckd)
     else:  # fitnet
@@ -383,7 +438,7 @@ def make_distill_loss(cfg: ml_collections.ConfigDict,
       loss = (1.0 - a) * ce + w * fitnet_weight * hint
       metrics["hint_loss"] = hint
       if alpha > 0:
-        kd = kd_loss(student_logits, teacher_logits, temperature)
+        kd = kd_loss(s_t, teacher_logits, temperature)
         loss = loss + a * kd
         metrics["kd_loss"] = kd
     metrics["distill_loss"] = loss

@@ -95,7 +95,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
       else:
         loss, parts = teachers.loss_fn(logits, feats, *teacher_out, batch["label"], aux,
                                        state.step)
-      return loss, (logits, mutated["batch_stats"], parts)
+      # A model without BatchNorm (a ViT) has no batch_stats to update.
+      return loss, (logits, mutated.get("batch_stats", state.batch_stats), parts)
 
     (loss, (logits, batch_stats, parts)), (grads, aux_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.aux)

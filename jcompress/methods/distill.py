@@ -1,7 +1,8 @@
 """Knowledge distillation (`distill` sub-config, on when `teacher` names one or more teachers):
 the student's loss mixes the hard labels with the frozen teachers' outputs
-(`jcompress.distill`: KD, TF-KD, logit MSE, FitNets, DKD). Loading the teachers is the
-trainer's (`jcompress.teacher`); this module turns their shapes into the loss."""
+(`jcompress.distill`: KD, TF-KD, logit MSE, FitNets, DKD, DeiT's hard distillation through a
+ViT's distillation token). Loading the teachers is the trainer's (`jcompress.teacher`); this
+module turns their shapes into the loss."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def make_loss(config, ctx) -> Loss:
 
 METHOD = Method(
     name="distill",
-    summary="student trained on frozen teachers' outputs (KD, TF-KD, MSE, FitNets, DKD)",
+    summary="student trained on frozen teachers' outputs (KD, TF-KD, MSE, FitNets, DKD, DeiT)",
     default_config=distill.default_config,
     validate=validate,
     is_active=lambda config: bool(config.get("teacher")),

@@ -21,6 +21,12 @@ Contract shared by every model here:
 * Common fields: `num_classes`, `width` (width multiplier), `dtype` (compute dtype),
   `bn_momentum` (0.9), `bn_epsilon` (1e-5; set 1e-3 for Keras weights). ResNets add
   `zero_init_residual`; ImageNet-style models add `cifar_stem`.
+* Vision Transformers (`vit_tiny_cifar`, `vit_digits`, `vit_ti16`, `vit_s16`, `vit_b16`, see
+  `vit.py`) have no BatchNorm (no `batch_stats`): `stem` is the patch embedding grid, the
+  stages are `block1` ... `blockN` (tokens, (N, T, D)), `pre_logits` the class token; the
+  patch embedding with its tokens and position embeddings is `params["stem_conv"]`; `width`
+  multiplies the token width and MLP size; `distill_token` adds DeiT's distillation token,
+  head `head_dist` and feature `dist_logits` (logits at inference: the two heads' mean).
 * Binary ResNets (`bnn_resnet18_cifar`, `bnn_resnet18`, `bnn_resnet20`, see `bnn_resnet.py`)
   quantize the input of every conv but the stem to `num_bits` (1: sign); their conv kernels are
   binarized outside the model, by the `binary_weights` ParamTransform.
@@ -56,6 +62,7 @@ from jcompress.models.shufflenetv2 import ShuffleNetV2
 from jcompress.models.shufflenetv2 import ShuffleUnit
 from jcompress.models.shufflenetv2 import channel_shuffle
 from jcompress.models.small_cnn import SmallCNN
+from jcompress.models.vit import ViT
 
 _P = functools.partial
 
@@ -85,6 +92,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "bnn_resnet18_cifar": _P(BNNResNet, stage_sizes=(2, 2, 2, 2), num_filters=64, cifar_stem=True),
     "bnn_resnet18": _P(BNNResNet, stage_sizes=(2, 2, 2, 2), num_filters=64, cifar_stem=False),
     "bnn_resnet20": _P(BNNResNet, stage_sizes=(3, 3, 3), num_filters=16, cifar_stem=True),
+    # Vision Transformers (`vit.py`). DeiT-Ti's shape with 4x4 patches for 32x32 images (5.4M
+    # params at 10 classes); a small one for the offline digits (32x32x3, 8x8 patches);
+    # DeiT-Ti/16, DeiT-S/16 and ViT-B/16 at 224x224 (5.7M, 22.1M, 86.6M at 1000 classes).
+    "vit_tiny_cifar": _P(ViT, embed_dim=192, depth=12, num_heads=3, mlp_dim=768, patch_size=4),
+    "vit_digits": _P(ViT, embed_dim=64, depth=4, num_heads=4, mlp_dim=128, patch_size=8),
+    "vit_ti16": _P(ViT, embed_dim=192, depth=12, num_heads=3, mlp_dim=768, patch_size=16),
+    "vit_s16": _P(ViT, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
+    "vit_b16": _P(ViT, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
 }
 
 
@@ -163,6 +178,7 @@ __all__ = [
     "ShuffleNetV2",
     "ShuffleUnit",
     "SmallCNN",
+    "ViT",
     "channel_shuffle",
     "count_params",
     "get_model",

@@ -1,0 +1,190 @@
+r"""Vision Transformers through the same transforms: float training, W4A4 QAT, int8 PTQ and
+DeiT distillation from a CNN teacher.
+
+  # float (digits: vit_digits, CIFAR-10: vit_tiny_cifar, a DeiT-Ti with 4x4 patches)
+  python launch.py --config=experiments/vit.py:data=digits --workdir=runs/vit_float_s0
+  # W4A4 QAT fine-tuned from it: 4-bit weights on every Dense kernel in the blocks, 4-bit
+  # signed LSQ on every Dense input
+  python launch.py --workdir=runs/vit_w4a4 \
+    --config=experiments/vit.py:data=digits,method=qat,init_from=runs/vit_float_s0
+  # int8 PTQ of its weights (abits=8: activations too, LSQ steps calibrated on 4 batches)
+  python launch.py --workdir=runs/vit_ptq8 \
+    --config=experiments/vit.py:data=digits,method=ptq,init_from=runs/vit_float_s0
+  # DeiT hard distillation through the distillation token, 200 labels, ResNet-20 teacher
+  python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/t_digits
+  python launch.py --workdir=runs/vit_deit \
+    --config=experiments/vit.py:data=digits,method=kd,teacher=runs/t_digits
+
+Model (`jcompress/models/vit.py`): patch embedding, class token, learned position embeddings,
+pre-norm blocks (LayerNorm, multi-head self-attention with `query`/`key`/`value`/`out` Dense
+layers, GELU MLP), final LayerNorm, classifier. The patch embedding (with the tokens and
+position embeddings) is `stem_conv` and the classifier `head`, so they stay float as a CNN's
+first conv and classifier do; `head_dist`, the distillation head, is excluded too.
+
+Recipe: AdamW (b2 0.999, weight decay 0.05 on kernels), linear warm-up then cosine, label
+smoothing 0.1, gradient clipping at norm 1. CIFAR-10: batch 128, lr 1e-3, 100 epochs
+(35k steps), warm-up 5 epochs. Digits (32x32x3, pad-4 random crop): `vit_digits` (D 64,
+depth 4, 4 heads, MLP 128, 8x8 patches: 16 tokens + class), batch 64, lr 2e-3, 2,000 steps.
+
+method:
+  float  train from scratch (or from `init_from`).
+  qat    W`bits`A`abits` QAT (default W4A4): uniform symmetric per-channel fake-quant of the
+         Dense kernels every step (`quant` sub-config), signed LSQ activation quantizers on
+         every Dense input inside the blocks (`model_kwargs.act_quant`, LSQ's data-dependent
+         step init on the calibration batches); `attn=true` also quantizes q, k and the
+         softmax probabilities. From `init_from` (a float run; digits 600 steps at lr 5e-4).
+  ptq    `bits` (default 8) weights of `init_from`, quantized and evaluated; no training.
+  kd     distillation from `teacher` (a CNN run's workdir; several: `dirA;dirB`); `loss`
+         deit_hard (DeiT: a distillation token and head `head_dist`; CE(cls, y) / 2 +
+         CE(dist, argmax teacher) / 2; inference averages the two heads) or kd (Hinton,
+         `alpha`, `temperature`, on the class head). Digits: 200 labelled images by default.
+
+Args: data, model (default vit_digits on digits, vit_tiny_cifar otherwise), width (multiplies
+the token width and the MLP), method (float | qat | ptq | kd), bits, abits, attn, init_from,
+teacher, loss (deit_hard | kd), temperature, alpha, train_examples (-1: all; kd on digits
+200), image_size (0: 32 on digits, the dataset's size otherwise), steps, lr, seed, runlocal.
+A head count that does not divide the token width or a patch that does not divide the image
+is refused here, naming the arg.
+"""
+
+import ml_collections
+
+from jcompress import config as config_lib
+from jcompress import distill
+from jcompress import models
+from jcompress import transforms
+from jcompress.errors import ConfigError
+
+METHODS = ("float", "qat", "ptq", "kd")
+KD_LOSSES = ("deit_hard", "kd")
+
+
+def _image_size(data: str, image_size: int) -> int:
+  if image_size:
+    return image_size
+  if data in config_lib.OFFLINE_DATASETS:
+    return config_lib.offline_image_size(data) or 32
+  from jcompress import data as data_lib  # noqa: PLC0415  (TensorFlow: only when needed)
+
+  return data_lib.dataset_defaults(data).image_size
+
+
+def check_model(model: str, width: float, image_size: int) -> None:
+  """ConfigError naming the arg when `model`'s heads do not divide its token width at `width`
+  or its patch does not divide `image_size`; nothing is built or compiled."""
+  if model not in models.MODELS:
+    raise ConfigError(f"config arg 'model': unknown model {model!r}")
+  fields = dict(getattr(models.MODELS[model], "keywords", {}))
+  if "num_heads" not in fields:
+    raise ConfigError(f"config arg 'model': {model!r} is not a ViT; choose one of "
+                      f"{', '.join(m for m in models.MODELS if m.startswith('vit'))}")
+  if not width > 0:
+    raise ConfigError(f"config arg 'width': must be > 0, got {width!r}")
+  dim = max(1, int(round(fields["embed_dim"] * width)))
+  if dim % fields["num_heads"]:
+    raise ConfigError(f"config arg 'width': {model} at width {width} has tokens of {dim} "
+                      f"features, which its {fields['num_heads']} heads (num_heads) do not "
+                      "divide")
+  if image_size % fields["patch_size"]:
+    raise ConfigError(f"config arg 'image_size': {model}'s {fields['patch_size']}x"
+                      f"{fields['patch_size']} patches (patch_size) do not divide "
+                      f"{image_size}x{image_size} images")
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, data="cifar10", model="", width=1.0, method="float", bits=0,
+                             abits=-1, attn=False, init_from="", teacher="", loss="deit_hard",
+                             temperature=4.0, alpha=0.5, train_examples=-1, image_size=0,
+                             steps=0, lr=0.0, seed=0, runlocal=False)
+  if arg.method not in METHODS:
+    raise ConfigError(f"config arg 'method': must be one of {', '.join(METHODS)}, got "
+                      f"{arg.method!r}")
+  if arg.loss not in KD_LOSSES:
+    raise ConfigError(f"config arg 'loss': must be one of {', '.join(KD_LOSSES)}, got "
+                      f"{arg.loss!r}")
+  if arg.method == "ptq" and not arg.init_from:
+    raise ConfigError("config arg 'init_from': method=ptq quantizes a trained model; give the "
+                      "workdir of a float run")
+  if arg.method == "kd" and not arg.teacher:
+    raise ConfigError("config arg 'teacher': method=kd needs a teacher run's workdir "
+                      "(teacher=runs/t_digits); the hard-label baseline is method=float")
+  digits = arg.data in config_lib.OFFLINE_DATASETS
+  model = arg.model or ("vit_digits" if digits else "vit_tiny_cifar")
+  image_size = _image_size(arg.data, arg.image_size)
+  check_model(model, arg.width, image_size)
+
+  c = config_lib.base_config()
+  c.data = arg.data
+  c.model = model
+  c.width = arg.width
+  c.seed = arg.seed
+  c.init_from = arg.init_from
+  c.image_size = arg.image_size or (config_lib.offline_image_size(arg.data) if digits else 0)
+  c.label_smoothing = 0.1
+  c.optimizer.name = "adamw"
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.grad_clip_norm = 1.0
+  c.schedule.name = "cosine"
+  if digits:
+    c.batch_size = 64
+    c.total_steps = 2_000
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.log_every = 50
+    c.optimizer.learning_rate = 2e-3
+    c.schedule.warmup_steps = 100
+  else:
+    c.batch_size = 128
+    c.total_steps = 35_000      # 100 epochs of CIFAR-10's 45,000 training images
+    c.eval_every = 2_500
+    c.checkpoint_every = 2_500
+    c.optimizer.learning_rate = 1e-3
+    c.schedule.warmup_steps = 1_750
+  c.train_examples = max(arg.train_examples, 0)
+
+  if arg.method in ("qat", "ptq"):
+    bits = arg.bits or (4 if arg.method == "qat" else 8)
+    abits = arg.abits if arg.abits >= 0 else (bits if arg.method == "qat" else 0)
+    c.quant = ml_collections.ConfigDict()
+    c.quant.method = "uniform"
+    c.quant.bits = bits
+    c.quant.per_channel = True
+    c.quant.mode = arg.method
+    c.quant.include = (r".*",)
+    # float patch embedding (with tokens and positions), classifier and distillation head
+    c.quant.exclude = (*transforms.DEFAULT_EXCLUDE, r"(^|/)head_dist/")
+    if abits:
+      c.model_kwargs.act_quant = ml_collections.ConfigDict(
+          {"kind": "lsq", "bits": abits, "signed": True})
+    if arg.attn:
+      c.model_kwargs.quantize_attention = True
+    if arg.method == "ptq":
+      c.total_steps = 0
+      c.log_every = 1
+      c.schedule.warmup_steps = 0
+    else:
+      c.total_steps = 600 if digits else 10_000
+      c.optimizer.learning_rate = 5e-4 if digits else 1e-4
+      c.schedule.warmup_steps = 0 if arg.init_from else c.schedule.warmup_steps
+      c.eval_every = 200 if digits else c.eval_every
+      c.checkpoint_every = c.eval_every
+  elif arg.method == "kd":
+    c.teacher = arg.teacher.replace(";", ",")
+    c.distill = distill.default_config()
+    c.distill.loss = arg.loss
+    c.distill.temperature = arg.temperature
+    c.distill.alpha = arg.alpha
+    if arg.loss == "deit_hard":
+      c.model_kwargs.distill_token = True
+    if digits and arg.train_examples < 0:
+      c.train_examples = 200
+  if arg.steps:
+    c.total_steps = arg.steps
+  if arg.lr:
+    c.optimizer.learning_rate = arg.lr
+  if arg.runlocal:
+    config_lib.make_runlocal(c)
+    if arg.method == "ptq":
+      c.total_steps = 0
+  return c
