@@ -46,7 +46,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_adding_a_method_shows_a_real_method_module():
   blocks = re.findall(r"```python\n(.*?)```", _section("Adding a method"), re.S)
-  assert blocks and blocks[0] == (ROOT / "jcompress" / "methods" / "quant.py").read_text()
+  assert blocks and blocks[0] == (ROOT / "jcompress" / "methods" / "prune.py").read_text()
 
 
 def test_results_table_is_the_generated_file_it_names():
