@@ -33,7 +33,17 @@ Args: data (cifar10 | digits), model, width, method (uniform | kmeans | pow2), b
 (qat | ptq), per_channel (auto: per channel for uniform / pow2, per tensor for kmeans; or
 true / false), init_from (a float workdir; required for ptq), steps (QAT steps; 0: the default),
 lr (QAT learning rate; 0: the default), adaround (uniform: learned up/down rounding of the
-weights on the calibration batches, `jcompress.adaround`, instead of round-to-nearest), runlocal.
+weights on the calibration batches, `jcompress.adaround`, instead of round-to-nearest),
+bias_correction (remove each quantized layer's output mean shift through its bias / BatchNorm
+beta, `jcompress.bias_correction`; any method), equalize (cross-layer equalization of the float
+weights before quantizing, `jcompress.equalize`, for per_channel=false), activation (relu6 |
+relu: MobileNetV2's activation, `model_kwargs.activation`; equalization needs relu; empty: the
+model's own), runlocal.
+
+  # DFQ on a digits MobileNetV2: per-tensor 8-bit PTQ with equalization and bias correction
+  python launch.py --workdir=runs/dfq8 --config=experiments/quant_resnet.py:data=digits,\
+    model=mobilenetv2_cifar,mode=ptq,bits=8,per_channel=false,activation=relu,equalize=true,\
+    bias_correction=true,init_from=runs/mnv2
 """
 
 import ml_collections
@@ -47,7 +57,9 @@ from jcompress.errors import ConfigError
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", width=1.0, method="uniform",
                              bits=8, abits=0, act="pact", mode="qat", per_channel="auto",
-                             init_from="", steps=0, lr=0.0, adaround=False, runlocal=False)
+                             init_from="", steps=0, lr=0.0, adaround=False,
+                             bias_correction=False, equalize=False, activation="",
+                             runlocal=False)
   if arg.mode not in ("qat", "ptq"):
     raise ConfigError(f"config arg 'mode': must be qat or ptq, got {arg.mode!r}")
   if arg.act not in ("pact", "dorefa", "lsq"):
@@ -74,6 +86,10 @@ def get_config(arg=None):
   c.quant.bits_by_path = ()                      # e.g. ("stage3=4",): mixed precision
   c.quant.adaround = arg.adaround                # learned rounding at calibration (uniform)
   c.quant.adaround_iters = 500                   # its Adam steps per layer
+  c.quant.bias_correction = arg.bias_correction  # remove the output mean shift (calibration)
+  c.quant.equalize = arg.equalize                # cross-layer equalization first (DFQ)
+  if arg.activation:
+    c.model_kwargs.activation = arg.activation
   if arg.abits:
     c.model_kwargs.act_quant = ml_collections.ConfigDict(
         {"kind": arg.act, "bits": arg.abits, "calibrate": arg.act == "pact"})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from typing import Any
 from typing import NamedTuple
 from typing import Sequence
@@ -166,7 +167,20 @@ QUANT_DEFAULTS = {
     "seed": 0,
     "adaround": False,            # uniform minmax: learned rounding at calibration (AdaRound)
     "adaround_iters": 500,        # Adam steps per layer
+    "bias_correction": False,     # calibrate: remove the quantized layers' output mean shift
+    "equalize": False,            # calibrate: cross-layer equalization first (DFQ; ReLU nets)
+    # Mixed precision (`jcompress.methods.quant.prepare`, `jcompress.bitalloc`): with a budget,
+    # a fresh run picks per-layer bits from `bit_candidates` minimising the summed
+    # `sensitivity` before it starts, and runs with them as `bits_by_path`.
+    "budget_bytes": 0,            # the most model_bytes (manifest.json + weights.bin); 0: none
+    "budget_avg_bits": 0.0,       # the most mean code bits per quantized weight; 0: none
+    "bit_candidates": (2, 3, 4, 8),
+    "sensitivity": "gauss_newton",  # gauss_newton | quadratic | hawq | mse (hessian.py)
+    "hessian_probes": 16,         # hawq: at most this many Hutchinson probes
 }
+#: The keys the mixed-precision allocation reads (not the quantizer's own).
+BUDGET_KEYS = ("budget_bytes", "budget_avg_bits", "bit_candidates", "sensitivity",
+               "hessian_probes")
 QUANT_METHODS = ("uniform", "kmeans", "pow2", "none")
 QUANT_MODES = ("qat", "ptq")
 KMEANS_GRADS = ("sum", "mean")
@@ -253,7 +267,8 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
                   exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
                   mode: str = "qat", kmeans_iters: int = 100, kmeans_grad: str = "sum",
                   seed: int = 0, act_quant: Any = None, adaround: bool = False,
-                  adaround_iters: int = 500,
+                  adaround_iters: int = 500, bias_correction: bool = False,
+                  equalize: bool = False,
                   prefix: str = "quant") -> transforms.ParamTransform:
   r"""Weight quantization as a ParamTransform: QAT (fine-tuning through the quantizer) or PTQ.
 
@@ -286,6 +301,13 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
     the grid points AdaRound chooses (`jcompress.adaround.adaround_tree`, `adaround_iters`
     Adam steps per layer on the calibration batches) instead of the nearest ones; the
     quantizer then gives those codes (PTQ: the exported codes; QAT: the starting point).
+  `equalize`: `calibrate` first applies cross-layer equalization to the float weights
+    (`jcompress.equalize`: exact in float; for per-tensor quantization of depthwise networks
+    with ReLU), before any quantizer sees them.
+  `bias_correction`: `calibrate` ends with empirical bias correction
+    (`jcompress.bias_correction`): each quantized layer's mean output shift on the calibration
+    batches is removed through its bias or the following BatchNorm's beta (any method).
+  Both need calibration batches; their figures (and AdaRound's) go into `metrics`.
 
   The state is `{}` (uniform, pow2), or `{leaf path nested as dicts: {"codebook", "codes"}}`
   (k-means; its shapes follow from the params' shapes). `calibrate(params, state, ctx)`
@@ -325,6 +347,12 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
       or adaround_iters < 1:
     raise ConfigError(f"config key '{prefix}.adaround_iters': must be an int >= 1, got "
                       f"{adaround_iters!r}")
+  for k, v in (("bias_correction", bias_correction), ("equalize", equalize)):
+    if not isinstance(v, (bool, np.bool_)):
+      raise ConfigError(f"config key '{prefix}.{k}': must be true or false, got {v!r}")
+  if bias_correction and method == "none":
+    raise ConfigError(f"config key '{prefix}.bias_correction': method 'none' quantizes no "
+                      "weights, there is no shift to correct")
   from jcompress import actquant  # noqa: PLC0415
 
   act_spec = actquant.check_spec(act_quant)
@@ -422,11 +450,38 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
     params = transforms.map_with_path(lambda name, w: new_params.get(name, w), params)
     return params, traverse_util.unflatten_dict(flat, sep="/")
 
+  calibration_figures: dict = {}   # scalar figures of the last calibrate, for `metrics`
+
+  def calibration_images(ctx, key):
+    if ctx is None or not ctx.batches:
+      raise ConfigError(f"config key '{prefix}.{key}': needs calibration batches "
+                        "(config key 'calibration_batches')")
+    return jnp.concatenate([jnp.asarray(b["image"]) for b in ctx.batches])
+
   def calibrate(params, state, ctx):
     for name in leaves:
       w = _get(params, name)
       if _is_concrete(w):
         _check_finite(w, name)
+    if bias_correction:        # where each correction goes: checked before any work
+      if not leaves:
+        raise ConfigError(f"config key '{prefix}.bias_correction': no quantized layer to "
+                          f"correct ({prefix}.include / {prefix}.exclude select none)")
+      from jcompress import bias_correction as bias_lib  # noqa: PLC0415
+      bias_lib.plan(ctx.model if ctx else None, params, ctx.batch_stats if ctx else None,
+                    calibration_images(ctx, "bias_correction"),
+                    [name[:-len("/kernel")] for name in leaves], f"{prefix}.bias_correction")
+    if equalize:
+      from jcompress import equalize as equalize_lib  # noqa: PLC0415
+      params, report = equalize_lib.equalize(params, ctx.batch_stats if ctx else None,
+                                             ctx.model if ctx else None,
+                                             calibration_images(ctx, "equalize"),
+                                             key=f"{prefix}.equalize")
+      calibration_figures.update(equalize_lib.report_summary(report))
+      logging.info("equalized %d layer pairs in %d sweeps (mean channel / tensor range %.3f -> "
+                   "%.3f)", len(report["pairs"]), report["sweeps"],
+                   report["range_ratio_before"], report["range_ratio_after"])
+    float_params = params
     if method == "kmeans":
       state = kmeans_state(params)
       if mode == "qat":
@@ -441,11 +496,23 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
                           "(config key 'calibration_batches')")
       from jcompress import adaround as adaround_lib  # noqa: PLC0415
       images = jnp.concatenate([jnp.asarray(b["image"]) for b in ctx.batches])
-      params, _ = adaround_lib.adaround_tree(
+      t0 = time.time()
+      params, report = adaround_lib.adaround_tree(
           ctx.model, params, ctx.batch_stats, images,
           {name: lf.bits for name, lf in leaves.items()}, seed=seed, symmetric=symmetric,
           narrow_range=narrow_range, per_channel=per_channel, iters=int(adaround_iters),
           log=logging.info)
+      calibration_figures.update(
+          adaround_lib.report_summary(report, images.shape[0], time.time() - t0))
+    if bias_correction:
+      images = calibration_images(ctx, "bias_correction")
+      params, report = bias_lib.correct(
+          ctx.model, float_params, apply(params, state), ctx.batch_stats, images,
+          [name[:-len("/kernel")] for name in leaves], target=params,
+          key=f"{prefix}.bias_correction")
+      calibration_figures.update(bias_lib.report_summary(report))
+      logging.info("bias correction: %d layers, mean |shift| %.4g", len(report),
+                   calibration_figures["bias_correction_mean_abs_shift"])
     return params, state
 
   def leaf_qtensor(name, w, state) -> QTensor:
@@ -470,7 +537,7 @@ def quant_weights(params_like: PyTree, *, method: str = "uniform", bits: int = 8
 
   def metrics(params, state):
     del state
-    out = {}
+    out = {k: jnp.asarray(v) for k, v in calibration_figures.items()}
     if leaves:
       code_bits = sum(lf.bits * int(np.prod(lf.shape)) for lf in leaves.values())
       stored = sum(8 * _stored_nbytes(lf, method, symmetric) for lf in leaves.values())
@@ -575,6 +642,8 @@ def transform_from_config(cfg, params_like: PyTree, config=None) -> transforms.P
                         f"{', '.join(QUANT_DEFAULTS)}")
   opts = {k: cfg[k] if k in keys else v for k, v in QUANT_DEFAULTS.items()}
   del opts["enabled"]
+  for k in BUDGET_KEYS:     # used before the run (methods/quant.py), not by the quantizer
+    del opts[k]
   for k in ("include", "exclude"):
     opts[k] = (opts[k],) if isinstance(opts[k], str) else tuple(opts[k])
   if isinstance(opts["bits_by_path"], (list, tuple)):

@@ -61,6 +61,48 @@ def test_adaround_beats_nearest_on_the_grid_and_requantizes_to_its_codes(setup):
   np.testing.assert_array_equal(out["head"]["kernel"], params["head"]["kernel"])
 
 
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False), (5, 9, 9, 6)),
+    (nn.Conv(8, (3, 3), strides=2, padding="SAME"), (5, 9, 9, 6)),
+    (nn.Conv(8, (3, 3), kernel_dilation=2, padding="VALID"), (5, 9, 9, 6)),
+    (nn.Conv(6, (3, 3), feature_group_count=6, padding=1, use_bias=False), (5, 9, 9, 6)),
+    (nn.Conv(8, (3, 3), feature_group_count=2, padding=1, input_dilation=2), (5, 5, 5, 6)),
+    (nn.Dense(5), (5, 3, 6)),
+], ids=["conv", "stride2_same_bias", "dilated", "depthwise", "grouped_input_dilated", "dense"])
+def test_quadratic_form_equals_the_direct_error(layer, shape):
+  """tr(Dᵀ G D) + 2 tr(Dᵀ c) + e0 over the patch Gram matrices = mean (f(W + D; x~) - y)^2
+  computed by running the layer, within float32 rounding: asymmetric input x~ != x, a bias,
+  strides, padding, dilation, groups; accumulated over chunks that do not divide the images."""
+  key = jax.random.key(0)
+  x = jax.random.normal(jax.random.fold_in(key, 1), shape)
+  xq = x + 0.1 * jax.random.normal(jax.random.fold_in(key, 2), shape)
+  p = layer.init(key, x)["params"]
+  rest = {k: v + 0.3 for k, v in p.items() if k != "kernel"}
+  w = p["kernel"]
+  y = layer.apply({"params": {"kernel": w, **rest}}, x)
+  quad = adaround.quadratic_form(layer, w, rest, xq, y, chunk=2)
+  geo = adaround.layer_geometry(layer)
+  for s in (0.0, 0.05, 0.5):
+    d = s * jax.random.normal(jax.random.fold_in(key, 3), w.shape)
+    direct = jnp.mean((layer.apply({"params": {"kernel": w + d, **rest}}, xq) - y) ** 2)
+    np.testing.assert_allclose(quad.mean_error(adaround.kernel_matrix(d, geo)), direct,
+                               rtol=2e-5)
+
+
+def test_layers_the_patches_do_not_reproduce_take_the_direct_route():
+  layer = nn.Conv(4, (3,), padding="CIRCULAR")
+  x = jax.random.normal(jax.random.key(0), (6, 9, 3))
+  p = layer.init(jax.random.key(1), x)["params"]
+  y = layer.apply({"params": p}, x)
+  assert adaround.quadratic_form(layer, p["kernel"], {"bias": p["bias"]}, x, y) is None
+  w, rep = adaround.adaround_layer(layer, p["kernel"], {"bias": p["bias"]}, x, y, 3,
+                                   jax.random.key(2), iters=20, batch=4)
+  assert rep["route"] == "direct" and rep["mse_adaround"] <= 1.5 * rep["mse_nearest"]
+  with pytest.raises(ConfigError, match="quadratic route"):
+    adaround.adaround_layer(layer, p["kernel"], {"bias": p["bias"]}, x, y, 3,
+                            jax.random.key(2), iters=20, route="quadratic")
+
+
 def test_adaround_bad_input(setup):
   model, params, x = setup
   with pytest.raises(ConfigError, match="no quantized kernel"):
@@ -94,6 +136,11 @@ def test_quant_method_calibrates_with_adaround(setup):
     return float(jnp.mean((model.apply({"params": p}, x)[0] - ref) ** 2))
 
   assert err(eff) < 0.8 * err(plain.apply(params, {}))
+  figures = ada.metrics(calibrated, state)     # report_summary: the figures of results.json
+  assert int(figures["adaround_layers"]) == 2 and int(figures["adaround_images"]) == 64
+  assert int(figures["adaround_quadratic_layers"]) == 2
+  assert float(figures["adaround_mse"]) < float(figures["adaround_mse_nearest"])
+  assert 0 < float(figures["adaround_flipped"]) < 0.5
   with pytest.raises(ConfigError, match=r"'quant\.adaround'"):
     quantize.quant_weights(params, method="kmeans", bits=2, adaround=True)
   with pytest.raises(ConfigError, match=r"'quant\.adaround_iters'"):

@@ -19,6 +19,7 @@ LAYERS = {
     0: ("errors", "config", "transforms", "runtime", "packing", "jaxpr_utils"),
     # algorithms, models, data: the pure math each method uses
     1: ("quantize", "prune", "binary", "pq", "lowrank", "distill", "structured", "fastconv",
+        "bias_correction", "equalize",
         "actquant", "bnn_infer", "pretrained", "sensitivity", "hessian", "bitalloc", "adaround",
         "intinfer", "models", "data"),
     2: ("methods",),

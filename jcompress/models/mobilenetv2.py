@@ -15,6 +15,9 @@ stage (stage 2), so a 32x32 input reaches the last stage at 4x4 instead of 1x1.
 Features returned beside the logits: `stem`, `stage1` ... `stage7` (one per table row),
 `conv_last` (after the 1x1 1280-channel conv-BN-ReLU6), `pre_logits` (pooled vector).
 
+`activation="relu"` replaces every ReLU6 by ReLU, as data-free quantization's cross-layer
+equalization needs (`jcompress.equalize`: ReLU is positively homogeneous, ReLU6 is not).
+
 Parameter names: `stem_conv`, `stem_bn`; `stage{s}_block{b}` holding `expand_conv`, `expand_bn`
 (absent when t = 1), `dw_conv`, `dw_bn` (depthwise 3x3), `project_conv`, `project_bn`;
 `conv_last`, `bn_last`; `head`.
@@ -35,6 +38,8 @@ from jcompress.models.common import global_avg_pool
 from jcompress.models.common import head
 from jcompress.models.common import make_divisible
 from jcompress.models.common import normalize_input
+
+_ACTIVATIONS = {"relu6": nn.relu6, "relu": nn.relu}
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTING = (
@@ -61,17 +66,19 @@ class InvertedResidual(nn.Module):
   # MobileNetV2 passes the decision of the unpruned architecture, so that a structurally
   # pruned block (whose widths no longer equal `features`) keeps its residual connection.
   residual: bool | None = None
+  activation: str = "relu6"        # relu6 | relu
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    act = _ACTIVATIONS[self.activation]
     in_features = x.shape[-1]
     hidden = int(round(in_features * self.expansion))
     y = x
     if self.expansion != 1:
       y = conv(self, hidden, 1, name="expand_conv")(y)
-      y = nn.relu6(batch_norm(self, train, "expand_bn")(y))
+      y = act(batch_norm(self, train, "expand_bn")(y))
     y = conv(self, hidden, 3, self.strides, groups=hidden, name="dw_conv")(y)
-    y = nn.relu6(batch_norm(self, train, "dw_bn")(y))
+    y = act(batch_norm(self, train, "dw_bn")(y))
     y = conv(self, self.features, 1, name="project_conv")(y)
     y = batch_norm(self, train, "project_bn")(y)
     residual = self.residual
@@ -107,9 +114,13 @@ class MobileNetV2(nn.Module):
   padding: str = "torch"
   conv_impl: Any = None   # conv gradients: CONV_IMPLS of jcompress.models.common
   input_norm: Any = None
+  activation: str = "relu6"   # relu6 | relu (every ReLU6 becomes a ReLU)
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
+    if self.activation not in _ACTIVATIONS:
+      raise ConfigError(f"MobileNetV2: `activation` must be one of {sorted(_ACTIVATIONS)}, got "
+                        f"{self.activation!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"MobileNetV2: `dropout_rate` must be in [0, 1), got {self.dropout_rate!r}")
     super().__post_init__()
@@ -120,7 +131,8 @@ class MobileNetV2(nn.Module):
     x = normalize_input(jnp.asarray(x, self.dtype), self.input_norm)
     x = conv(self, make_divisible(32 * self.width), 3, 1 if self.cifar_stem else 2,
              name="stem_conv")(x)
-    x = nn.relu6(batch_norm(self, train, "stem_bn")(x))
+    act = _ACTIVATIONS[self.activation]
+    x = act(batch_norm(self, train, "stem_bn")(x))
     features["stem"] = x
     nominal_in = make_divisible(32 * self.width)   # the unpruned widths decide the residuals
     for s, (t, c, n, stride) in enumerate(INVERTED_RESIDUAL_SETTING, start=1):
@@ -137,12 +149,13 @@ class MobileNetV2(nn.Module):
             dtype=self.dtype,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
+            activation=self.activation,
             name=f"stage{s}_block{b}",
         )(x, train)
         nominal_in = out
       features[f"stage{s}"] = x
     x = conv(self, make_divisible(1280 * max(1.0, self.width)), 1, name="conv_last")(x)
-    x = nn.relu6(batch_norm(self, train, "bn_last")(x))
+    x = act(batch_norm(self, train, "bn_last")(x))
     features["conv_last"] = x
     x = global_avg_pool(x)
     features["pre_logits"] = x
