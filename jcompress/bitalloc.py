@@ -216,6 +216,11 @@ def _solve_dp(omega: np.ndarray, cost: np.ndarray, capacity: int) -> np.ndarray:
 SOLVERS = {"dp": _solve_dp, "milp": _solve_milp}
 
 
+def bits_by_path(bits: Mapping[str, int]) -> tuple[str, ...]:
+  """{layer path: bits} as `quant.bits_by_path` entries, one anchored "^path$=bits" each."""
+  return tuple(f"^{re.escape(p)}$={int(b)}" for p, b in bits.items())
+
+
 def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], params: PyTree, *,
                   budget_bytes: int | None = None, avg_bits: float | None = None,
                   bits_candidates: Sequence[int] = DEFAULT_BITS,
@@ -305,9 +310,59 @@ def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], params: PyTr
   per_layer = {p: int(cost[i, j]) for i, (p, j) in enumerate(zip(paths, choice))}
   return Allocation(
       bits=bits,
-      bits_by_path=tuple(f"^{re.escape(p)}$={b}" for p, b in bits.items()),
+      bits_by_path=bits_by_path(bits),
       nbytes=fixed + sum(per_layer.values()),
       layer_nbytes=per_layer,
       fixed_bytes=fixed,
       objective=float(sum(omega[i, j] for i, j in enumerate(choice))),
       avg_bits=float(sum(bits[p] * int(n) for p, n in zip(paths, sizes)) / int(sizes.sum())))
+
+
+def allocate_bits_measured(sensitivities: Mapping[str, Mapping[int, float]], params: PyTree,
+                           budget_bytes: int, measure, *,
+                           bits_candidates: Sequence[int] = DEFAULT_BITS,
+                           include: str | Sequence[str] = (r".*",),
+                           exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
+                           method: str = "uniform", per_channel: bool = True,
+                           symmetric: bool = True, solver: str = "dp", max_rounds: int = 8,
+                           key: str = "budget_bytes") -> Allocation:
+  r"""`allocate_bits` under a budget on bytes that `measure` counts, not this module's model.
+
+  `measure(bits) -> int` gives the bytes of the whole artifact with the per-layer widths
+  `bits` ({layer path: bits}): e.g. manifest.json + weights.bin of the export, whose
+  manifest's length depends a little on the widths (offsets' digits). The fixed cost is
+  taken as F = measure(all at the lowest width) - sum_l c_l(lowest); the optimum under
+  F + sum_l c_l(b_l) <= budget is measured, and while it exceeds the budget by e bytes,
+  F grows by e and the allocation is solved again (at most `max_rounds` times). The result's
+  `nbytes` is the measured size, <= budget_bytes.
+
+  Raises:
+    ConfigError naming `key` when even every layer at the lowest width measures above the
+    budget (the message gives that minimum).
+  """
+  cands = _check_candidates(bits_candidates, method)
+  layers = selected_layers(params, include, exclude)
+  low = {p: cands[0] for p in layers}
+  minimum = int(measure(low))
+  if budget_bytes < minimum:
+    raise ConfigError(f"`{key}`={budget_bytes} is below the smallest achievable size, "
+                      f"{minimum} bytes (all {len(layers)} layers at {cands[0]} bits)")
+  fixed = minimum - sum(layer_nbytes(s, cands[0], method=method, per_channel=per_channel,
+                                     symmetric=symmetric) for s in layers.values())
+  opts = dict(include=include, exclude=exclude, method=method, per_channel=per_channel,
+              symmetric=symmetric, solver=solver)
+  for _ in range(max_rounds):
+    if fixed + sum(layer_nbytes(s, cands[0], method=method, per_channel=per_channel,
+                                symmetric=symmetric) for s in layers.values()) > budget_bytes:
+      # only the lowest widths fit (they measured within the budget above)
+      alloc = allocate_bits(sensitivities, params, budget_bytes=2 ** 62,
+                            bits_candidates=cands[:1], fixed_bytes=fixed, **opts)
+      return alloc._replace(nbytes=minimum, fixed_bytes=fixed)
+    alloc = allocate_bits(sensitivities, params, budget_bytes=budget_bytes,
+                          bits_candidates=cands, fixed_bytes=fixed, **opts)
+    got = int(measure(alloc.bits))
+    if got <= budget_bytes:
+      return alloc._replace(nbytes=got, fixed_bytes=fixed)
+    fixed += got - budget_bytes
+  raise RuntimeError(f"no allocation measured within {budget_bytes} bytes after {max_rounds} "
+                     "rounds (does `measure` grow with the widths by more than their bytes?)")

@@ -406,6 +406,8 @@ class SourceModel(NamedTuple):
   float_accuracy: float      # its accuracy on the test split, as it is (a report)
   batches: list              # calibration batches (numpy), `config.calibration_batches` of them
   num_classes: int
+  logits_fn: Callable | None = None   # (params, images) -> logits: the float model in eval
+                                      # mode with `batch_stats`, differentiable in every mode
 
 
 class MethodContext:
@@ -431,4 +433,38 @@ class MethodContext:
     accuracy = evaluation.evaluate_state(src, eval_step, src_state, "test")["eval_accuracy"]
     batches = jax.device_get(calibration_context(src, src_state).batches)
     params, batch_stats = jax.device_get((params, batch_stats))
-    return SourceModel(params, batch_stats, message, accuracy, batches, src.info.num_classes)
+    model = src.model
+    if getattr(model, "act_quant", None) is not None:   # the float model: no act quantizers
+      model = model.clone(act_quant=None)
+    if "conv_impl" in {f.name for f in dataclasses.fields(model)}:
+      model = model.clone(conv_impl="xla")   # XLA's convolution: forward mode too (jvp)
+
+    def logits_fn(p, images):
+      return model.apply({"params": p, "batch_stats": batch_stats}, images, train=False)[0]
+
+    return SourceModel(params, batch_stats, message, accuracy, batches, src.info.num_classes,
+                       logits_fn)
+
+  def abstract_variables(self, config) -> tuple[PyTree, PyTree]:
+    """The shapes (`jax.ShapeDtypeStruct` trees) of the params and batch_stats of `config`'s
+    model; nothing compiled, no weights read."""
+    exp = make_experiment(config, load_teacher=False)
+    return exp.abstract_state.params, exp.abstract_state.batch_stats
+
+  def artifact_bound(self, config, params: PyTree, batch_stats: PyTree) -> int:
+    """The bytes (manifest.json + weights.bin, results.json's `model_bytes`) of the artifact
+    of `config`'s run with weights shaped as `params` / `batch_stats`, at their longest: every
+    checksum written with 10 digits and the step at `total_steps`. For encodings whose size
+    does not depend on the weights' values (quantized codes, float leaves) it bounds the
+    artifact of any weights of these shapes; a sparse encoding's size follows the values."""
+    from jcompress import artifact  # noqa: PLC0415  (the export layer, for its byte count)
+
+    exp = make_experiment(config, load_teacher=False)
+    state = state_lib.state_from_variables(exp, params, batch_stats)
+    arrays, manifest = artifact.artifact_arrays(exp, state)
+    manifest = {**manifest, "step": max(int(manifest.get("step", 0)), int(config.total_steps))}
+    if "tensors" in manifest:
+      crc = artifact.TENSOR_FIELDS.index("crc32")
+      manifest["tensors"] = {k: [*v[:crc], 0xFFFFFFFF, *v[crc + 1:]]
+                             for k, v in manifest["tensors"].items()}
+    return artifact.artifact_nbytes(arrays, manifest)

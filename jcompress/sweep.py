@@ -451,13 +451,56 @@ def markdown_table(rows: Sequence[dict], override_keys: Sequence[str],
 
 
 def _color_key(rows: Sequence[dict], override_keys: Sequence[str]) -> str | None:
-  """The override to colour points by: the first with non-numeric values that differ."""
+  """The override to colour points by: the first with non-numeric values that differ (a
+  numeric key that some points leave unset is not one)."""
   for k in override_keys:
     values = {json.dumps(r["overrides"].get(k)) for r in rows}
-    if len(values) > 1 and not all(isinstance(r["overrides"].get(k), (int, float))
-                                   for r in rows):
+    if len(values) > 1 and not all(isinstance(r["overrides"][k], (int, float))
+                                   for r in rows if k in r["overrides"]):
       return k
   return None
+
+
+def _is_set(v: Any) -> bool:
+  """An override that turns something on: not None, 0, False, empty."""
+  return v is not None and v is not False and v != 0 and v != "" and v != () and v != []
+
+
+class _Series:
+  """How sweep.png groups its points: `of(row)` is a row's series, `legend(series)` its
+  legend entry, `label(row)` the overrides written beside the point; `lines`: connect
+  each series' points in size order (series that are fronts of their own)."""
+
+  def __init__(self, rows: Sequence[dict], override_keys: Sequence[str]):
+    self.color_key = _color_key(rows, override_keys)
+    self.lines = False
+    self._keys = list(override_keys)
+    if self.color_key is None:
+      # Points that turn on different keys (a budget swept beside a uniform width, the
+      # budget 0 there): one series per set of keys set, each drawn as a line.
+      sets = {self._set_keys(r) for r in rows}
+      self.lines = len(sets) > 1
+
+  def _set_keys(self, r: dict) -> tuple:
+    return tuple(k for k in self._keys if _is_set(r["overrides"].get(k)))
+
+  def of(self, r: dict) -> str:
+    if self.color_key is not None:
+      return _format_value(r["overrides"].get(self.color_key))
+    if self.lines:
+      return " ".join(k.rsplit(".", 1)[-1] for k in self._set_keys(r)) or "base"
+    return ""
+
+  def legend(self, group: str) -> str:
+    if self.color_key is not None:
+      return point_label({self.color_key: group})
+    return f"{group} swept" if self.lines else "sweep points"
+
+  def label(self, r: dict) -> str:
+    if self.color_key is not None:
+      return point_label(r["overrides"], [k for k in self._keys if k != self.color_key])
+    keys = self._set_keys(r) if self.lines else self._keys
+    return point_label(r["overrides"], keys) if keys else ""
 
 
 def _nice_ticks(lo: float, hi: float) -> list[float]:
@@ -471,12 +514,12 @@ def _nice_ticks(lo: float, hi: float) -> list[float]:
   return ticks
 
 
-def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[str],
-          ylim: tuple[float, float], floats: set, legend: bool,
-          unlabelled: tuple[float, float] | None = None) -> None:
+def _draw(ax, done: Sequence[dict], series: _Series, ylim: tuple[float, float], floats: set,
+          legend: bool, unlabelled: tuple[float, float] | None = None) -> None:
   """One panel of sweep.png: the points inside `ylim`, labelled with their overrides and
-  accuracy (but those within `unlabelled`, an accuracy band another panel zooms on), the
-  Pareto front as a step line, the float model's accuracy as a dashed line."""
+  accuracy (but those within `unlabelled`, an accuracy band another panel zooms on), coloured
+  by series (`_Series`), the Pareto front as a step line, the float model's accuracy as a
+  dashed line."""
   import matplotlib.pyplot as plt  # noqa: PLC0415
   from matplotlib.ticker import FixedLocator  # noqa: PLC0415
   from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
@@ -485,8 +528,7 @@ def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[
   cmap = plt.get_cmap("tab10")
   groups: dict[str, list[dict]] = {}
   for r in done:
-    group = _format_value(r["overrides"].get(color_key)) if color_key else ""
-    groups.setdefault(group, []).append(r)
+    groups.setdefault(series.of(r), []).append(r)
   all_x = [r["results"]["model_bytes"] / 1024 for r in done]
   lo, hi = min(all_x) / 1.3, max(all_x) * 1.3
   if hi / lo < 3:   # a narrow range: widen it to show a few ticks
@@ -496,13 +538,16 @@ def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[
     color = cmap(gi % 10)
     xs = [r["results"]["model_bytes"] / 1024 for r in rs]
     ys = [100 * r["results"]["test_accuracy"] for r in rs]
-    ax.scatter(xs, ys, s=40, color=color, zorder=3,
-               label=point_label({color_key: g}) if color_key else "sweep points")
+    ax.scatter(xs, ys, s=40, color=color, zorder=3, label=series.legend(g))
+    if series.lines and len(rs) > 1:
+      order = sorted(range(len(rs)), key=lambda i: xs[i])
+      ax.plot([xs[i] for i in order], [ys[i] for i in order], color=color, linewidth=1,
+              alpha=0.6, zorder=2)
     for r, x, y in zip(rs, xs, ys):
       if not ylim[0] <= y <= ylim[1] or (unlabelled and unlabelled[0] <= y <= unlabelled[1]):
         continue
-      text = point_label(r["overrides"], label_keys) if label_keys else ""
-      text = f"{'' if text == 'base' else text + ': '}{y:.2f}%"
+      text = series.label(r)
+      text = f"{'' if text in ('', 'base') else text + ': '}{y:.2f}%"
       right = math.log(x / lo) / math.log(hi / lo) > 0.6   # label left of the point
       ax.annotate(text, (x, y), textcoords="offset points", fontsize=8, color=color,
                   ha="right" if right else "left",
@@ -533,8 +578,10 @@ def _draw(ax, done: Sequence[dict], color_key: str | None, label_keys: Sequence[
 
 def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: str = "") -> None:
   """sweep.png: test accuracy against model size (KiB, log scale), each point labelled with
-  its overrides and accuracy, coloured by a categorical override; the Pareto front as a step
-  line. When a few points fall far below the rest, a second panel zooms on the top ones."""
+  its overrides and accuracy, coloured by a categorical override, or, where the points turn
+  on different keys (a swept budget beside swept uniform widths), by the keys they set, each
+  such series joined by a line; the Pareto front as a step line. When a few points fall far
+  below the rest, a second panel zooms on the top ones."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -548,8 +595,7 @@ def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: s
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return
-  color_key = _color_key(done, override_keys)
-  label_keys = [k for k in override_keys if k != color_key]
+  series = _Series(done, override_keys)
   floats = {r["results"].get("float_test_accuracy") for r in done} - {None}
   ys = [100 * r["results"]["test_accuracy"] for r in done]
   best = max(ys + [100 * f for f in floats])
@@ -563,12 +609,12 @@ def plot(rows: Sequence[dict], override_keys: Sequence[str], path: str, title: s
   if zoom:
     zspan = max(best - min(top), 0.2)
     zlim = (min(top) - 0.25 * zspan, best + 0.25 * zspan)
-    _draw(axes[0, 1], done, color_key, label_keys, zlim, floats, legend=False)
+    _draw(axes[0, 1], done, series, zlim, floats, legend=False)
     axes[0, 1].set_title(f"zoom: the {len(top)} points within 5 percentage points of the best",
                          fontsize=9)
     axes[0, 0].axhspan(*zlim, color="0.85", alpha=0.5, zorder=1, linewidth=0)
     axes[0, 0].set_title("all points (the shaded band is zoomed on the right)", fontsize=9)
-  _draw(axes[0, 0], done, color_key, label_keys, full, floats, legend=True, unlabelled=zlim)
+  _draw(axes[0, 0], done, series, full, floats, legend=True, unlabelled=zlim)
   axes[0, 0].set_ylabel("test accuracy (%)")
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()

@@ -192,3 +192,37 @@ def test_bad_selection_sensitivities_and_budgets():
     bitalloc.allocate_bits(sens, params, avg_bits=4, bits_candidates=(1, 2))
   with pytest.raises(ConfigError, match="solver"):
     bitalloc.allocate_bits(sens, params, avg_bits=4, solver="greedy")
+
+
+def test_measured_budget_holds_the_measured_bytes_and_refuses_too_small_ones():
+  """`allocate_bits_measured`: with a measure that adds a fixed manifest to the modelled bytes
+  the result is the exact optimum; with a width-dependent overhead beyond the layers' bytes
+  (as the manifest's digits) it stays within the budget, by solving again."""
+  params, paths, sens, _ = _random_instance(5, layers=5)
+  fixed = bitalloc.fixed_nbytes(params, paths)
+  cost = {(p, b): _cost(params, p, b) for p in paths for b in bitalloc.DEFAULT_BITS}
+
+  def measure(bits, extra=0):
+    return (fixed + 100 + sum(cost[p, b] for p, b in bits.items())
+            + extra * sum(b == 8 for b in bits.values()))
+
+  def skewed(bits):       # 7 bytes more per layer at 8 bits than the model counts
+    return measure(bits, 7)
+
+  low, high = measure({p: 2 for p in paths}), skewed({p: 8 for p in paths})
+  for budget in np.linspace(low, high, 9).astype(int):
+    budget = int(budget)
+    exact = bitalloc.allocate_bits_measured(sens, params, budget, measure)
+    best = _brute_force(params, paths, sens, bitalloc.DEFAULT_BITS, budget - fixed - 100,
+                        lambda p, b: cost[p, b])
+    assert exact.nbytes == measure(exact.bits) <= budget
+    np.testing.assert_allclose(exact.objective, best[0], rtol=1e-12)
+    alloc = bitalloc.allocate_bits_measured(sens, params, budget, skewed)
+    best = _brute_force(params, paths, sens, bitalloc.DEFAULT_BITS, budget - fixed - 100,
+                        lambda p, b: cost[p, b] + 7 * (b == 8))
+    assert alloc.nbytes == skewed(alloc.bits) <= budget
+    assert alloc.objective >= best[0] * (1 - 1e-12)
+    assert alloc.bits_by_path == tuple(f"^{p}$={b}" for p, b in alloc.bits.items())
+  with pytest.raises(ConfigError, match=rf"`quant.budget_bytes`={low - 1} is below the "
+                                        rf"smallest achievable size, {low} bytes"):
+    bitalloc.allocate_bits_measured(sens, params, low - 1, measure, key="quant.budget_bytes")

@@ -273,3 +273,70 @@ def test_quant_sensitivity_rejects_unknown_layers_and_empty_traces():
     hessian.quant_sensitivity({"nope/kernel": 1.0}, _params())
   with pytest.raises(ConfigError, match="traces"):
     hessian.quant_sensitivity({}, _params())
+
+
+def _bilinear(seed=0, n=12, d=5, h=4, k=3):
+  """Logits z = x A B of a fixed batch: z is linear in each kernel alone, so each layer's
+  Hessian block of the cross-entropy IS its Gauss-Newton block (d^2 z / dA^2 = 0)."""
+  rng = np.random.default_rng(seed)
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((d, h)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(rng.standard_normal((h, k)), jnp.float32)}}
+  x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, k, n), jnp.int32)
+
+  def logits_fn(p):
+    return x @ p["a"]["kernel"] @ p["b"]["kernel"]
+
+  def loss_fn(p):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), y))
+
+  return params, logits_fn, loss_fn, x, y
+
+
+def test_gauss_newton_sensitivity_is_half_dw_g_dw():
+  params, logits_fn, loss_fn, x, y = _bilinear()
+  sel = dict(exclude=())
+  g = hessian.gauss_newton_sensitivity(logits_fn, params, (2, 3, 8), **sel)
+  assert tuple(g) == ("a/kernel", "b/kernel")
+  # the closed form: (1/2N) sum_i u_i^T (diag(p_i) - p_i p_i^T) u_i, u_i = J_i dW
+  z = np.asarray(logits_fn(params), np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  a, b = (np.asarray(params[k]["kernel"], np.float64) for k in ("a", "b"))
+  xs = np.asarray(x, np.float64)
+  for bits in (2, 3, 8):
+    da = np.asarray(hessian.ptq_weight(params["a"]["kernel"], bits), np.float64) - a
+    db = np.asarray(hessian.ptq_weight(params["b"]["kernel"], bits), np.float64) - b
+    for path, u in (("a/kernel", xs @ da @ b), ("b/kernel", xs @ a @ db)):
+      want = 0.5 * np.mean(np.sum(p * u * u, -1) - np.sum(p * u, -1) ** 2)
+      np.testing.assert_allclose(g[path][bits], want, rtol=1e-4)
+      assert g[path][bits] >= 0
+  # each block's Hessian is its Gauss-Newton block here: the HVP form agrees
+  q = hessian.quadratic_sensitivity(loss_fn, params, (2, 3, 8), **sel)
+  for path in g:
+    for bits in (2, 3, 8):
+      np.testing.assert_allclose(g[path][bits], q[path][bits], rtol=1e-3, atol=1e-9)
+
+
+def test_layer_sensitivities_dispatches_by_name():
+  params, logits_fn, loss_fn, _, y = _bilinear(1)
+  sel = dict(exclude=())
+  got = {kind: hessian.layer_sensitivities(kind, logits_fn, y, params, (2, 4), probes=8,
+                                            **sel)
+         for kind in hessian.SENSITIVITIES}
+  assert got["gauss_newton"] == hessian.gauss_newton_sensitivity(logits_fn, params, (2, 4),
+                                                                 **sel)
+  q = hessian.quadratic_sensitivity(loss_fn, params, (2, 4), **sel)
+  for path in q:
+    for b in (2, 4):
+      np.testing.assert_allclose(got["quadratic"][path][b], q[path][b], rtol=1e-5)
+      np.testing.assert_allclose(got["mse"][path][b], hessian.quant_perturbation(
+          dict(zip(transforms.leaf_paths(params), jax.tree.leaves(params)))[path], b),
+          rtol=1e-6)
+  traces = hessian.hutchinson_traces(loss_fn, params, min_probes=4, max_probes=8, **sel)
+  hawq = hessian.quant_sensitivity(traces, params, (2, 4))   # the same probes (seed 0)
+  for path in hawq:
+    for b in (2, 4):
+      np.testing.assert_allclose(got["hawq"][path][b], hawq[path][b], rtol=1e-5)
+  with pytest.raises(ConfigError, match="'quant.sensitivity'.*'hessian'"):
+    hessian.layer_sensitivities("hessian", logits_fn, y, params, key="quant.sensitivity")
