@@ -309,16 +309,14 @@ def quadratic_sensitivity(loss_fn: Callable[[PyTree], jax.Array], params: PyTree
     hv = hvp(_restricted_loss(loss_fn, lv, treedef, selected), [lv[i] for i in selected], dw)
     return jnp.stack([0.5 * jnp.vdot(a, b).astype(jnp.float32) for a, b in zip(dw, hv)])
 
+  deltas = _ptq_deltas(leaves, selected, paths, bits_list, dict(
+      per_channel=per_channel, symmetric=symmetric, narrow_range=narrow_range,
+      range_method=range_method, percentile=percentile))
   out: dict[str, dict[int, float]] = {}
   for j, i in enumerate(selected):
     out[paths[i]] = {}
-    for b in bits_list:
-      w = leaves[i]
-      d = ptq_weight(w, b, per_channel=per_channel, symmetric=symmetric,
-                     narrow_range=narrow_range, range_method=range_method,
-                     percentile=percentile, name=paths[i]) - jnp.asarray(w, jnp.float32)
-      dw = [d.astype(leaves[k].dtype) if k == i else jnp.zeros(np.shape(leaves[k]),
-                                                               leaves[k].dtype)
+    for bi, b in enumerate(bits_list):
+      dw = [deltas[j][bi] if k == i else jnp.zeros(np.shape(leaves[k]), leaves[k].dtype)
             for k in selected]
       out[paths[i]][b] = float(quad(params, dw)[j])
   return out
