@@ -1,7 +1,9 @@
-r"""Inference speed of a structurally pruned ResNet against the unpruned one.
+r"""Inference speed of a structurally pruned ResNet (or ViT) against the unpruned one.
 
   python benchmarks/structured_speed.py                  # ResNet-18 (CIFAR stem), 32x32, batch 64
   python benchmarks/structured_speed.py --model=resnet20 --batch_size=128 --json=out.json
+  # a pruned run's model (its config.json's widths) against its init_from run's model
+  python benchmarks/structured_speed.py --workdir=runs/vit_prune --image_size=32
 
 The unpruned model is initialised at random, its channels are planned with
 `structured.plan_for_flops` (L1 filter norms, `--flops` of the MACs kept, `--method` global or
@@ -11,7 +13,9 @@ architecture built with `channels=...` (narrower convs), so the speed-up is real
 Both jit-compiled eval forward passes (`model.apply(..., train=False)`) run on one fixed batch;
 timed blocks of `--iters` calls alternate between the two models (so a load change on a shared
 machine hits both alike) and the median over `--repeats` blocks is reported, as images/s and
-their ratio, with params and MACs ("FLOPs") per image of both.
+their ratio, with params and MACs ("FLOPs") per image of both. With `--workdir` (a run of the
+`structured` method) the two models are that run's pruned architecture and its `init_from`
+run's, as their config.json files build them (random weights: speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jcompress import checkpoint  # noqa: E402
 from jcompress import models  # noqa: E402
 from jcompress import structured  # noqa: E402
 
@@ -46,6 +51,16 @@ _ROUND = flags.DEFINE_integer("round_to", 8, "Kept channels per group: a multipl
 _ITERS = flags.DEFINE_integer("iters", 3, "Forward passes per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed blocks per model (median reported).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "A structured-pruning run: time its model against "
+                               "its init_from run's model instead of planning at random.")
+_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
+
+
+def run_model(workdir: str):
+  """(model name, the model a run's config.json builds) for --workdir and its init_from."""
+  config = checkpoint.load_workdir_config(workdir)
+  kwargs = dict(config.get("model_kwargs", {}))
+  return config, models.get_model(config.model, _CLASSES.value, width=config.width, **kwargs)
 
 
 def device_name() -> str:
@@ -59,15 +74,25 @@ def main(argv):
   del argv
   shape = (_BATCH.value, _SIZE.value, _SIZE.value, 3)
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
-  model = models.get_model(_MODEL.value, 10)
-  v = model.init(jax.random.PRNGKey(0), x[:1])
+  model_name = _MODEL.value
+  if _WORKDIR.value:
+    config, pruned = run_model(_WORKDIR.value)
+    model_name = config.model
+    _, model = run_model(config.init_from)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
+    v2 = pruned.init(jax.random.PRNGKey(0), x[:1])
+    p2, s2 = v2["params"], v2.get("batch_stats", {})
+  else:
+    model = models.get_model(model_name, _CLASSES.value)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
   params, stats = v["params"], v.get("batch_stats", {})
-  graph = structured.build_graph(model, params, stats, (1, *shape[1:]))
-  keep = structured.plan_for_flops(model, params, stats, flops_target=_FLOPS.value,
-                                   method=_METHOD.value, graph=graph,
-                                   round_to=_ROUND.value)
-  override, p2, s2 = structured.prune_channels(model, params, stats, keep, graph=graph)
-  pruned = structured.with_channels(model, override)
+  if not _WORKDIR.value:
+    graph = structured.build_graph(model, params, stats, (1, *shape[1:]))
+    keep = structured.plan_for_flops(model, params, stats, flops_target=_FLOPS.value,
+                                     method=_METHOD.value, graph=graph,
+                                     round_to=_ROUND.value)
+    override, p2, s2 = structured.prune_channels(model, params, stats, keep, graph=graph)
+    pruned = structured.with_channels(model, override)
   runs = {"unpruned": (model, {"params": params, "batch_stats": stats}),
           "pruned": (pruned, {"params": p2, "batch_stats": s2})}
   fns, compile_s = {}, {}
@@ -88,7 +113,8 @@ def main(argv):
       times[name].append((time.perf_counter() - t) / _ITERS.value)
   ips = {name: _BATCH.value / float(np.median(ts)) for name, ts in times.items()}
   out = {
-      "model": _MODEL.value,
+      "model": model_name,
+      "workdir": _WORKDIR.value,
       "device": device_name(),
       "batch_size": _BATCH.value,
       "image_size": _SIZE.value,

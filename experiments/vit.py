@@ -14,6 +14,9 @@ DeiT distillation from a CNN teacher.
   python launch.py --config=experiments/baseline_resnet.py:data=digits --workdir=runs/t_digits
   python launch.py --workdir=runs/vit_deit \
     --config=experiments/vit.py:data=digits,method=kd,teacher=runs/t_digits
+  # structured pruning of the float run to half its FLOPs (whole heads and MLP units), tuned
+  python launch.py --workdir=runs/vit_prune \
+    --config=experiments/vit.py:data=digits,method=prune,init_from=runs/vit_float_s0
 
 Model (`jcompress/models/vit.py`): patch embedding, class token, learned position embeddings,
 pre-norm blocks (LayerNorm, multi-head self-attention with `query`/`key`/`value`/`out` Dense
@@ -34,15 +37,25 @@ method:
          step init on the calibration batches); `attn=true` also quantizes q, k and the
          softmax probabilities. From `init_from` (a float run; digits 600 steps at lr 5e-4).
   ptq    `bits` (default 8) weights of `init_from`, quantized and evaluated; no training.
+  prune  structured pruning of `init_from` (a float run): whole attention heads (the query,
+         key and value columns of a head with the out-projection's rows) and MLP hidden units
+         (an fc1 column with its fc2 row) ranked by `criterion` (taylor, the default, or gate,
+         Michel et al.'s head importance, both on the calibration batches | l1 | bn;
+         `structured` sub-config, `jcompress.structured`) and removed until the MACs are at
+         most `flops` (default 0.5) of the original; the token width (residual stream) is
+         kept. The pruned model is the same ViT built with per-block `model_kwargs.heads` and
+         `mlp_dims`, then fine-tuned (digits 1,500 steps at lr 5e-4). Digits, float seeds
+         0-2: test accuracy 99.54% float, 98.89% pruned (0.48-0.50 of the MACs).
   kd     distillation from `teacher` (a CNN run's workdir; several: `dirA;dirB`); `loss`
          deit_hard (DeiT: a distillation token and head `head_dist`; CE(cls, y) / 2 +
          CE(dist, argmax teacher) / 2; inference averages the two heads) or kd (Hinton,
          `alpha`, `temperature`, on the class head). Digits: 200 labelled images by default.
 
 Args: data, model (default vit_digits on digits, vit_tiny_cifar otherwise), width (multiplies
-the token width and the MLP), method (float | qat | ptq | kd), bits, abits, attn, init_from,
-teacher, loss (deit_hard | kd), temperature, alpha, train_examples (-1: all; kd on digits
-200), image_size (0: 32 on digits, the dataset's size otherwise), steps, lr, seed, runlocal.
+the token width and the MLP), method (float | qat | ptq | prune | kd), bits, abits, attn,
+init_from, criterion, flops, teacher, loss (deit_hard | kd), temperature, alpha,
+train_examples (-1: all; kd on digits 200), image_size (0: 32 on digits, the dataset's size
+otherwise), steps, lr, seed, runlocal.
 A head count that does not divide the token width or a patch that does not divide the image
 is refused here, naming the arg.
 """
@@ -52,10 +65,11 @@ import ml_collections
 from jcompress import config as config_lib
 from jcompress import distill
 from jcompress import models
+from jcompress import structured
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
-METHODS = ("float", "qat", "ptq", "kd")
+METHODS = ("float", "qat", "ptq", "prune", "kd")
 KD_LOSSES = ("deit_hard", "kd")
 
 
@@ -95,6 +109,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", width=1.0, method="float", bits=0,
                              abits=-1, attn=False, init_from="", teacher="", loss="deit_hard",
                              temperature=4.0, alpha=0.5, train_examples=-1, image_size=0,
+                             criterion="taylor", flops=0.5,
                              steps=0, lr=0.0, seed=0, runlocal=False)
   if arg.method not in METHODS:
     raise ConfigError(f"config arg 'method': must be one of {', '.join(METHODS)}, got "
@@ -105,6 +120,12 @@ def get_config(arg=None):
   if arg.method == "ptq" and not arg.init_from:
     raise ConfigError("config arg 'init_from': method=ptq quantizes a trained model; give the "
                       "workdir of a float run")
+  if arg.method == "prune":
+    if not arg.init_from:
+      raise ConfigError("config arg 'init_from': method=prune removes heads and MLP units of a "
+                        "trained model; give the workdir of a float run")
+    structured.check_criterion(arg.criterion, "criterion")
+    structured.check_flops_target(arg.flops, "flops")
   if arg.method == "kd" and not arg.teacher:
     raise ConfigError("config arg 'teacher': method=kd needs a teacher run's workdir "
                       "(teacher=runs/t_digits); the hard-label baseline is method=float")
@@ -169,6 +190,15 @@ def get_config(arg=None):
       c.schedule.warmup_steps = 0 if arg.init_from else c.schedule.warmup_steps
       c.eval_every = 200 if digits else c.eval_every
       c.checkpoint_every = c.eval_every
+  elif arg.method == "prune":
+    c.structured = structured.default_config()
+    c.structured.criterion = arg.criterion
+    c.structured.flops_target = arg.flops
+    c.total_steps = 1_500 if digits else 10_000
+    c.optimizer.learning_rate = 5e-4 if digits else 1e-4
+    c.schedule.warmup_steps = 0
+    c.eval_every = 500 if digits else c.eval_every
+    c.checkpoint_every = c.eval_every
   elif arg.method == "kd":
     c.teacher = arg.teacher.replace(";", ",")
     c.distill = distill.default_config()

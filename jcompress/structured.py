@@ -43,6 +43,22 @@ and propagated as follows (`x`, `y` operands, `z` result):
   primitive, a reduction over channels) protects every atom it touches and gives its result
   fresh protected atoms.
 * nested jaxprs (`jit`, `custom_jvp_call`, `custom_vjp_call`) are entered.
+* a `dot_general` of two activations (attention's `q k^T` over the head width, `probs v` over
+  the keys, both batched over the heads): in each batch slice every atom of both operands is
+  unioned into one, which the slice's output carries, so a head's query, key and value units,
+  and through them the out-projection's input rows, are one channel. Its MACs are counted per
+  slice ("act" layers), so removing a head removes its attention products too. A reduction
+  over an axis the labels are constant along (softmax over one head's keys) keeps them.
+* a reshape splitting the channel axis into (a, b) (the heads, `(H, D/H)`) or merging it back
+  is allowed when, once every union is known, each row of b is one channel (a whole head);
+  otherwise, and for any other reshape or a transpose reordering the channel axes, the
+  channels are protected (a channel shuffle).
+
+Vision Transformers: the groups are every block's heads (`blockN/attn/query`, H channels of
+D/H units each) and MLP hidden units (`blockN/mlp/fc1`: fc1's column, its bias, fc2's row);
+the token width (the residual stream, normalized by LayerNorm, a reduction over channels) is
+protected. The model's `structured_fields` turns the pruned widths into `heads` and
+`mlp_dims`; pruning a block down to no head or no MLP unit is a ConfigError naming that field.
 
 The logits' atoms (the classifier's outputs) are protected. Each union-find class is one
 "channel" that exists or not as a whole; classes that touch the same set of (leaf, axis) form a
@@ -59,6 +75,11 @@ Importance (per channel of a group)
 * `taylor` (Molchanov et al. 2019): the first-order change of the loss when channel c is zeroed
   after its BNs, `s_c = mean over batches of (sum_{BN in group} gamma_c dL/dgamma_c +
   beta_c dL/dbeta_c)^2`; groups without a BN use the filters' `sum w dL/dw`.
+* `gate` (Michel et al. 2019's attention-head importance, "Are Sixteen Heads Really Better
+  than One?"): a gate `g_c` multiplies channel c where its consumers read it (a head's output
+  before the out-projection, an MLP unit before fc2, a CNN channel before the next conv);
+  `s_c = mean over batches of |dL/dg_c|` at g = 1, i.e. `|sum w dL/dw|` over the consumers'
+  input rows of c (the producers' filters for a group without consumers).
 
 `plan_for_flops` ranks channels globally by importance normalised by its group's mean (or cuts a
 uniform fraction per group) until `count_flops` (multiply-accumulates of convs and dense
@@ -103,7 +124,9 @@ from jcompress.structured_graph import default_input_shape  # noqa: F401
 
 PyTree = Any
 
-CRITERIA = ("l1", "bn", "taylor")
+CRITERIA = ("l1", "bn", "taylor", "gate")
+#: Criteria computed from gradients on calibration batches.
+_GRADIENT_CRITERIA = ("taylor", "gate")
 METHODS = ("global", "uniform")
 
 
@@ -131,14 +154,14 @@ def importance(graph: ChannelGraph, params: PyTree, criterion: str = "l1", *,
                grads: Sequence[PyTree] | None = None, key: str = "criterion") -> dict:
   """{group name: (size,) scores} for every prunable group (see the module docstring).
 
-  `grads` (for "taylor"): a list of gradient trees of the loss w.r.t. `params`, one per batch
-  (`taylor_grads` computes them).
+  `grads` (for "taylor" and "gate"): a list of gradient trees of the loss w.r.t. `params`, one
+  per batch (`taylor_grads` computes them).
   """
   check_criterion(criterion, key)
   leaves = _leaf_dict(params, "params")
   grad_leaves = [_leaf_dict(g, "params") for g in grads or ()]
-  if criterion == "taylor" and not grad_leaves:
-    raise ConfigError(f"config key '{key}': criterion 'taylor' needs calibration batches "
+  if criterion in _GRADIENT_CRITERIA and not grad_leaves:
+    raise ConfigError(f"config key '{key}': criterion {criterion!r} needs calibration batches "
                       "(gradients of the loss)")
   scores = {}
   for name, group in graph.prunable.items():
@@ -151,6 +174,17 @@ def importance(graph: ChannelGraph, params: PyTree, criterion: str = "l1", *,
     elif criterion == "bn":
       for (leaf, axis), idx in gammas:
         s += _per_channel(leaves[leaf], axis, idx, np.abs)
+    elif criterion == "gate":
+      # A gate g_c on channel c where its consumers read it: dL/dg_c at g = 1 is the sum of
+      # w dL/dw over the consumers' input slices of c (the producers' filters without one).
+      ins = [(k, idx) for k, idx in group.slots.items() if group.kinds[k] == "in"] or outs
+      for g in grad_leaves:
+        t = np.zeros(group.size)
+        for (leaf, axis), idx in ins:
+          w = np.asarray(leaves[leaf], np.float64)
+          t += _per_channel(w * np.asarray(g[leaf], np.float64), axis, idx, lambda a: a)
+        s += np.abs(t)
+      s /= len(grad_leaves)
     else:
       chosen = [(k, idx) for k, idx in group.slots.items()
                 if _is_bn(k[0], "scale") or _is_bn(k[0], "bias")] if gammas else outs
@@ -302,13 +336,27 @@ def prune_channels(model, params: PyTree, batch_stats: PyTree, keep: Mapping[str
     non-depthwise conv of the model to its new width (depthwise convs follow their input), so
     `get_model(name, ..., channels=channels_override)` builds the pruned architecture, with
     each projection shortcut kept explicitly; the kernel output axes, BN params and statistics,
-    and the consumers' input axes (convs, and the dense `head`) are cut to match.
+    and the consumers' input axes (convs, and the dense `head`) are cut to match. A model
+    with a `structured_fields(dense widths)` method (the ViT: whole attention heads and MLP
+    hidden units) gets those fields instead (`{"heads": ..., "mlp_dims": ...}`);
+    `with_channels` builds either.
 
   Raises:
     ConfigError: an unknown or protected group, an index out of range, or a keep that would
       remove every filter of a layer.
   """
   graph = graph or build_graph(model, params, batch_stats, input_shape)
+  hook = getattr(model, "structured_fields", None)
+  if hook is not None:
+    # The model's own check first: its error names the field (`heads`, `mlp_dims`).
+    counts = {}
+    for name, kept in dict(keep).items():
+      if name in graph.groups:
+        if isinstance(kept, (int, np.integer)) and not isinstance(kept, bool):
+          counts[name] = int(kept)
+        else:
+          counts[name] = int(np.unique(np.asarray(kept, dtype=np.int64).reshape(-1)).size)
+    hook(_dense_widths(graph, {n: graph.groups[n].size - c for n, c in counts.items()}))
   keep = _check_keep(graph, keep, params, key)
   remove = _removals(graph, keep)
 
@@ -318,6 +366,11 @@ def prune_channels(model, params: PyTree, batch_stats: PyTree, keep: Mapping[str
   new_params = _rebuild(params, "params", remove, delete)
   new_stats = _rebuild(batch_stats or {}, "batch_stats", remove, delete)
   removed = {name: graph.groups[name].size - kept.size for name, kept in keep.items()}
+  if hook is not None:
+    override = hook(_dense_widths(graph, removed))
+    if check:
+      _check_pruned_shapes(model, override, new_params, new_stats, graph.input_shape)
+    return override, new_params, new_stats
   _, cout = graph._widths(removed)   # noqa: SLF001
   override = {p: int(cout[p]) for p, layer in graph.layers.items() if layer.kind == "conv"}
   for p, n in override.items():
@@ -328,8 +381,27 @@ def prune_channels(model, params: PyTree, batch_stats: PyTree, keep: Mapping[str
   return override, new_params, new_stats
 
 
+def _dense_widths(graph: ChannelGraph, removed: Mapping[str, int]) -> dict:
+  """{dense layer path: output width} after removing `removed[group]` channels per group."""
+  _, cout = graph._widths(removed)   # noqa: SLF001
+  return {p: int(cout[p]) for p, layer in graph.layers.items() if layer.kind == "dense"}
+
+
+def model_fields(model, override: Mapping[str, Any]) -> dict:
+  """The model fields (config `model_kwargs`) of a pruned model: `{"channels": sorted (conv,
+  width) pairs}` for the CNNs, the `structured_fields` of a model that has them (a ViT's
+  `heads` and `mlp_dims`)."""
+  if getattr(model, "structured_fields", None) is not None:
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in override.items()}
+  return {"channels": tuple(sorted(dict(override).items()))}
+
+
 def with_channels(model, channels: Mapping[str, int] | Sequence):
-  """`model` with its `channels` field replaced (ConfigError if it has none)."""
+  """`model` built with the pruned widths `prune_channels` returned: its `channels` field
+  replaced, or, for a model with a `structured_fields` method (the ViT), the fields it gave
+  (`heads`, `mlp_dims`). ConfigError if it has neither."""
+  if getattr(model, "structured_fields", None) is not None:
+    return model.clone(**model_fields(model, dict(channels)))
   if not hasattr(model, "channels"):
     raise ConfigError(f"model {type(model).__name__} has no `channels` field: it cannot be built "
                       "with pruned widths")
@@ -396,7 +468,8 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   target is met. `method="uniform"`: the same fraction p of every group is cut (its lowest
   scores), p the smallest that meets the target. Ties break by group then index.
   `round_to=k > 1` rounds the kept channels of every pruned group up to a multiple of k (or
-  the whole group), inside the search: the global ranking is aimed at a lower target until the
+  the whole group; a channel of m units, a ViT head, counts m, so heads of 16 are never
+  rounded at k = 8), inside the search: the global ranking is aimed at a lower target until the
   rounded plan meets `flops_target`. CPU and
   accelerator convolutions run markedly faster on channel counts that are multiples of 8.
 
@@ -415,7 +488,7 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   graph = graph or build_graph(model, params, batch_stats, input_shape)
   if scores is None:
     grads = None
-    if criterion == "taylor":
+    if criterion in _GRADIENT_CRITERIA:
       grads = taylor_grads(model, params, batch_stats or {}, list(batches or ()))
     scores = importance(graph, params, criterion, grads=grads, key=keys["criterion"])
   groups = graph.prunable
@@ -427,16 +500,20 @@ def plan_for_flops(model, params: PyTree, batch_stats: PyTree | None = None, *,
   if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
     raise ConfigError(f"round_to must be an int >= 1, got {round_to!r}")
 
+  # Channels per rounding step: k units, a channel of m units (a head) counting m.
+  step = {n: round_to // math.gcd(round_to, max(idx.shape[1] for idx in g.slots.values()))
+          for n, g in groups.items()}
+
   def rounded(removed):
     if round_to == 1:
       return removed
     out = {}
     for n, r in removed.items():
-      size = groups[n].size
-      if r == 0 or size <= round_to:
-        out[n] = 0 if size <= round_to else r   # a group narrower than k is kept whole
+      size, k = groups[n].size, step[n]
+      if r == 0 or size <= k:
+        out[n] = 0 if size <= k else r   # a group narrower than k is kept whole
         continue
-      kept = min(size, -(-(size - r) // round_to) * round_to)
+      kept = min(size, -(-(size - r) // k) * k)
       out[n] = size - kept
     return out
 
@@ -493,7 +570,8 @@ def _global(graph, groups, limit, goal, scores) -> dict:
   by_leaf = {layer.leaf: p for p, layer in graph.layers.items()}
   effects = {}
   for name, group in groups.items():
-    eff = []
+    eff = [(p, "out", per) for p, links in graph.act.items() for n, per in links.items()
+           if n == name]
     for (leaf, axis), idx in group.slots.items():
       p = by_leaf.get(leaf)
       if p is None:
@@ -529,7 +607,7 @@ def default_config():
   """The `structured` sub-config: criterion, flops_target, method, max_prune_ratio."""
   import ml_collections  # noqa: PLC0415
   c = ml_collections.ConfigDict()
-  c.criterion = "l1"          # l1 | bn | taylor
+  c.criterion = "l1"          # l1 | bn | taylor | gate
   c.flops_target = 0.5        # fraction of the original MACs to keep, in (0, 1]
   c.method = "global"         # global | uniform
   c.max_prune_ratio = 0.8     # at most this fraction of one group is removed
@@ -544,11 +622,13 @@ def apply_to_config(config, params: PyTree, batch_stats: PyTree,
 
   Builds `config.model` (with `config.width` and `config.model_kwargs`) for `params`, plans the
   pruning (`plan_for_flops` with `config.structured.{criterion, flops_target, method,
-  max_prune_ratio, round_to}`; "taylor" uses `calibration_batches`, dicts with "image" and "label"),
+  max_prune_ratio, round_to}`; "taylor" and "gate" use `calibration_batches`, dicts with "image"
+  and "label"),
   removes the channels, and returns
   `(config with model_kwargs.channels set, new_params, new_batch_stats, report)`. The returned
   config is a copy; `model_kwargs.channels` is a sorted tuple of (conv path, width) pairs (JSON:
-  a list of pairs, which `dict()` reads back). `report` holds flops/params before and after,
+  a list of pairs, which `dict()` reads back); a ViT gets `model_kwargs.heads` and
+  `model_kwargs.mlp_dims` instead (`model_fields`). `report` holds flops/params before and after,
   their ratios, the criterion and the per-group widths.
   """
   from jcompress import models as models_lib  # noqa: PLC0415
@@ -582,7 +662,8 @@ def apply_to_config(config, params: PyTree, batch_stats: PyTree,
   params_before, params_after = count_params(params), count_params(new_params)
   new_config = config.copy_and_resolve_references()
   with new_config.unlocked():
-    new_config.model_kwargs.channels = tuple(sorted(override.items()))
+    for field, value in model_fields(model, override).items():
+      new_config.model_kwargs[field] = value
   report = {
       "criterion": s.get("criterion", "l1"),
       "method": s.get("method", "global"),

@@ -36,10 +36,12 @@ class Layer:
   """A conv or dense layer seen in the trace (per image: the batch is divided out).
 
   `macs(cin, cout) = spatial * kernel_area * (cin / groups) * cout` multiply-accumulates, with
-  `groups = cout` for a depthwise conv (its in-features per group stay 1)."""
-  path: str              # module path, e.g. "stage1_block0/conv1"
-  leaf: LeafKey          # ("params", (..., "kernel"))
-  kind: str              # "conv", "depthwise", "dense", "other"
+  `groups = cout` for a depthwise conv (its in-features per group stay 1). An "act" layer is a
+  product of two activations (attention's `q k^T` and `probs v`): `cout` is its number of
+  batch slices (one per head), each costing `spatial` MACs."""
+  path: str              # module path, e.g. "stage1_block0/conv1" ("dot_general#k": "act")
+  leaf: LeafKey          # ("params", (..., "kernel")); None for "act"
+  kind: str              # "conv", "depthwise", "dense", "other", "act"
   in_axis: int           # kernel axis of the input features
   out_axis: int          # kernel axis of the output features
   cin: int
@@ -51,6 +53,8 @@ class Layer:
   def macs(self, cin: int | None = None, cout: int | None = None) -> int:
     cin = self.cin if cin is None else cin
     cout = self.cout if cout is None else cout
+    if self.kind == "act":
+      return self.spatial * cout
     if self.kind == "depthwise":
       return self.spatial * self.kernel_area * cout
     return self.spatial * self.kernel_area * (cin // max(self.groups, 1)) * cout
@@ -82,6 +86,8 @@ class ChannelGraph:
   groups: dict          # name -> Group (prunable and protected ones)
   layers: dict          # module path -> Layer
   input_shape: tuple
+  #: "act" layer path -> {group name: batch slices (heads) of the layer per channel of the group}
+  act: dict = dataclasses.field(default_factory=dict)
 
   @property
   def prunable(self) -> dict:
@@ -106,6 +112,9 @@ class ChannelGraph:
           cout[p] -= n * idx.shape[1]
         elif axis == self.layers[p].in_axis:
           cin[p] -= n * idx.shape[1]
+    for p, links in self.act.items():
+      for name, per in links.items():
+        cout[p] -= removed.get(name, 0) * per
     return cin, cout
 
 
@@ -188,6 +197,8 @@ class _Tracer:
     self.uf = _UnionFind()
     self.layers: dict[str, Layer] = {}
     self.misused: set = set()
+    self.act: dict[str, np.ndarray] = {}      # "act" layer -> (slices,) atom of each slice
+    self.reshapes: list[np.ndarray] = []      # (..., a, b) label blocks split from / merged to
 
   # labels -------------------------------------------------------------------------------
 
@@ -286,6 +297,8 @@ class _Tracer:
         self.misused.add(org)
     if name in ("convert_element_type", "copy", "copy_p") and orgs[0] is not None:
       return [ins[0]], [orgs[0]]
+    if name == "dot_general" and any(org is not None for org in orgs):
+      return self.unknown(eqn, ins, "a kernel read by an unusual dot_general"), [None] * n_out
     if name in _ELEMENTWISE:
       return [self.combine(ins, out_shape)], [None]
     if all(lab is None for lab in ins) and name != "iota":
@@ -341,6 +354,12 @@ class _Tracer:
     k_shape = tuple(eqn.invars[1].aval.shape)
     path = _path(leaf)
     if lb or rb or len(k_shape) != 2 or tuple(lc) != (len(x_shape) - 1,) or len(rc) != 1:
+      if not lb and not rb and len(lc) == len(rc):
+        # e.g. a patch embedding `einsum("nijabc,abcd->nijd")`: counted, never pruned.
+        cin = math.prod(k_shape[a] for a in rc)
+        cout = math.prod(k_shape[a] for a in range(len(k_shape)) if a not in rc)
+        spatial = math.prod(x_shape[a] for a in range(1, len(x_shape)) if a not in lc)
+        self.layers[path] = Layer(path, leaf, "other", -1, -1, cin, cout, 1, spatial, 1)
       return self.unknown(eqn, ins, f"layer {path}: unusual dot_general")[0]
     in_axis = int(rc[0])
     out_axis = 1 - in_axis
@@ -354,6 +373,33 @@ class _Tracer:
         self.uf.union(a, int(x[i]))
     return np.array([self.uf.atom(("out", leaf, out_axis, j)) for j in range(cout)])
 
+  def op_dot_general(self, eqn, ins, shapes_in, out_shape):
+    """A product of two activations (attention's `q k^T`, `probs v`): in each batch slice
+    (a head) every channel of both operands is one channel, which the slice's output carries.
+    The layer's MACs are recorded per slice ("act" layers)."""
+    (lc, _), (lb, rb) = eqn.params["dimension_numbers"]
+    nb = len(lb)
+    x = np.moveaxis(_full(ins[0], shapes_in[0]), list(lb), list(range(nb)))
+    y = np.moveaxis(_full(ins[1], shapes_in[1]), list(rb), list(range(nb)))
+    batch = x.shape[:nb]
+    slices = math.prod(batch)
+    x, y = x.reshape(slices, -1), y.reshape(slices, -1)
+    rep = np.full((slices,), -1)
+    for b in range(slices):
+      atoms = np.unique(np.concatenate([x[b], y[b]]))
+      atoms = atoms[atoms >= 0]
+      for a in atoms[1:]:
+        self.uf.union(int(atoms[0]), int(a))
+      if atoms.size:
+        rep[b] = atoms[0]
+    path = f"dot_general#{len(self.act)}"
+    per_slice = math.prod(out_shape) // max(slices, 1) * math.prod(
+        shapes_in[0][a] for a in lc)
+    self.layers[path] = Layer(path, None, "act", -1, -1, 1, slices, 1, per_slice, 1)
+    self.act[path] = rep
+    out = np.broadcast_to(rep.reshape(batch + (1,) * (len(out_shape) - nb)), out_shape)
+    return [_trim(out)]
+
   # shape ops ----------------------------------------------------------------------------
 
   def op_reshape(self, eqn, ins, shapes_in, out_shape):
@@ -365,9 +411,19 @@ class _Tracer:
       return self.unknown(eqn, ins, "reshape mixing channels with other axes")
     k, m = match
     old = shapes_in[0]
-    new = np.broadcast_to(lab, old[len(old) - k:]).reshape(out_shape[len(out_shape) - m:])
-    if _squeeze_shape(new.shape) != _squeeze_shape(lab.shape):
-      self.uf.protect(lab, "reshape of the channel axis (channel shuffle)")
+    full = np.broadcast_to(lab, old[len(old) - k:])
+    new = full.reshape(out_shape[len(out_shape) - m:])
+    a, b = _squeeze_shape(full.shape), _squeeze_shape(new.shape)
+    if a != b:
+      # Splitting the channel axis into (a, b) (attention's (heads, head_dim)) or merging
+      # (a, b) back is kept apart only if every row ends up one channel (a whole head), which
+      # `build_graph` checks once every union is known; any other reshape is a shuffle.
+      if len(b) >= 2 and b[:-2] == a[:-1] and b[-2] * b[-1] == a[-1]:
+        self.reshapes.append(new.reshape(b))
+      elif len(a) >= 2 and a[:-2] == b[:-1] and a[-2] * a[-1] == b[-1]:
+        self.reshapes.append(full.reshape(a))
+      else:
+        self.uf.protect(lab, "reshape of the channel axis (channel shuffle)")
     return [new]
 
   op_squeeze = op_reshape
@@ -394,9 +450,11 @@ class _Tracer:
         full = np.broadcast_to(lab, shapes_in[0][nd - r:])
         local = [p - (nd - r) for p in perm[nd - r:]]
         new = full.transpose(local)
-        if local != sorted(local) and lab.size > 1:
+        # A shuffle reorders the axes the labels vary along (moving heads past tokens is not).
+        varying = [a for a in local if not _constant_along(full, a)]
+        if varying != sorted(varying) and lab.size > 1:
           self.uf.protect(lab, "transpose of the channel axis (channel shuffle)")
-        return [new]
+        return [_trim(new)]
     return self.unknown(eqn, ins, "transpose mixing channels with other axes")
 
   def _along(self, labs, shapes, axis, nd):
@@ -444,8 +502,12 @@ class _Tracer:
   def _reduce(self, eqn, ins, axes):
     lab = ins[0]
     nd = len(eqn.invars[0].aval.shape)
-    if any(a >= nd - lab.ndim for a in axes):
+    inside = sorted((a - (nd - lab.ndim) for a in axes if a >= nd - lab.ndim), reverse=True)
+    if inside and (len(inside) == lab.ndim
+                   or not all(_constant_along(lab, a) for a in inside)):
       return self.unknown(eqn, ins, f"{eqn.primitive.name} over the channel axis")
+    for a in inside:   # e.g. softmax over the keys of one head's scores: one channel
+      lab = np.take(lab, 0, axis=a)
     return [lab]
 
   def op_reduce_sum(self, eqn, ins, shapes_in, out_shape):
@@ -476,6 +538,24 @@ class _Tracer:
 
 def _squeeze_shape(shape):
   return tuple(s for s in shape if s != 1)
+
+
+def _full(lab, shape) -> np.ndarray:
+  """`lab` broadcast to the whole `shape` (-1 where it has no label)."""
+  if lab is None:
+    return np.full(shape, -1)
+  return np.broadcast_to(lab, shape)
+
+
+def _constant_along(lab: np.ndarray, axis: int) -> bool:
+  return bool((lab == np.take(lab, [0], axis=axis)).all())
+
+
+def _trim(lab: np.ndarray) -> np.ndarray:
+  """`lab` without its leading axes along which it is constant (a smaller suffix)."""
+  while lab.ndim > 1 and _constant_along(lab, 0):
+    lab = lab[0]
+  return np.array(lab)
 
 
 def _leaf_dict(tree: PyTree, collection: str) -> dict:
@@ -557,6 +637,12 @@ def build_graph(model, params: PyTree, batch_stats: PyTree | None = None,
   outs, _ = tracer.run(closed.jaxpr, in_labels, in_origins, closed.consts)
   for lab in outs:
     uf.protect(lab, "reaches the logits")
+  for block in tracer.reshapes:
+    for row in block.reshape(-1, block.shape[-1]):
+      roots = {uf.find(int(a)) for a in row if a >= 0}
+      if len(roots) > 1:
+        uf.protect(block, "reshape of the channel axis (channel shuffle)")
+        break
   return _make_groups(tracer, leaves, input_shape)
 
 
@@ -592,11 +678,14 @@ def _make_groups(tracer: _Tracer, leaves: dict, input_shape) -> ChannelGraph:
     lead_leaf, lead_axis, lead_index = uf.desc[lead][1:]
     signature = (lead_leaf, lead_axis,
                  tuple(sorted((k, len(v)) for k, v in slots.items())))
-    entry = by_signature.setdefault(signature, {"classes": [], "kinds": kinds, "reasons": []})
+    entry = by_signature.setdefault(signature, {"classes": [], "kinds": kinds, "reasons": [],
+                                                "roots": []})
     entry["classes"].append((lead_index, {k: sorted(v) for k, v in slots.items()}))
+    entry["roots"].append(uf.find(atoms[0]))
     if reason:
       entry["reasons"].append(reason)
   groups: dict[str, Group] = {}
+  group_of: dict[int, str] = {}
   for (lead_leaf, _, _), entry in sorted(by_signature.items(), key=lambda kv: (
       min(uf.index[("out", kv[0][0], kv[0][1], c[0])] for c in kv[1]["classes"]))):
     members = sorted(entry["classes"], key=lambda c: c[0])
@@ -610,7 +699,13 @@ def _make_groups(tracer: _Tracer, leaves: dict, input_shape) -> ChannelGraph:
     reason = entry["reasons"][0] if entry["reasons"] else ""
     groups[name] = Group(name, len(members), slots, prunable=not reason, reason=reason,
                          kinds=dict(entry["kinds"]))
-  return ChannelGraph(groups, dict(tracer.layers), tuple(input_shape))
+    for root in entry["roots"]:
+      group_of[root] = name
+  act = {}
+  for path, rep in tracer.act.items():
+    counts = collections.Counter(group_of.get(uf.find(int(a))) for a in rep if a >= 0)
+    act[path] = {n: c / groups[n].size for n, c in counts.items() if n is not None}
+  return ChannelGraph(groups, dict(tracer.layers), tuple(input_shape), act)
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -12,18 +12,22 @@ from jcompress.methods.base import Prepared
 
 #: The report's figures that go into results.json (besides `flops`).
 _REPORTED = ("flops_before", "flops_ratio", "params_before", "params_ratio", "criterion")
+#: Model fields besides a CNN's `channels` that hold pruned widths (a ViT's `structured_fields`).
+_WIDTH_FIELDS = ("heads", "mlp_dims")
 
 
 def prepare(config, workdir: str, resuming: bool, ctx):
   """A fresh run prunes the filters of its `init_from` model to `structured.flops_target` and
-  returns `(config with model_kwargs.channels, Prepared)`: the run then fine-tunes the smaller
-  model. A resumed run takes the pruned widths from its workdir's config.json and returns
-  `(config, None)`."""
+  returns `(config with model_kwargs.channels, Prepared)` (a ViT: `model_kwargs.heads` and
+  `mlp_dims`): the run then fine-tunes the smaller model. A resumed run takes the pruned widths
+  from its workdir's config.json and returns `(config, None)`."""
   if resuming:
     saved = ctx.saved_config(workdir)
     config = config.copy_and_resolve_references()
     with config.unlocked():
-      config.model_kwargs.channels = saved.model_kwargs.get("channels")
+      for field in ("channels", *_WIDTH_FIELDS):
+        if saved.model_kwargs.get(field) is not None:
+          config.model_kwargs[field] = saved.model_kwargs.get(field)
     return config, None
   if not config.init_from:
     raise ConfigError("config key 'init_from': structured pruning removes the filters of a "
@@ -35,7 +39,7 @@ def prepare(config, workdir: str, resuming: bool, ctx):
   logging.info("structured pruning: FLOPs %d -> %d (%.3f), params %d -> %d", report["flops_before"],
                report["flops_after"], report["flops_ratio"], report["params_before"],
                report["params_after"])
-  return new_config, Prepared(variables=(params, batch_stats, src.message + "; filters pruned"),
+  return new_config, Prepared(variables=(params, batch_stats, src.message + "; pruned"),
                               meta={"float_test_accuracy": src.float_accuracy,
                                     METHOD.name: report})
 

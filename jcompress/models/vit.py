@@ -31,7 +31,9 @@ every compression method (`transforms.DEFAULT_EXCLUDE`: `stem_conv/`, `head/`) k
 embedding float, as it keeps a CNN's first convolution. Heads are a reshape: head `h` owns
 output columns `h*d:(h+1)*d` of `query`, `key` and `value` (d = D / H) and input rows
 `h*d:(h+1)*d` of `out`, so pruning a head removes one column block of each of the three and one
-row block of `out`.
+row block of `out`. A structurally pruned ViT (`jcompress.structured`) is this class built with
+per-block `heads` (each head keeps its width d = D / num_heads) and `mlp_dims`; its
+`structured_fields` turns the pruned layers' widths into those fields.
 
 Activation quantization (QAT, root field `act_quant`, `jcompress.actquant`): the input of every
 Dense layer inside the blocks passes a quantizer named `<layer>_act` beside it
@@ -55,6 +57,7 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -146,18 +149,21 @@ class PatchEmbedding(nn.Module):
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with separate `query`, `key`, `value` and `out` Dense layers;
-  heads are a reshape of their D features (module docstring)."""
+  heads are a reshape of their `num_heads * head_dim` features (module docstring). `head_dim`
+  0 means D / num_heads (a pruned block keeps the unpruned head width with fewer heads)."""
   num_heads: int
   quantize_attention: bool = False
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     n, t, d = x.shape
     h = self.num_heads
-    hd = d // h
-    q, k, v = (dense(self, d, name)(x).reshape(n, t, h, hd) for name in ("query", "key", "value"))
+    hd = self.head_dim or d // h
+    q, k, v = (dense(self, h * hd, name)(x).reshape(n, t, h, hd)
+               for name in ("query", "key", "value"))
     if self.quantize_attention:
       q = _quantizer(self, "scores_q_act")(q)
       k = _quantizer(self, "scores_k_act")(k)
@@ -166,7 +172,7 @@ class SelfAttention(nn.Module):
     if self.quantize_attention:
       probs = _quantizer(self, "probs_act", signed=False)(probs)
     probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
-    y = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, d)
+    y = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, h * hd)
     return dense(self, d, "out")(y)
 
 
@@ -192,6 +198,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -200,7 +207,7 @@ class EncoderBlock(nn.Module):
                           name=name)
 
     y = SelfAttention(self.num_heads, self.quantize_attention, self.dropout, self.dtype,
-                      name="attn")(norm("norm1")(x), train)
+                      self.head_dim, name="attn")(norm("norm1")(x), train)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = Mlp(self.mlp_hidden, self.dropout, self.dtype, name="mlp")(norm("norm2")(x), train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -223,6 +230,11 @@ class ViT(nn.Module):
     layer_norm_epsilon: LayerNorm epsilon (1e-6, as timm and big_vision).
     dtype: compute dtype; parameters stay float32, logits are returned in float32.
     act_quant: the activation quantizer spec of QAT (`jcompress.actquant`; LSQ, signed).
+    heads: per-block head counts (a tuple of `depth` ints >= 1), or None: `num_heads` in every
+      block. Each head keeps the width D / num_heads, so a block with fewer heads has narrower
+      query, key and value layers (a structurally pruned ViT, `jcompress.structured`).
+    mlp_dims: per-block MLP hidden sizes (a tuple of `depth` ints >= 1, absolute: `width` does
+      not scale them), or None: round(mlp_dim * width) in every block.
   """
 
   num_classes: int
@@ -238,11 +250,16 @@ class ViT(nn.Module):
   layer_norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
   act_quant: Any = None
+  heads: Any = None
+  mlp_dims: Any = None
 
   def __post_init__(self):
     check_width(self.width, type(self).__name__)
     for key in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size"):
       _check_int(getattr(self, key), key)
+    for key in ("heads", "mlp_dims"):
+      # JSON (a run's config.json) gives lists: Flax fields must be hashable tuples.
+      object.__setattr__(self, key, self._per_block(key))
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"ViT: `dropout` must be in [0, 1), got {self.dropout!r}")
     dim = self.dim
@@ -267,23 +284,83 @@ class ViT(nn.Module):
             "outputs) are signed; set signed: True for the 'lsq' quantizer")
     super().__post_init__()
 
+  def _per_block(self, key: str) -> tuple | None:
+    value = getattr(self, key)
+    if value is None:
+      return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+      raise ConfigError(f"ViT: model field `{key}` must be a tuple of {self.depth} ints (one per "
+                        f"block) or None, got {value!r}")
+    value = tuple(value)
+    if len(value) != self.depth:
+      raise ConfigError(f"ViT: model field `{key}` has {len(value)} entries for {self.depth} "
+                        "blocks (depth)")
+    for i, n in enumerate(value):
+      if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        what = "attention heads" if key == "heads" else "MLP hidden units"
+        raise ConfigError(f"ViT: model field `{key}`: block{i + 1} must keep at least one of "
+                          f"its {what} (an int >= 1), got {n!r}")
+    return tuple(int(n) for n in value)
+
   @property
   def dim(self) -> int:
     """The token width D = round(embed_dim * width)."""
     return max(1, int(round(self.embed_dim * self.width)))
 
+  @property
+  def head_dim(self) -> int:
+    """The width of one head, D / num_heads (also in a pruned model with fewer heads)."""
+    return self.dim // self.num_heads
+
+  @property
+  def hidden(self) -> int:
+    """The unpruned MLP hidden size round(mlp_dim * width)."""
+    return max(1, int(round(self.mlp_dim * self.width)))
+
+  def structured_fields(self, widths: Mapping[str, int]) -> dict:
+    """The model fields (`heads`, `mlp_dims`) that build this ViT with the given output widths
+    of its Dense layers ({module path: width}, e.g. `block1/attn/query`: 32), the protocol
+    `jcompress.structured` uses to build a model from pruned widths. Raises ConfigError naming
+    the field when a block would keep no head or no MLP unit, or a width that is not whole
+    heads."""
+    hd = self.head_dim
+    heads, mlp = [], []
+    for i in range(1, self.depth + 1):
+      qkv = {widths.get(f"block{i}/attn/{n}", self._block_heads(i) * hd)
+             for n in ("query", "key", "value")}
+      w = qkv.pop() if len(qkv) == 1 else None
+      if w is None or w % hd:
+        raise ConfigError(f"ViT: model field `heads`: block{i}'s query, key and value widths "
+                          f"{sorted(qkv)} are not one whole number of {hd}-wide heads")
+      if w < hd:
+        raise ConfigError(f"ViT: model field `heads`: pruning would leave block{i} with no "
+                          "attention heads (keep at least one)")
+      heads.append(w // hd)
+      m = widths.get(f"block{i}/mlp/fc1", self._block_mlp(i))
+      if m < 1:
+        raise ConfigError(f"ViT: model field `mlp_dims`: pruning would leave block{i}'s MLP "
+                          "with no hidden units (keep at least one)")
+      mlp.append(int(m))
+    return {"heads": tuple(heads), "mlp_dims": tuple(mlp)}
+
+  def _block_heads(self, i: int) -> int:
+    return self.heads[i - 1] if self.heads is not None else self.num_heads
+
+  def _block_mlp(self, i: int) -> int:
+    return self.mlp_dims[i - 1] if self.mlp_dims is not None else self.hidden
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     features = {}
     d = self.dim
-    hidden = max(1, int(round(self.mlp_dim * self.width)))
     x = jnp.asarray(x, self.dtype)
     x, grid = PatchEmbedding(d, self.patch_size, self.distill_token, self.dtype,
                              name="stem_conv")(x)
     features["stem"] = grid
     for i in range(1, self.depth + 1):
-      x = EncoderBlock(self.num_heads, hidden, self.quantize_attention, self.dropout,
-                       self.layer_norm_epsilon, self.dtype, name=f"block{i}")(x, train)
+      x = EncoderBlock(self._block_heads(i), self._block_mlp(i), self.quantize_attention,
+                       self.dropout, self.layer_norm_epsilon, self.dtype, self.head_dim,
+                       name=f"block{i}")(x, train)
       features[f"block{i}"] = x
     x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                      param_dtype=jnp.float32, name="norm")(x)
