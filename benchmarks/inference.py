@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from jcompress import runtime  # noqa: E402
 
-runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
+runtime.configure_cpu(inference=True)   # XLA:CPU tuning for inference (convolutions on YNNPACK)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -70,6 +70,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Calls per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per runner (median reported).")
 _FLOAT_ROUTE = flags.DEFINE_bool("float_route", False,
                                  "Also time the quantized artifacts on float (integer=False).")
+_MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Integer layers' least matmul depth "
+                                  "(default: intinfer's for the route this process takes).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 _MD = flags.DEFINE_string("md", "", "Also write the tables to this markdown file (e.g. "
                           "docs/inference.md), with the date, the commit and the machine.")
@@ -185,7 +187,8 @@ def main(argv):
       routes = [True] + ([False] if quantized and _FLOAT_ROUTE.value else [])
       for integer in routes:
         name = kind if integer else f"{kind}_float_route"
-        fn = export.inference_fn((manifest, arrays), integer=integer)
+        fn = export.inference_fn((manifest, arrays), integer=integer,
+                                 min_depth=_MIN_DEPTH.value)
         logits = np.asarray(fn(images))
         agree = float(np.mean(logits.argmax(1) == reference.argmax(1)))
         rows[name] = {"artifact_bytes": export.artifact_nbytes(arrays, manifest),
