@@ -1,5 +1,6 @@
-r"""Vision Transformers through the same transforms: float training, W4A4 QAT, int8 PTQ and
-DeiT distillation from a CNN teacher.
+r"""Vision Transformers through the same transforms: float training, W4A4 QAT, int8 PTQ,
+head and MLP pruning, binary MLP weights, low-rank Dense layers and DeiT distillation from a
+CNN teacher.
 
   # float (digits: vit_digits, CIFAR-10: vit_tiny_cifar, a DeiT-Ti with 4x4 patches)
   python launch.py --config=experiments/vit.py:data=digits --workdir=runs/vit_float_s0
@@ -17,6 +18,11 @@ DeiT distillation from a CNN teacher.
   # structured pruning of the float run to half its FLOPs (whole heads and MLP units), tuned
   python launch.py --workdir=runs/vit_prune \
     --config=experiments/vit.py:data=digits,method=prune,init_from=runs/vit_float_s0
+  # binary MLP weights / half-parameter low-rank Dense layers, fine-tuned from it
+  python launch.py --workdir=runs/vit_binary \
+    --config=experiments/vit.py:data=digits,method=binary,init_from=runs/vit_float_s0
+  python launch.py --workdir=runs/vit_lowrank \
+    --config=experiments/vit.py:data=digits,method=lowrank,init_from=runs/vit_float_s0
 
 Model (`jcompress/models/vit.py`): patch embedding, class token, learned position embeddings,
 pre-norm blocks (LayerNorm, multi-head self-attention with `query`/`key`/`value`/`out` Dense
@@ -50,12 +56,19 @@ method:
          deit_hard (DeiT: a distillation token and head `head_dist`; CE(cls, y) / 2 +
          CE(dist, argmax teacher) / 2; inference averages the two heads) or kd (Hinton,
          `alpha`, `temperature`, on the class head). Digits: 200 labelled images by default.
+  binary binary MLP weights of `init_from`, fine-tuned: every block's fc1 and fc2 kernels
+         through the `binary` method's `binarizer` (default xnor: alpha * sign, alpha the mean
+         |w| per output unit; ste_sign: +-1), straight-through gradients; attention, patch
+         embedding and heads stay float, activations float (digits 1,500 steps at lr 5e-4).
+  lowrank every Dense of the blocks (query, key, value, out, fc1, fc2) as two SVD factors of
+         `rank_fraction` (default 0.5) of its parameters (`lowrank` method, from `init_from`),
+         fine-tuned as `binary` is.
 
 Args: data, model (default vit_digits on digits, vit_tiny_cifar otherwise), width (multiplies
-the token width and the MLP), method (float | qat | ptq | prune | kd), bits, abits, attn,
-init_from, criterion, flops, teacher, loss (deit_hard | kd), temperature, alpha,
-train_examples (-1: all; kd on digits 200), image_size (0: 32 on digits, the dataset's size
-otherwise), steps, lr, seed, runlocal.
+the token width and the MLP), method (float | qat | ptq | prune | kd | binary | lowrank), bits,
+abits, attn, init_from, criterion, flops, binarizer, rank_fraction, teacher, loss (deit_hard |
+kd), temperature, alpha, train_examples (-1: all; kd on digits 200), image_size (0: 32 on
+digits, the dataset's size otherwise), steps, lr, seed, runlocal.
 A head count that does not divide the token width or a patch that does not divide the image
 is refused here, naming the arg.
 """
@@ -64,12 +77,13 @@ import ml_collections
 
 from jcompress import config as config_lib
 from jcompress import distill
+from jcompress import lowrank
 from jcompress import models
 from jcompress import structured
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
-METHODS = ("float", "qat", "ptq", "prune", "kd")
+METHODS = ("float", "qat", "ptq", "prune", "kd", "binary", "lowrank")
 KD_LOSSES = ("deit_hard", "kd")
 
 
@@ -109,7 +123,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", width=1.0, method="float", bits=0,
                              abits=-1, attn=False, init_from="", teacher="", loss="deit_hard",
                              temperature=4.0, alpha=0.5, train_examples=-1, image_size=0,
-                             criterion="taylor", flops=0.5,
+                             criterion="taylor", flops=0.5, binarizer="xnor", rank_fraction=0.5,
                              steps=0, lr=0.0, seed=0, runlocal=False)
   if arg.method not in METHODS:
     raise ConfigError(f"config arg 'method': must be one of {', '.join(METHODS)}, got "
@@ -126,6 +140,12 @@ def get_config(arg=None):
                         "trained model; give the workdir of a float run")
     structured.check_criterion(arg.criterion, "criterion")
     structured.check_flops_target(arg.flops, "flops")
+  if arg.method in ("binary", "lowrank") and not arg.init_from:
+    raise ConfigError(f"config arg 'init_from': method={arg.method} fine-tunes a trained model; "
+                      "give the workdir of a float run")
+  if arg.method == "lowrank" and not 0.0 < arg.rank_fraction <= 1.0:
+    raise ConfigError(f"config arg 'rank_fraction': must be in (0, 1], got "
+                      f"{arg.rank_fraction!r}")
   if arg.method == "kd" and not arg.teacher:
     raise ConfigError("config arg 'teacher': method=kd needs a teacher run's workdir "
                       "(teacher=runs/t_digits); the hard-label baseline is method=float")
@@ -194,6 +214,26 @@ def get_config(arg=None):
     c.structured = structured.default_config()
     c.structured.criterion = arg.criterion
     c.structured.flops_target = arg.flops
+    c.total_steps = 1_500 if digits else 10_000
+    c.optimizer.learning_rate = 5e-4 if digits else 1e-4
+    c.schedule.warmup_steps = 0
+    c.eval_every = 500 if digits else c.eval_every
+    c.checkpoint_every = c.eval_every
+  elif arg.method in ("binary", "lowrank"):
+    if arg.method == "binary":
+      # binary MLP weights (fc1, fc2 of every block); attention, embedding and heads float
+      c.binary = ml_collections.ConfigDict()
+      c.binary.method = arg.binarizer
+      c.binary.include = (r"(^|/)mlp/fc[12]/kernel$",)
+      c.binary.exclude = (*transforms.DEFAULT_EXCLUDE, r"(^|/)head_dist/")
+      c.binary.float_steps = 0
+    else:
+      # every Dense of the blocks (q, k, v, out, fc1, fc2) as two factors at `rank_fraction`
+      # of its parameters, split by SVD from init_from
+      c.lowrank = lowrank.default_config()
+      c.lowrank.method = "svd"
+      c.lowrank.param_fraction = arg.rank_fraction
+      c.lowrank.exclude = (*transforms.DEFAULT_EXCLUDE, r"(^|/)head_dist/")
     c.total_steps = 1_500 if digits else 10_000
     c.optimizer.learning_rate = 5e-4 if digits else 1e-4
     c.schedule.warmup_steps = 0

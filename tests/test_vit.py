@@ -160,6 +160,33 @@ def test_patch_that_does_not_divide_the_image_is_refused_before_compiling():
     exp.get_config("data=digits,method=kd")
 
 
+def test_binary_and_lowrank_methods_take_the_blocks_dense_layers():
+  """method=binary: fc1 and fc2 kernels only (attention, embedding, heads float); method=lowrank:
+  every Dense of the blocks factorized, the embedding and heads kept; both need init_from."""
+  from jcompress import lowrank  # noqa: PLC0415
+  from jcompress import transforms  # noqa: PLC0415
+
+  exp = _experiment_module()
+  model = models.get_model("vit_digits", 10, distill_token=True)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  params = params["params"]
+  c = exp.get_config("data=digits,method=binary,init_from=runs/x")
+  picked = {p for p, on in zip(transforms.leaf_paths(params), jax.tree.leaves(
+      transforms.select(params, c.binary.include, c.binary.exclude, key="binary.include")))
+      if on}
+  depth = models.MODELS["vit_digits"].keywords["depth"]
+  assert picked == {f"block{b}/mlp/fc{i}/kernel" for b in range(1, depth + 1) for i in (1, 2)}
+  c = exp.get_config("data=digits,method=lowrank,init_from=runs/x,rank_fraction=0.25")
+  plan = lowrank.make_plan(params, c.lowrank)
+  planned = {lp.path for lp in (plan.values() if isinstance(plan, dict) else plan)}
+  assert planned == {f"block{b}/{m}" for b in range(1, depth + 1) for m in (
+      "attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")}
+  for bad, key in (("method=binary", "'init_from'"), ("method=lowrank", "'init_from'"),
+                   ("method=lowrank,init_from=runs/x,rank_fraction=0", "'rank_fraction'")):
+    with pytest.raises(ConfigError, match=key):
+      exp.get_config("data=digits," + bad)
+
+
 def test_unsigned_activation_quantizers_are_refused():
   for spec, key in (({"kind": "pact", "bits": 4}, "act_quant.kind"),
                     ({"kind": "lsq", "bits": 4}, "act_quant.signed")):
