@@ -65,7 +65,9 @@ def _outputs(model, variables, x):
   return {"conv1": out["bn1"], "conv2": out["conv2"], "conv3": out["bn3"]}
 
 
-@pytest.mark.parametrize("method", ["uniform", "kmeans"])
+# k-means (several seeded starts per tensor) is the slow case; its quantizer differs, not the
+# correction: -m slow runs it.
+@pytest.mark.parametrize("method", ["uniform", pytest.param("kmeans", marks=pytest.mark.slow)])
 def test_corrected_means_equal_the_float_ones(setup, method):
   model, params, stats, x = setup
   t = quantize.quant_weights(params, method=method, bits=2 if method == "uniform" else 1,

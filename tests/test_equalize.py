@@ -41,15 +41,16 @@ def _perturb(variables, seed=0):
 def mnv2():
   model = get_model("mobilenetv2_cifar", num_classes=10, width=0.25, activation="relu")
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
-  params, stats = _perturb(model.init(jax.random.key(1), x))
+  # jitted: eager init and apply dispatch every op of the network one at a time (tens of seconds)
+  params, stats = _perturb(jax.jit(model.init)(jax.random.key(1), x))
   return model, params, stats, x
 
 
 def test_equalized_mobilenetv2_has_the_same_logits(mnv2):
   model, params, stats, x = mnv2
   new, report = equalize.equalize(params, stats, model, x)
-  ref = model.apply({"params": params, "batch_stats": stats}, x)[0]
-  out = model.apply({"params": new, "batch_stats": stats}, x)[0]
+  apply = jax.jit(lambda p: model.apply({"params": p, "batch_stats": stats}, x)[0])
+  ref, out = apply(params), apply(new)
   np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
   assert report["range_ratio_after"] > report["range_ratio_before"] + 0.1
   pairs = set(report["pairs"])
