@@ -49,13 +49,19 @@ README_END = "<!-- results:end -->"
 class Row:
   name: str
   label: str
-  spec: str            # experiments/X.py:ARG; {data} and {float} (the seed's float run)
+  spec: str            # experiments/X.py:ARG; {data} and {float} (the seed's `base` run)
   quick: bool = False  # in the --quick subset
   combined: bool = False   # KD + pruning + 4-bit QAT in one train step (built below)
+  base: str = "float"  # the row whose run {float} names ("": a base row, run first)
+  ref: str = ""        # the row whose mean the drop is taken from (default: base, or float)
+
+  @property
+  def ref_row(self) -> str:
+    return self.ref or self.base or "float"
 
 
 ROWS = (
-    Row("float", "float ResNet-20", "baseline_resnet.py:data={data}", quick=True),
+    Row("float", "float ResNet-20", "baseline_resnet.py:data={data}", quick=True, base=""),
     *(Row(f"ptq_uniform{b}", f"PTQ {b}-bit uniform, per channel",
           f"quant_resnet.py:data={{data}},mode=ptq,bits={b},init_from={{float}}",
           quick=b in (8, 4)) for b in (8, 4, 3, 2)),
@@ -84,6 +90,23 @@ ROWS = (
         "kd_mobilenet.py:data={data},teacher={float}", quick=True),
     Row("combined", "KD + 90% pruning + W4A4 QAT in one step",
         "quant_resnet.py:data={data},bits=4,abits=4,init_from={float}", combined=True),
+    # Vision Transformers (experiments/vit.py): drops from the float ViT of the same seed
+    Row("vit_float", "float ViT (vit_digits)", "vit.py:data={data}", base="",
+        ref="vit_float"),
+    Row("vit_ptq8", "ViT int8 PTQ (W8A8)",
+        "vit.py:data={data},method=ptq,abits=8,init_from={float}", base="vit_float"),
+    Row("vit_qat_w4a4", "ViT W4A4 QAT (uniform + LSQ)",
+        "vit.py:data={data},method=qat,init_from={float}", base="vit_float"),
+    Row("vit_prune_half", "ViT heads and MLP units pruned, half the FLOPs",
+        "vit.py:data={data},method=prune,init_from={float}", base="vit_float"),
+    Row("vit_binary_mlp", "ViT binary MLP weights",
+        "vit.py:data={data},method=binary,init_from={float}", base="vit_float"),
+    Row("vit_lowrank_half", "ViT low-rank Dense, half the parameters",
+        "vit.py:data={data},method=lowrank,init_from={float}", base="vit_float"),
+    Row("vit_hard200", "ViT on 200 labels, hard labels",
+        "vit.py:data={data},train_examples=200", base="", ref="vit_float"),
+    Row("vit_deit200", "ViT on 200 labels, DeiT distillation from ResNet-20",
+        "vit.py:data={data},method=kd,teacher={float}", ref="vit_float"),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
@@ -122,13 +145,14 @@ def is_stale(point_commit: str | None, commit: str) -> bool:
 
 
 def points(rows, seeds: int, root: str, data: str) -> list[dict]:
-  """[{index, row, seed, workdir, float}] in run order: each seed's float run first."""
+  """[{index, row, seed, workdir, float}] in run order: each seed's base runs (float ResNet,
+  float ViT) first; `float` is the workdir of the row's base run."""
   out = []
   for seed in range(seeds):
     base = os.path.join(root, data, f"seed{seed}")
-    for row in sorted(rows, key=lambda r: r.name != "float"):
+    for row in sorted(rows, key=lambda r: bool(r.base)):
       out.append({"row": row.name, "seed": seed, "workdir": os.path.join(base, row.name),
-                  "float": os.path.join(base, "float")})
+                  "float": os.path.join(base, row.base or "float")})
   for i, p in enumerate(out):
     p["index"] = i
   return out
@@ -163,8 +187,9 @@ def run_point(point: dict, data: str, commit: str) -> dict:
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
     return {"status": "done"}
-  if point["row"] != "float" and not os.path.exists(os.path.join(point["float"], "results.json")):
-    return {"status": "waiting", "error": f"its float run {point['float']} has not finished"}
+  if ROW_BY_NAME[point["row"]].base and not os.path.exists(
+      os.path.join(point["float"], "results.json")):
+    return {"status": "waiting", "error": f"its base run {point['float']} has not finished"}
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   try:
@@ -235,12 +260,21 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
       entry["compression_ratio"] = _mean_std([s["compression_ratio"] for s in seeds])[0]
       entry["wall_seconds"] = _mean_std([s["wall_seconds"] for s in seeds])[0]
     table.append(entry)
-  floats = next((e for e in table if e["row"] == "float" and e["seeds"]), None)
-  for e in table:
-    if floats and e["seeds"]:
-      e["drop"] = floats["accuracy_mean"] - e["accuracy_mean"]
+  set_drops(table)
   return {"data": data, "date": datetime.date.today().isoformat(), "commit": commit,
           "machine": device_name(), "seeds": sorted({p["seed"] for p in pts}), "rows": table}
+
+
+def set_drops(entries: list[dict]) -> None:
+  """Each entry's `drop`: its reference row's mean (`Row.ref_row`) minus its own, where both
+  have seeds; none for the base rows that are their own reference."""
+  means = {e["row"]: e["accuracy_mean"] for e in entries if e["seeds"]}
+  for e in entries:
+    e.pop("drop", None)
+    row = ROW_BY_NAME.get(e["row"])
+    ref = row.ref_row if row else "float"
+    if e["seeds"] and ref in means and ref != e["row"]:
+      e["drop"] = means[ref] - e["accuracy_mean"]
 
 
 def merge(summary: dict, previous: dict, commit: str) -> dict:
@@ -254,11 +288,7 @@ def merge(summary: dict, previous: dict, commit: str) -> dict:
     e["stale_seeds"] = [s["seed"] for s in e["seeds"] if is_stale(s.get("commit"), commit)]
   rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS]
   rows = [e for e in rows if e is not None]
-  floats = next((e for e in rows if e["row"] == "float" and e["seeds"]), None)
-  for e in rows:
-    e.pop("drop", None)
-    if floats and e["seeds"]:
-      e["drop"] = floats["accuracy_mean"] - e["accuracy_mean"]
+  set_drops(rows)
   seeds = sorted({s["seed"] for e in rows for s in e["seeds"]} | set(summary["seeds"]))
   return {**summary, "seeds": seeds, "rows": rows}
 
@@ -348,8 +378,8 @@ def main(argv=None) -> int:
     if unknown:
       raise SystemExit(f"--rows: unknown rows {unknown}; rows: {', '.join(ROW_BY_NAME)}")
     rows = [ROW_BY_NAME[n] for n in names]
-    if "float" not in names:
-      rows = [ROW_BY_NAME["float"], *rows]
+    needed = {"float"} | {r.base for r in rows if r.base} | {r.ref_row for r in rows}
+    rows = [ROW_BY_NAME[n] for n in ROW_BY_NAME if n in needed and n not in names] + rows
   if seeds < 1:
     raise SystemExit(f"--seeds must be >= 1, got {seeds}")
   pts = points(rows, seeds, args.root, args.data)

@@ -102,3 +102,29 @@ def test_quality_rows_subset_keeps_the_other_rows_of_the_table():
   assert by["prune90"]["stale_seeds"] == [1] and by["ptq_uniform8"]["stale_seeds"] == []
   assert merged["seeds"] == [0, 1]
   assert quality.merge(summary, {**previous, "data": "digits_hard"}, "abc") == summary
+
+
+def test_quality_vit_rows_start_from_the_float_vit_and_drop_from_it():
+  """The ViT rows' {float} is the seed's float ViT (run first, with the float ResNet); their drops
+  are from the float ViT's mean; the DeiT row's teacher is the float ResNet."""
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  rows = [quality.ROW_BY_NAME[n] for n in ("vit_deit200", "vit_qat_w4a4", "vit_float", "float")]
+  pts = quality.points(rows, 1, "/r", "digits")
+  assert [p["row"] for p in pts][:2] == ["vit_float", "float"]
+  by = {p["row"]: p for p in pts}
+  assert by["vit_qat_w4a4"]["float"] == "/r/digits/seed0/vit_float"
+  assert by["vit_deit200"]["float"] == "/r/digits/seed0/float"
+
+  def entry(name, acc):
+    return {"row": name, "seeds": [{}], "accuracy_mean": acc}
+
+  entries = [entry("float", 99.0), entry("vit_float", 98.0), entry("vit_qat_w4a4", 97.5),
+             entry("vit_deit200", 96.0), entry("ptq_uniform8", 98.5)]
+  quality.set_drops(entries)
+  drops = {e["row"]: e.get("drop") for e in entries}
+  assert drops == {"float": None, "vit_float": None, "vit_qat_w4a4": 0.5, "vit_deit200": 2.0,
+                   "ptq_uniform8": 0.5}
