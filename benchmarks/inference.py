@@ -19,8 +19,9 @@ For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifa
   8 would keep under 45% of the MACs; the artifact of a smaller model);
 
 with He-initialised weights and random BatchNorm statistics (speed does not depend on training)
-through `export.artifact_arrays`, and times `export.inference_fn` on each (codes unpacked inside
-the compiled function at every call, as a loaded artifact runs); with --float_route the
+through `export.artifact_arrays`, and times `export.inference_fn` on each (stored codes decoded
+once when the artifact is loaded, as a runtime unpacks weights; --decode_per_call decodes them
+inside every call instead; the packed BNN computes from its packed words); with --float_route the
 quantized ones also on their decoded float weights (`integer=False`: the fake-quant model's
 arithmetic). Before timing, every artifact's argmax is checked against its trainer's eval path
 (`export._reference_logits`) on the same images (the float one must agree exactly). The runners
@@ -70,6 +71,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Calls per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per runner (median reported).")
 _FLOAT_ROUTE = flags.DEFINE_bool("float_route", False,
                                  "Also time the quantized artifacts on float (integer=False).")
+_PER_CALL = flags.DEFINE_bool("decode_per_call", False, "Decode the stored tensors inside every "
+                              "call (export.inference_fn decode_once=False).")
 _MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Integer layers' least matmul depth "
                                   "(default: intinfer's for the route this process takes).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
@@ -188,7 +191,8 @@ def main(argv):
       for integer in routes:
         name = kind if integer else f"{kind}_float_route"
         fn = export.inference_fn((manifest, arrays), integer=integer,
-                                 min_depth=_MIN_DEPTH.value)
+                                 min_depth=_MIN_DEPTH.value,
+                                 decode_once=not _PER_CALL.value)
         logits = np.asarray(fn(images))
         agree = float(np.mean(logits.argmax(1) == reference.argmax(1)))
         rows[name] = {"artifact_bytes": export.artifact_nbytes(arrays, manifest),

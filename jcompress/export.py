@@ -391,22 +391,31 @@ def make_apply(manifest: dict, model=None, integer: bool = True,
   model = build_model(manifest) if model is None else model
   layers = intinfer.integer_layers(manifest, min_depth)[0] if integer else {}
 
-  def apply(arrays, images):
-    variables = decode_variables(manifest, arrays)
-    if not layers:
-      return model.apply(variables, images, train=False)[0]
-
-    def weight(layer):
+  def decode(arrays):
+    """What the stored tensors decode to: the float variables and, per integer layer, its
+    int8 kernel codes and scales."""
+    codes = {}
+    for layer in layers:
       path = f"{layer}/kernel"
       e = manifest["params"][path]
-      codes = leaf_codes(arrays, path, e, int8=True).reshape(e["shape"])
-      return codes, jnp.asarray(arrays[f"{path}/scale"], jnp.float32)
+      codes[layer] = (leaf_codes(arrays, path, e, int8=True).reshape(e["shape"]),
+                      jnp.asarray(arrays[f"{path}/scale"], jnp.float32))
+    return decode_variables(manifest, arrays), codes
 
+  def run(decoded, images):
+    """The model on decoded tensors (`decode`'s output)."""
+    variables, codes = decoded
+    if not layers:
+      return model.apply(variables, images, train=False)[0]
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
-    with intinfer.intercept(layers, flat, weight):
+    with intinfer.intercept(layers, flat, codes.__getitem__):
       return model.apply(variables, images, train=False)[0]
 
+  def apply(arrays, images):
+    return run(decode(arrays), images)
+
   apply.integer_layers = sorted(layers)
+  apply.decode, apply.run = decode, run
   return apply
 
 
@@ -441,24 +450,36 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
       raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")
 
 
-def inference_fn(source, integer: bool = True, min_depth: int | None = None) -> Callable:
+def inference_fn(source, integer: bool = True, min_depth: int | None = None,
+                 decode_once: bool = True) -> Callable:
   """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
 
-  The model is rebuilt from the manifest alone and checked against the stored tensors; the
-  tensors are decoded inside the jit-compiled function; `integer`, `min_depth` (`make_apply`):
-  quantized layers with quantized inputs compute on int8 codes. `fn.manifest`, `fn.arrays` and
-  `fn.apply` (the pure `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
+  The model is rebuilt from the manifest alone and checked against the stored tensors;
+  `integer`, `min_depth` (`make_apply`): quantized layers with quantized inputs compute on int8
+  codes. `decode_once`: the stored tensors (bit-packed codes, codebooks, sparse bitmasks) are
+  decoded once, here, by a compiled function, and every call runs the model on the decoded
+  tensors, as a runtime unpacks weights when it loads them; False: decoded inside every call
+  (what the StableHLO export does; a method's own layout, e.g. the packed BNN, always computes
+  from its stored tensors). `fn.manifest`, `fn.arrays` and `fn.apply` (the pure
+  `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source
   own_layout = manifest.get("kind") not in ("float", "compressed")
   model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
   apply = make_apply(manifest, model, integer=integer, min_depth=min_depth)
-  jitted = jax.jit(apply)
   device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+  if decode_once and hasattr(apply, "decode"):
+    decoded = jax.jit(apply.decode)(device_arrays)
+    run = jax.jit(apply.run)
 
-  def fn(images):
-    return jitted(device_arrays, jnp.asarray(images, jnp.float32))
+    def fn(images):
+      return run(decoded, jnp.asarray(images, jnp.float32))
+  else:
+    jitted = jax.jit(apply)
+
+    def fn(images):
+      return jitted(device_arrays, jnp.asarray(images, jnp.float32))
 
   fn.manifest, fn.arrays, fn.apply = manifest, arrays, apply
   return fn

@@ -165,6 +165,17 @@ def test_conv_route_gives_the_im2col_route_logits(w8a8, monkeypatch):
                       (1, 1), "SAME", route="winograd")
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_decoding_once_at_load_gives_the_per_call_logits(w8a8, integer):
+  """inference_fn decodes the stored codes once (default) or inside every call: the same
+  computation on the same decoded tensors, so bitwise the same logits."""
+  manifest, arrays, images, _ = w8a8
+  once = export.inference_fn((manifest, arrays), integer=integer, min_depth=0)
+  per_call = export.inference_fn((manifest, arrays), integer=integer, min_depth=0,
+                                 decode_once=False)
+  np.testing.assert_array_equal(np.asarray(once(images)), np.asarray(per_call(images)))
+
+
 def test_float_route_is_the_fake_quant_model_exactly(w8a8):
   manifest, arrays, images, reference = w8a8
   fn = export.inference_fn((manifest, arrays), integer=False)
