@@ -33,7 +33,10 @@ Args: data (cifar10 | digits), model, width, method (uniform | kmeans | pow2), b
 (qat | ptq), per_channel (auto: per channel for uniform / pow2, per tensor for kmeans; or
 true / false), init_from (a float workdir; required for ptq), steps (QAT steps; 0: the default),
 lr (QAT learning rate; 0: the default), adaround (uniform: learned up/down rounding of the
-weights on the calibration batches, `jcompress.adaround`, instead of round-to-nearest),
+weights on the calibration batches, `jcompress.adaround`, instead of round-to-nearest), brecq
+(uniform: the same learned rounding optimised per residual block on the block output's error,
+`jcompress.brecq`; `--config.quant.brecq_fisher=true` weights it by the paper's diagonal Fisher
+information, from the gradients of the KL divergence to the float model's predictions),
 bias_correction (remove each quantized layer's output mean shift through its bias / BatchNorm
 beta, `jcompress.bias_correction`; any method), equalize (cross-layer equalization of the float
 weights before quantizing, `jcompress.equalize`, for per_channel=false), activation (relu6 |
@@ -57,7 +60,7 @@ from jcompress.errors import ConfigError
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", width=1.0, method="uniform",
                              bits=8, abits=0, act="pact", mode="qat", per_channel="auto",
-                             init_from="", steps=0, lr=0.0, adaround=False,
+                             init_from="", steps=0, lr=0.0, adaround=False, brecq=False,
                              bias_correction=False, equalize=False, activation="",
                              runlocal=False)
   if arg.mode not in ("qat", "ptq"):
@@ -86,6 +89,9 @@ def get_config(arg=None):
   c.quant.bits_by_path = ()                      # e.g. ("stage3=4",): mixed precision
   c.quant.adaround = arg.adaround                # learned rounding at calibration (uniform)
   c.quant.adaround_iters = 500                   # its Adam steps per layer
+  c.quant.brecq = arg.brecq                      # learned rounding per residual block (BRECQ)
+  c.quant.brecq_iters = 1500                     # its Adam steps per block
+  c.quant.brecq_fisher = False                   # Fisher-weighted block output error
   c.quant.bias_correction = arg.bias_correction  # remove the output mean shift (calibration)
   c.quant.equalize = arg.equalize                # cross-layer equalization first (DFQ)
   if arg.activation:

@@ -19,7 +19,7 @@ LAYERS = {
     0: ("errors", "config", "transforms", "runtime", "packing", "jaxpr_utils"),
     # algorithms, models, data: the pure math each method uses
     1: ("quantize", "prune", "binary", "pq", "lowrank", "distill", "structured", "fastconv",
-        "bias_correction", "equalize",
+        "bias_correction", "equalize", "brecq",
         "actquant", "bnn_infer", "pretrained", "sensitivity", "hessian", "bitalloc", "adaround",
         "intinfer", "models", "data"),
     2: ("methods",),
