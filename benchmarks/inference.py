@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from jcompress import runtime  # noqa: E402
 
-runtime.configure_cpu(inference=True)   # XLA:CPU tuning for inference (convolutions on YNNPACK)
+runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launch.py does
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -74,7 +74,7 @@ _FLOAT_ROUTE = flags.DEFINE_bool("float_route", False,
 _PER_CALL = flags.DEFINE_bool("decode_per_call", False, "Decode the stored tensors inside every "
                               "call (export.inference_fn decode_once=False).")
 _MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Integer layers' least matmul depth "
-                                  "(default: intinfer's for the route this process takes).")
+                                  "(default: intinfer.MIN_DEPTH).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 _MD = flags.DEFINE_string("md", "", "Also write the tables to this markdown file (e.g. "
                           "docs/inference.md), with the date, the commit and the machine.")

@@ -16,14 +16,14 @@ one float multiply by `s t` per output channel (XLA fuses it with the BatchNorm,
 the next layer's quantizer: the requantization). Only the rounding of `s t * acc` and the
 float32 sums of the fake-quant model differ, so the logits agree to float rounding.
 
-Two routes for a convolution (`conv_route`). Where XLA:CPU hands convolutions to YNNPACK
-(jax's default, and `runtime.configure_cpu(inference=True)`), the int8 codes are convolved
-directly (`lax.conv_general_dilated` with an int32 result, on explicitly padded codes): 15-21
-ms against 28-30 for float32 per resnet18_cifar 3x3 convolution at batch 64. Where its
-convolutions run on Eigen (`runtime.XLA_CPU_FLAG`, the training setting), an int8 convolution
-falls to XLA's own loops (0.9-5 s) while an int8 matrix product reaches 250-690 GOP/s
-(standalone dots go to YNNPACK, with VNNI where the CPU has it): there the patches are built
-(im2col) and multiplied by one `dot_general`. Both are exact.
+Why im2col and `dot_general`: on XLA:CPU an int8 convolution is not routed to a fast kernel
+(about 10 GOP/s against 300 for float32, benchmarks/int_rates.py), while an int8 matrix
+product reaches 400-700 GOP/s where XLA hands standalone dots to YNNPACK
+(`runtime.XLA_CPU_FLAG` does), with VNNI where the CPU has it. Convolving the int8 codes
+directly was measured too, in a process whose convolutions go to YNNPACK (which has int8
+convolutions, where Eigen has none: 3.8 images/s): resnet18_cifar W8A8 at batch 64 ran at 396
+images/s against 397 by im2col, and YNNPACK's float convolutions took the float artifact from
+365 (Eigen) to 216 images/s (2026-12-04, one process per setting, idle 2-core CPU).
 
 Everything else (the stem and classifier, which stay float as the export says, BatchNorm,
 depthwise convolutions, layers without an input quantizer) runs as the float model does.
@@ -35,7 +35,6 @@ knows about it.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any
 from typing import Callable
 
@@ -46,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import actquant
-from jcompress import fastconv
 
 #: Activation-quantizer kinds (model field `act_quant`) whose codes the integer route reads.
 ACT_KINDS = ("pact", "lsq", "dorefa")
@@ -129,43 +127,15 @@ def chunk_images(n: int, bytes_per_image: int, limit: int | None = None) -> int:
   return best
 
 
-def conv_route() -> str:
-  """How `int_conv` computes here: "conv" (XLA's int8 convolution) on a CPU whose
-  convolutions go to YNNPACK (`fastconv.cpu_convs_on_eigen()` false), "im2col" (patches and an
-  int8 matmul) elsewhere: on Eigen convolutions, and on GPU/TPU, where int8 matmuls are the
-  supported integer product."""
-  if jax.default_backend() == "cpu" and not fastconv.cpu_convs_on_eigen():
-    return "conv"
-  return "im2col"
-
-
 def int_conv(xq: jax.Array, shift: int, wq: jax.Array, strides, padding,
-             chunk: int | None = None, route: str | None = None) -> jax.Array:
+             chunk: int | None = None) -> jax.Array:
   """The exact int32 convolution of activation codes `xq + shift` (int8 `xq`, NHWC) with
-  int8 HWIO weight codes `wq` (no groups, no dilation). `route` (default `conv_route()`):
-  "conv", the codes padded with the shifted zero and convolved by XLA with an int32 result;
-  "im2col", the patches and one int8 matmul, over chunks of `chunk` images (default
-  `chunk_images`; the whole batch where that is all)."""
+  int8 HWIO weight codes `wq` (no groups, no dilation): im2col and one int8 matmul, over
+  chunks of `chunk` images (default `chunk_images`; the whole batch where that is all)."""
   kh, kw, c, o = wq.shape
   strides = tuple(strides)
   pads = _pads(padding, xq.shape[1:3], (kh, kw), strides)
   w2 = wq.reshape(kh * kw * c, o)
-  route = route or conv_route()
-  if route not in ("conv", "im2col"):
-    raise ValueError(f"int_conv route must be 'conv' or 'im2col', got {route!r}")
-  if route == "conv":
-    conv = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=pads,
-                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                             preferred_element_type=jnp.int32)
-    acc = conv(xq, wq)
-    if not shift:
-      return acc
-    # The convolution pads with code 0, which stands for `shift` here: inside the image
-    # conv(codes) = conv(xq) + shift * (the sum of the kernel taps that land inside), one map
-    # per output position (the convolution of an image of ones: batch 1), not a padded copy.
-    if any(p for pair in pads for p in pair):
-      return acc + shift * conv(jnp.ones((1, *xq.shape[1:]), jnp.int8), wq)
-    return acc + shift * column_sums(w2)
 
   def one(x):
     cols, (n, ho, wo) = patches(x, (kh, kw), strides, pads, fill=-shift)
@@ -210,9 +180,6 @@ def int_dense(xq: jax.Array, shift: int, wq: jax.Array) -> jax.Array:
 #: much as the int8 products save (batch 64 on the 2-core CPU: resnet20's 3x3 convs with 16
 #: and 32 channels took 2.5 / 1.2 ms on integers against 2.3 / 1.0 ms in float32; with 64
 #: channels 0.9 against 1.0; resnet18_cifar's 64-512 channels 13.8-7.9 against 15.0-10.9).
-#: On the "conv" route as well: resnet20 W8A8 at batch 64 ran at 0.27x the float artifact with
-#: every layer on integers (YNNPACK's int8 convolutions with 16-32 channels are slow) and 1.11x
-#: with the default (2026-12-04, `benchmarks/inference.py --models=resnet20 --min_depth=0`).
 MIN_DEPTH = 512
 
 

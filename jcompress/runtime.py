@@ -46,16 +46,6 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 #: inference of `jcompress.intinfer` is such matmuls); the float train step was unchanged.
 XLA_CPU_FLAG = (f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT,"
                 "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-#: What `configure_xla_cpu(inference=True)` adds instead: convolutions to YNNPACK as well (jax's
-#: own default routes them there too). For a process that only runs inference: YNNPACK has
-#: int8 x int8 -> int32 convolutions (`intinfer` then convolves the codes directly, no im2col:
-#: 15-21 against 28-30 ms per float convolution of resnet18_cifar's shapes at batch 64), where
-#: XLA's Eigen path has none (an int8 convolution ran on XLA's loops, 0.9-5 s); its float
-#: forward convolutions run at Eigen's rate; only its kernel gradients are slow (training keeps
-#: `XLA_CPU_FLAG`).
-XLA_CPU_INFERENCE_FLAG = (f"--{YNN_OPTION}=LIBRARY_FUSION_TYPE_DOT,"
-                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
 
 #: What `configure_cpu_malloc` sets: glibc `mallopt` parameter (malloc.h), value, and the
 #: environment variable that sets the same in a process started with it (`malloc_env`).
@@ -72,14 +62,11 @@ MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_
 malloc_configured = False
 
 
-def configure_cpu(xla_flags: bool = True, malloc: bool | None = None,
-                  inference: bool = False) -> dict:
+def configure_cpu(xla_flags: bool = True, malloc: bool | None = None) -> dict:
   """Applies the CPU tuning of this module's docstring; returns what it changed.
 
   Args:
     xla_flags: add `XLA_CPU_FLAG` to XLA_FLAGS (`configure_xla_cpu`).
-    inference: for a process that runs exported artifacts and never trains: add
-      `XLA_CPU_INFERENCE_FLAG` instead (convolutions on YNNPACK, int8 ones included).
     malloc: apply the malloc settings (`configure_cpu_malloc`); None: unless the environment
       sets JCOMPRESS_CPU_MALLOC=0.
 
@@ -91,7 +78,7 @@ def configure_cpu(xla_flags: bool = True, malloc: bool | None = None,
   if not computes_on_cpu():
     return applied
   if xla_flags:
-    applied["xla_flags"] = configure_xla_cpu(inference)
+    applied["xla_flags"] = configure_xla_cpu()
   if malloc is None:
     malloc = os.environ.get(MALLOC_OPT_OUT) != "0"
   if malloc:
@@ -143,17 +130,15 @@ def _backends_started() -> bool:
     return False
 
 
-def configure_xla_cpu(inference: bool = False) -> bool:
-  """Adds `XLA_CPU_FLAG` (`XLA_CPU_INFERENCE_FLAG` with `inference`) to the XLA_FLAGS
-  environment variable, unless the user's XLA_FLAGS
+def configure_xla_cpu() -> bool:
+  """Adds `XLA_CPU_FLAG` to the XLA_FLAGS environment variable, unless the user's XLA_FLAGS
   already set that option (theirs wins), jax's backends are already initialized (too late:
   the flags are read once), or jaxlib does not know the option (`jaxlib_knows_option`).
   Returns whether it added the flag."""
   flags = os.environ.get("XLA_FLAGS", "")
   if YNN_OPTION in flags or _backends_started() or not jaxlib_knows_option():
     return False
-  flag = XLA_CPU_INFERENCE_FLAG if inference else XLA_CPU_FLAG
-  os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
   return True
 
 

@@ -34,19 +34,15 @@ def _reference(codes, wq, strides, padding):
     (1, (2, 2), ((0, 0), (0, 0)), None),
     (3, (1, 1), "SAME", 1),
 ])
-@pytest.mark.parametrize("route", ["im2col", "conv"])
-def test_int_conv_is_exact(code_range, kernel, strides, padding, chunk, route):
+def test_int_conv_is_exact(code_range, kernel, strides, padding, chunk):
   """Unsigned 8-bit codes (shifted into int8, the shift put back through the weight sums and
-  the padding), 4-bit and signed codes; strides, 1x1, string padding, chunked or not; both
-  routes (here, under the test session's Eigen convolutions, "conv" runs on XLA's own loops:
-  slow, exact)."""
+  the padding), 4-bit and signed codes; strides, 1x1, string padding, chunked or not."""
   rng = np.random.RandomState(0)
   codes = rng.randint(code_range[0], code_range[1] + 1, (4, 7, 7, 5))
   wq = rng.randint(-127, 128, (kernel, kernel, 5, 6)).astype(np.int8)
   xq, shift = intinfer.to_int8(jnp.asarray(codes), code_range)
   assert shift == (128 if code_range[1] > 127 else 0)
-  got = intinfer.int_conv(xq, shift, jnp.asarray(wq), strides, padding, chunk=chunk,
-                          route=route)
+  got = intinfer.int_conv(xq, shift, jnp.asarray(wq), strides, padding, chunk=chunk)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), _reference(codes, wq, strides, padding))
 
@@ -147,22 +143,6 @@ def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
   assert len(int8) >= len(layers)
   assert sorted(float_ops) == [("conv_general_dilated", ("float32", "float32")),
                                ("dot_general", ("float32", "float32"))]
-
-
-def test_conv_route_gives_the_im2col_route_logits(w8a8, monkeypatch):
-  """Where convolutions go to YNNPACK the model convolves the int8 codes directly: the same
-  int32 sums, so the same logits, and the products in the jaxpr are int8 convolutions."""
-  manifest, arrays, images, _ = w8a8
-  im2col = np.asarray(export.inference_fn((manifest, arrays), min_depth=0)(images))
-  monkeypatch.setattr(intinfer, "conv_route", lambda: "conv")
-  fn = export.inference_fn((manifest, arrays), min_depth=0)
-  np.testing.assert_array_equal(np.asarray(fn(images)), im2col)
-  arrays_j = {k: jnp.asarray(v) for k, v in arrays.items()}
-  ops = intinfer.products(jax.make_jaxpr(fn.apply)(arrays_j, jnp.asarray(images)))
-  assert ops.count(("conv_general_dilated", ("int8", "int8"))) >= len(fn.apply.integer_layers)
-  with pytest.raises(ValueError, match="route"):
-    intinfer.int_conv(jnp.zeros((1, 4, 4, 2), jnp.int8), 0, jnp.zeros((1, 1, 2, 2), jnp.int8),
-                      (1, 1), "SAME", route="winograd")
 
 
 @pytest.mark.parametrize("integer", [True, False])
