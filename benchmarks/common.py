@@ -211,8 +211,11 @@ class Peer:
   def __init__(self, args: list, env: dict | None = None, timeout: int = 900,
                cwd: str | None = None, python: str | None = None):
     """Starts `python args...` (default: this interpreter) with environment `env` (default:
-    this process's) in `cwd` and waits for its ready line."""
+    this process's) in `cwd` and waits for its ready line. A relative `python` path is taken
+    from this process's working directory (`--peer_python=.venv-peers/bin/python`), not `cwd`."""
     import tempfile  # noqa: PLC0415
+    if python and os.sep in python:
+      python = os.path.abspath(python)
     self.stderr = tempfile.TemporaryFile("w+")   # a file, so a chatty peer never blocks on it
     self.proc = subprocess.Popen(
         [python or sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
