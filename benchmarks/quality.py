@@ -68,6 +68,10 @@ ROWS = (
     *(Row(f"ptq_kmeans{b}", f"PTQ {b}-bit k-means",
           f"quant_resnet.py:data={{data}},mode=ptq,method=kmeans,bits={b},init_from={{float}}")
       for b in (8, 4, 3, 2)),
+    Row("ptq_adaround2", "PTQ 2-bit, AdaRound",
+        "quant_resnet.py:data={data},mode=ptq,bits=2,adaround=true,init_from={float}"),
+    Row("ptq_brecq2", "PTQ 2-bit, BRECQ block reconstruction",
+        "quant_resnet.py:data={data},mode=ptq,bits=2,brecq=true,init_from={float}"),
     Row("qat_w4a4", "QAT W4A4 (uniform + PACT)",
         "quant_resnet.py:data={data},bits=4,abits=4,init_from={float}", quick=True),
     Row("pq", "product quantization", "pq_resnet.py:data={data},init_from={float}"),
