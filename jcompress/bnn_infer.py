@@ -447,9 +447,17 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   channels, the words `fastconv.xnor_conv` reads). The stored artifact is `frozen`; the result
   is a runtime form for `packed_apply`. `frozen` is not modified.
   """
-  meta = dict(_meta(frozen))
   if model is not None:
     check_artifact(frozen, model)
+  meta = loaded_meta(_meta(frozen), compute)
+  return {"meta": meta, **unpacked_arrays(frozen, meta)}
+
+
+def loaded_meta(meta: dict, compute: str | None = None) -> dict:
+  """The meta of `load`'s result: `compute` (default the artifact's own; "auto" resolved for
+  the platform this runs on) checked and fixed, `loaded` set. ConfigError for an artifact that
+  is already loaded or a compute its bit width does not take."""
+  meta = dict(meta)
   if _is_loaded(meta):
     raise ConfigError("artifact is already loaded (its bits are unpacked); load the packed one")
   compute = meta["compute"] if compute is None else compute
@@ -458,11 +466,17 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
   if compute == "xnor" and meta["num_bits"] > 2:
     raise ConfigError(f"`compute`='xnor' needs num_bits 1 or 2, the artifact has "
                       f"num_bits={meta['num_bits']}")
-  compute = _resolve(compute, meta["num_bits"])
-  meta["compute"] = compute
+  meta["compute"] = _resolve(compute, meta["num_bits"])
   meta["loaded"] = True
+  return meta
+
+
+def unpacked_arrays(frozen: dict, meta: dict) -> dict:
+  """`load`'s arrays (no meta) for the `loaded_meta` `meta`: pure jnp, so it can be compiled
+  (`export.inference_fn` decodes a packed artifact once this way)."""
+  compute = meta["compute"]
   dtype = _compute_dtype(compute)
-  out = {"meta": meta}
+  out = {}
   for name, blk in _arrays(frozen).items():
     if name.startswith("stage"):
       blk = dict(blk)
@@ -472,11 +486,11 @@ def load(frozen: dict, model=None, compute: str | None = None) -> dict:
           w = _kernel(entry, meta["kernels"][f"{name}/{conv}"], dtype)
           entry.pop("bits")
           if entry.pop("nonzero", None) is not None and compute == "xnor":
-            entry["wnz"] = jax.device_put(binarize.pack_signs(
-                jnp.where(w != 0, jnp.ones((), dtype), -jnp.ones((), dtype)), axis=2))
+            entry["wnz"] = binarize.pack_signs(
+                jnp.where(w != 0, jnp.ones((), dtype), -jnp.ones((), dtype)), axis=2)
           if compute == "xnor":
             w = binarize.pack_signs(w, axis=2)
-          entry["w"] = jax.device_put(w)
+          entry["w"] = w
           blk[conv] = entry
     out[name] = blk
   return out

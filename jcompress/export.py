@@ -458,9 +458,9 @@ def inference_fn(source, integer: bool = True, min_depth: int | None = None,
   `integer`, `min_depth` (`make_apply`): quantized layers with quantized inputs compute on int8
   codes. `decode_once`: the stored tensors (bit-packed codes, codebooks, sparse bitmasks) are
   decoded once, here, by a compiled function, and every call runs the model on the decoded
-  tensors, as a runtime unpacks weights when it loads them; False: decoded inside every call
-  (what the StableHLO export does; a method's own layout, e.g. the packed BNN, always computes
-  from its stored tensors). `fn.manifest`, `fn.arrays` and `fn.apply` (the pure
+  tensors, as a runtime unpacks weights when it loads them (the packed BNN: its kernels
+  unpacked, or repacked for the XNOR route, as `bnn_infer.load` does); False: decoded inside
+  every call (what the StableHLO export does). `fn.manifest`, `fn.arrays` and `fn.apply` (the pure
   `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source

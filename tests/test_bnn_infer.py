@@ -159,6 +159,24 @@ def test_packed_bits_give_the_same_logits_as_the_loaded_form(nets, images):
                                 bnn_infer.packed_apply(bnn_infer.load(net.frozen), images))
 
 
+@pytest.mark.parametrize("num_bits,method", [(1, "ste_sign"), (2, "ternary")])
+def test_compiled_unpacking_is_load(nets, images, num_bits, method):
+  """`unpacked_arrays` under jit (how export.inference_fn decodes a packed BNN once) gives
+  `load`'s arrays, and the same logits as the packed artifact, for every compute."""
+  net = nets(num_bits, method)
+  for compute in ("xnor", "int8"):
+    meta = bnn_infer.loaded_meta(net.frozen["meta"], compute)
+    loaded = bnn_infer.load(net.frozen, compute=compute)
+    assert meta == loaded["meta"]
+    compiled = jax.jit(lambda f, m=meta: bnn_infer.unpacked_arrays(f, m))(
+        {k: v for k, v in net.frozen.items() if k != "meta"})
+    jax.tree.map(np.testing.assert_array_equal, compiled,
+                 {k: v for k, v in loaded.items() if k != "meta"})
+    np.testing.assert_array_equal(
+        bnn_infer.packed_apply({"meta": meta, **compiled}, images),
+        bnn_infer.packed_apply(bnn_infer.load(net.frozen, compute="int8"), images))
+
+
 def test_every_compute_kind_gives_bitwise_equal_logits(nets, images):
   """int8 -> int32, bf16 -> f32, f32 and XNOR-popcount all compute the same exact integers."""
   net = nets(1)

@@ -369,6 +369,16 @@ def test_other_methods_round_trip_without_training(runs, tmp_path, method):
 # ----------------------------------------------------------------------------- StableHLO
 
 
+def test_packed_bnn_decoded_once_gives_the_per_call_logits(runs, test_images):
+  """inference_fn unpacks a packed BNN's bits once at load (bnn_infer.load's form) or inside
+  every call: bitwise the same logits."""
+  export_dir = os.path.join(runs["bnn"][0], "export")
+  once = export.inference_fn(export_dir)
+  per_call = export.inference_fn(export_dir, decode_once=False)
+  np.testing.assert_array_equal(np.asarray(once(test_images[:64])),
+                                np.asarray(per_call(test_images[:64])))
+
+
 @pytest.mark.parametrize("name", ["q8", "prune_q4", "bnn"])
 def test_stablehlo_deserializes_and_gives_the_same_logits(runs, logits, test_images, name):
   out = runs[name][2]["export_dir"]

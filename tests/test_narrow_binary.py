@@ -94,6 +94,9 @@ def _grid(key, shape, zeros):
     ((1, 6, 6, 40), 3, 2, ((0, 1), (1, 0))),     # uneven padding, 40 channels
     ((2, 5, 5, 33), 1, 1, ((0, 0), (0, 0))),     # 1x1
     ((1, 4, 4, 32), 3, 1, ((2, 2), (2, 2))),     # taps wholly in the padding
+    # more popcount terms than one fusion sums (XNOR_TERMS_PER_FUSION): stored partial sums
+    ((1, 5, 5, 100), 3, 1, ((1, 1), (1, 1))),    # 36 terms
+    ((1, 6, 6, 70), 3, 2, ((1, 1), (1, 1))),     # 27 terms
 ])
 def test_xnor_conv_equals_float32_conv(zeros, shape, k, stride, pad):
   kx, kw = jax.random.split(jax.random.PRNGKey(shape[-1] + k + stride))
@@ -115,6 +118,7 @@ def test_xnor_conv_equals_float32_conv(zeros, shape, k, stride, pad):
     ((1, 6, 6, 40), 3, 2, ((0, 1), (1, 0))),
     ((2, 5, 5, 33), 1, 1, ((0, 0), (0, 0))),
     ((1, 4, 4, 32), 3, 1, ((2, 2), (2, 2))),
+    ((1, 5, 5, 100), 3, 1, ((1, 1), (1, 1))),    # partial sums (XNOR_TERMS_PER_FUSION)
 ])
 def test_xnor_conv_of_ternary_kernels_equals_float32_conv(zeros, shape, k, stride, pad):
   """-1/0/+1 kernels: a second (nonzero) bit plane, given packed or as the kernel itself."""

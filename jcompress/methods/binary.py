@@ -136,13 +136,25 @@ def _frozen(manifest: dict, arrays: dict) -> dict:
 
 
 def artifact_apply(manifest: dict):
-  """`apply(arrays, images) -> logits` of a packed BNN artifact (`bnn_infer.packed_apply`)."""
+  """`apply(arrays, images) -> logits` of a packed BNN artifact (`bnn_infer.packed_apply`), with
+  `apply.decode` / `apply.run` (`export.make_apply`'s split: the bits unpacked once)."""
   if manifest.get("kind") != KIND:
     return None
 
   def apply(arrays, images):
     return bnn_infer.packed_apply(_frozen(manifest, arrays), images)
 
+  # decoded once (`export.inference_fn`): the kernels unpacked as `bnn_infer.load` does, for
+  # the compute of the platform this runs on
+  meta = bnn_infer.loaded_meta(manifest["bnn"])
+
+  def decode(arrays):
+    return bnn_infer.unpacked_arrays(_frozen(manifest, arrays), meta)
+
+  def run(decoded, images):
+    return bnn_infer.packed_apply({"meta": meta, **decoded}, images)
+
+  apply.decode, apply.run = decode, run
   return apply
 
 
