@@ -48,9 +48,11 @@ method:
          (an fc1 column with its fc2 row) ranked by `criterion` (taylor, the default, or gate,
          Michel et al.'s head importance, both on the calibration batches | l1 | bn;
          `structured` sub-config, `jcompress.structured`) and removed until the MACs are at
-         most `flops` (default 0.5) of the original; the token width (residual stream) is
-         kept. The pruned model is the same ViT built with per-block `model_kwargs.heads` and
-         `mlp_dims`, then fine-tuned (digits 1,500 steps at lr 5e-4). Digits, float seeds
+         most `flops` (default 0.5) of the original, each block's MLP units kept in
+         multiples of `round_to` (default 8: faster; heads are never rounded, a head counts
+         its 16 or more channels); the token width (residual stream) is kept. The pruned
+         model is the same ViT built with per-block `model_kwargs.heads` and `mlp_dims`, then
+         fine-tuned (digits 1,500 steps at lr 5e-4). Digits, float seeds
          0-2: test accuracy 99.54% float, 98.89% pruned (0.48-0.50 of the MACs).
   kd     distillation from `teacher` (a CNN run's workdir; several: `dirA;dirB`); `loss`
          deit_hard (DeiT: a distillation token and head `head_dist`; CE(cls, y) / 2 +
@@ -66,9 +68,9 @@ method:
 
 Args: data, model (default vit_digits on digits, vit_tiny_cifar otherwise), width (multiplies
 the token width and the MLP), method (float | qat | ptq | prune | kd | binary | lowrank), bits,
-abits, attn, init_from, criterion, flops, binarizer, rank_fraction, teacher, loss (deit_hard |
-kd), temperature, alpha, train_examples (-1: all; kd on digits 200), image_size (0: 32 on
-digits, the dataset's size otherwise), steps, lr, seed, runlocal.
+abits, attn, init_from, criterion, flops, round_to, binarizer, rank_fraction, teacher, loss
+(deit_hard | kd), temperature, alpha, train_examples (-1: all; kd on digits 200), image_size
+(0: 32 on digits, the dataset's size otherwise), steps, lr, seed, runlocal.
 A head count that does not divide the token width or a patch that does not divide the image
 is refused here, naming the arg.
 """
@@ -123,7 +125,8 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", width=1.0, method="float", bits=0,
                              abits=-1, attn=False, init_from="", teacher="", loss="deit_hard",
                              temperature=4.0, alpha=0.5, train_examples=-1, image_size=0,
-                             criterion="taylor", flops=0.5, binarizer="xnor", rank_fraction=0.5,
+                             criterion="taylor", flops=0.5, round_to=8, binarizer="xnor",
+                             rank_fraction=0.5,
                              steps=0, lr=0.0, seed=0, runlocal=False)
   if arg.method not in METHODS:
     raise ConfigError(f"config arg 'method': must be one of {', '.join(METHODS)}, got "
@@ -214,6 +217,7 @@ def get_config(arg=None):
     c.structured = structured.default_config()
     c.structured.criterion = arg.criterion
     c.structured.flops_target = arg.flops
+    c.structured.round_to = arg.round_to
     c.total_steps = 1_500 if digits else 10_000
     c.optimizer.learning_rate = 5e-4 if digits else 1e-4
     c.schedule.warmup_steps = 0

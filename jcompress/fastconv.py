@@ -539,11 +539,9 @@ def with_depthwise(base):
 
 #: Popcount terms summed in one XLA loop fusion by `xnor_conv`: longer sums are cut into
 #: stored partial sums. XLA:CPU's code for one long fused sum slows down with its length: a
-#: 3x3 conv at batch 64, 4x4x512 -> 512 (144 terms), took 9.8 CPU-ms in one fusion, 2.3 at 18 or
-#: 24 terms a fusion; with ternary weights 95.6 -> 4.8; 8x8x256 (72 terms) 4.0 -> 2.6; at 64
-#: channels (18 terms) nothing changes. 12 or fewer were slower again (the partial sums'
-#: traffic). resnet18_cifar W1A1 packed inference: 778 -> 1281 images/s, ternary weights
-#: 179 -> 890 (2-core AMD EPYC, under load; bitwise the same logits).
+#: 3x3 conv at batch 64, 4x4x512 -> 512 (144 terms), took 9.2 CPU-ms in one fusion, 2.2 at 18
+#: terms a fusion; with ternary weights 90.9 -> 4.6; at 64 channels (18 terms) nothing changes;
+#: 12 or fewer were no faster (`python benchmarks/xnor_terms.py`; docs/performance.md).
 XNOR_TERMS_PER_FUSION = 18
 
 

@@ -83,6 +83,20 @@ def test_plan_half_flops_prune_equals_masked_model(vit, method):
   assert jax.tree.map(np.shape, shapes["params"]) == jax.tree.map(np.shape, new_params)
 
 
+def test_round_to_rounds_mlp_units_not_heads(vit):
+  """round_to=8 (experiments/vit.py's default): every block's kept MLP units are a multiple of
+  8; heads (8 channels each here) are a step of one head; the FLOPs target still holds."""
+  model, params, graph = vit
+  keep = st.plan_for_flops(model, params, {}, flops_target=0.5, method="global", graph=graph,
+                           round_to=8)
+  for i in (1, 2):
+    assert keep[f"block{i}/mlp/fc1"].size % 8 == 0
+  heads = [keep[f"block{i}/attn/query"].size for i in (1, 2)]
+  assert min(heads) >= 1 and sum(heads) < 8   # some heads removed, one at a time
+  removed = {n: graph.groups[n].size - k.size for n, k in keep.items()}
+  assert graph.flops(removed) <= 0.5 * graph.flops()
+
+
 def test_keep_by_count_takes_largest_l1_heads(vit):
   model, params, graph = vit
   p = jax.tree.map(np.array, params)
@@ -136,6 +150,7 @@ def test_experiment_config_method_prune():
   from experiments import vit as vit_config  # noqa: PLC0415
   c = vit_config.get_config("data=digits,method=prune,init_from=runs/x,flops=0.4")
   assert c.structured.flops_target == 0.4 and c.structured.criterion == "taylor"
+  assert c.structured.round_to == 8
   assert c.init_from == "runs/x" and c.total_steps == 1_500
   with pytest.raises(ConfigError, match="init_from"):
     vit_config.get_config("data=digits,method=prune")
