@@ -5,6 +5,7 @@ r"""The quality table: every compression method of jcompress trained and evaluat
   python benchmarks/quality.py --data=digits_hard --quick
   python benchmarks/quality.py --list                   # the points, numbered
   python benchmarks/quality.py --point=7                # one point (a job array, a larger machine)
+  python benchmarks/quality.py --workers=2              # points in 2 processes, one core each
   python benchmarks/quality.py --summarize              # the tables from what has finished
 
 Each row is one experiment config of `experiments/` (the command a user would run), each point
@@ -12,7 +13,10 @@ one (row, seed) in its own workdir `ROOT/DATA/seedS/ROW`; the compressed rows st
 float row of the same seed (`init_from`, or `teacher` for distillation). A point whose workdir
 holds `results.json` is skipped, an interrupted one resumes, one that fails is listed with its
 error and the others run on (a row whose float run failed is listed as waiting for it).
-`point.json` beside each result records the commit it ran at.
+`point.json` beside each result records the commit it ran at. `--workers=N` runs N points at a
+time, each a `--point=I` process of this script pinned to its share of the CPUs (two one-core
+processes train about twice as many points an hour as one process on two cores: compiles and
+small convolutions use one core), a point starting once its base run has finished.
 
 At the end (and with `--summarize`), for each row over its seeds: mean and standard deviation
 of the test accuracy (the test split read once at the end of each run; every choice inside a
@@ -218,6 +222,82 @@ def run_point(point: dict, data: str, commit: str) -> dict:
   return {"status": "done"}
 
 
+def base_point(point: dict, pts: list[dict]) -> dict | None:
+  """The point whose run `point` starts from (its `{float}`), None for a base row's point."""
+  if not ROW_BY_NAME[point["row"]].base:
+    return None
+  return next((q for q in pts if q["workdir"] == point["float"]), None)
+
+
+def _done(point: dict) -> bool:
+  return os.path.exists(os.path.join(point["workdir"], "results.json"))
+
+
+def run_workers(todo: list[dict], pts: list[dict], workers: int, command,
+                poll_seconds: float = 2.0) -> dict[int, str]:
+  """Runs the `todo` points, `workers` at a time, each as the process `command(point)` (an argv
+  list) with its output in WORKDIR/log.txt; a point starts once its base point (`base_point`)
+  has its results, and is skipped when its base failed or will not run. Where there are at
+  least as many CPUs as workers, each process is pinned to its own share of them. Returns
+  {index: "done" | "failed" | "skipped: why"} for every todo point."""
+  import signal  # noqa: PLC0415
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  share = len(cpus) // workers if workers <= len(cpus) else 0
+  free = [set(cpus[k * share:(k + 1) * share]) if share else None for k in range(workers)]
+  pending = [p for p in todo if not _done(p)]
+  status = {p["index"]: "done" for p in todo if _done(p)}
+  running = {}    # index -> (process, point, cpus, log file)
+
+  def stop(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    while pending or running:
+      for i, (proc, p, slot, log) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        log.close()
+        free.append(slot)
+        del running[i]
+        status[i] = "done" if proc.returncode == 0 and _done(p) else "failed"
+        print(f"point {i} {p['row']} seed {p['seed']}: {status[i]}", flush=True)
+      for p in list(pending):
+        base = base_point(p, pts)
+        if base is not None and not _done(base):
+          why = status.get(base["index"], "")
+          if why == "failed" or why.startswith("skipped") or (
+              base["index"] not in running and base not in pending):
+            pending.remove(p)
+            status[p["index"]] = f"skipped: its base run {base['workdir']} did not finish"
+            print(f"point {p['index']} {p['row']} seed {p['seed']}: {status[p['index']]}",
+                  flush=True)
+          continue
+        if not free:
+          break
+        pending.remove(p)
+        slot = free.pop(0)
+        os.makedirs(p["workdir"], exist_ok=True)
+        log = open(os.path.join(p["workdir"], "log.txt"), "a")  # noqa: SIM115
+        proc = subprocess.Popen(
+            command(p), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda s=slot: os.sched_setaffinity(0, s)) if slot else None)
+        running[p["index"]] = (proc, p, slot, log)
+        print(f"point {p['index']}/{len(pts)} {p['row']} seed {p['seed']} started"
+              + (f" on CPUs {sorted(slot)}" if slot else ""), flush=True)
+      if running:
+        time.sleep(poll_seconds)
+  except KeyboardInterrupt:
+    for proc, *_ in running.values():
+      proc.terminate()   # the trainer saves a checkpoint on SIGTERM: a rerun resumes it
+    for proc, _, _, log in running.values():
+      proc.wait()
+      log.close()
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  return status
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
   n = len(values)
   mean = sum(values) / n
@@ -367,6 +447,10 @@ def main(argv=None) -> int:
                   "table file keeps its other rows")
   ap.add_argument("--root", default=os.path.join(ROOT, "runs", "quality"))
   ap.add_argument("--point", type=int, default=-1, help="run this point only")
+  ap.add_argument("--workers", type=int, default=1,
+                  help="points run at a time, each in its own process (see the top of this file)")
+  ap.add_argument("--compile_cache", default="",
+                  help="a directory for jax's persistent compilation cache, shared by the points")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--summarize", action="store_true", help="only write the tables")
   ap.add_argument("--readme", action="store_true",
@@ -386,6 +470,8 @@ def main(argv=None) -> int:
     rows = [ROW_BY_NAME[n] for n in ROW_BY_NAME if n in needed and n not in names] + rows
   if seeds < 1:
     raise SystemExit(f"--seeds must be >= 1, got {seeds}")
+  if args.workers < 1:
+    raise SystemExit(f"--workers must be >= 1, got {args.workers}")
   pts = points(rows, seeds, args.root, args.data)
   if args.list:
     for p in pts:
@@ -395,11 +481,21 @@ def main(argv=None) -> int:
   commit = git_commit()   # what this process runs, whatever changes on disk meanwhile
   from jcompress import runtime  # noqa: PLC0415
   runtime.configure_cpu()
+  if args.compile_cache:
+    runtime.compilation_cache(args.compile_cache)
   failed = 0
   if not args.summarize:
     todo = pts if args.point < 0 else [p for p in pts if p["index"] == args.point]
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
+    if args.workers > 1 and args.point < 0:
+      argv_base = [sys.executable, os.path.abspath(__file__), f"--data={args.data}",
+                   f"--seeds={seeds}", f"--root={args.root}", *(["--quick"] if args.quick else []),
+                   *([f"--rows={args.rows}"] if args.rows else []),
+                   *([f"--compile_cache={args.compile_cache}"] if args.compile_cache else [])]
+      status = run_workers(todo, pts, args.workers, lambda p: [*argv_base, f"--point={p['index']}"])
+      failed = sum(s != "done" for s in status.values())
+      todo = []
     for p in todo:
       print(f"point {p['index']}/{len(pts)} {p['row']} seed {p['seed']}: {p['workdir']}",
             flush=True)

@@ -1,6 +1,7 @@
 """README.md's library example runs as written and does what it says; its two set-up commands
 are the ones CI runs."""
 
+import os
 import pathlib
 import re
 
@@ -128,3 +129,36 @@ def test_quality_vit_rows_start_from_the_float_vit_and_drop_from_it():
   drops = {e["row"]: e.get("drop") for e in entries}
   assert drops == {"float": None, "vit_float": None, "vit_qat_w4a4": 0.5, "vit_deit200": 2.0,
                    "ptq_uniform8": 0.5}
+
+
+def test_quality_workers_start_a_point_after_its_base_and_skip_it_when_the_base_fails(tmp_path):
+  """`quality.py --workers=N`'s scheduler: a point starts only once its base run has results,
+  and the points of a failed base run are skipped, not started."""
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  rows = [quality.ROW_BY_NAME[n] for n in ("float", "ptq_uniform8", "qat_w4a4", "vit_float",
+                                             "vit_ptq8")]
+  pts = quality.points(rows, 1, str(tmp_path), "digits")
+  # a fake point: fails for vit_float; for the others exits 3 if its base has no results yet,
+  # else writes results.json after a short while
+  fake = ("import json, os, sys, time; w, base = sys.argv[1], sys.argv[2];"
+          "os.path.basename(w) == 'vit_float' and sys.exit(1);"
+          "base and not os.path.exists(os.path.join(base, 'results.json')) and sys.exit(3);"
+          "time.sleep(0.3); json.dump({}, open(os.path.join(w, 'results.json'), 'w'))")
+
+  def command(p):
+    base = quality.base_point(p, pts)
+    return [sys.executable, "-c", fake, p["workdir"], base["workdir"] if base else ""]
+
+  status = quality.run_workers(pts, pts, 2, command, poll_seconds=0.05)
+  by = {p["row"]: status[p["index"]] for p in pts}
+  assert by["float"] == by["ptq_uniform8"] == by["qat_w4a4"] == "done"
+  assert by["vit_float"] == "failed" and by["vit_ptq8"].startswith("skipped")
+  assert not os.path.exists(os.path.join(tmp_path, "digits", "seed0", "vit_ptq8", "log.txt"))
+  # a second call finds the finished points done and starts nothing for them
+  finished = [p for p in pts if by[p["row"]] == "done"]
+  assert quality.run_workers(finished, pts, 2, lambda p: ["false"]) == {
+      p["index"]: "done" for p in finished}
