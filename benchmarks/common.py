@@ -102,6 +102,41 @@ def ratio(num, den) -> dict:
   return {"median": round(float(np.median(r)), 3), "all": [round(v, 3) for v in r]}
 
 
+def matmul_rates(n: int, repeats: int = 5) -> dict:
+  """Best-of-`repeats` rate (GFLOP/s, GOP/s for int8) of an n x n x n matmul per dtype."""
+  out = {}
+  for name, dt, acc in (("float32", jnp.float32, None), ("bfloat16", jnp.bfloat16, jnp.float32),
+                        ("int8", jnp.int8, jnp.int32)):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dt) if dt != jnp.int8 else \
+        jax.random.randint(jax.random.PRNGKey(0), (n, n), -127, 127).astype(jnp.int8)
+    f = jax.jit(lambda a, b, acc=acc: jax.lax.dot(a, b, preferred_element_type=acc))
+    jax.block_until_ready(f(a, a))
+    best = min(block_runner(f, a, a)(1) for _ in range(repeats))
+    out[name] = round(2 * n ** 3 / best / 1e9, 1)
+  return out
+
+
+def utilisation(flops: float | None, calls_per_second: float, matmul: dict) -> dict:
+  """FLOP utilisation of a computation of `flops` FLOPs per call (XLA's cost analysis, or the
+  model's 2 x MACs) run `calls_per_second` times a second: achieved GFLOP/s and its share of
+  the machine's measured float32 and bfloat16 matmul rates (`matmul_rates`, GFLOP/s: the peak
+  proxy); {} without a FLOP count."""
+  if not flops:
+    return {}
+  achieved = flops * calls_per_second / 1e9
+  return {"gflop_per_call": round(flops / 1e9, 3), "achieved_gflops": round(achieved, 1),
+          "share_of_f32_matmul": achieved / matmul["float32"],
+          "share_of_bf16_matmul": achieved / matmul["bfloat16"]}
+
+
+def utilisation_cells(row: dict) -> str:
+  """`utilisation`'s figures as two markdown cells (GFLOP per call | f32 / bf16 shares)."""
+  if "gflop_per_call" not in row:
+    return " | "
+  return (f"{row['gflop_per_call']:.2f} | {100 * row['share_of_f32_matmul']:.1f}% / "
+          f"{100 * row['share_of_bf16_matmul']:.1f}%")
+
+
 def train_config(model_name: str, dtype: str = "float32", binary_bits: int = 0,
                  qat_bits: int = 0, qat_act: str = "pact",
                  model_kwargs: dict | None = None) -> ml_collections.ConfigDict:

@@ -75,6 +75,8 @@ _PER_CALL = flags.DEFINE_bool("decode_per_call", False, "Decode the stored tenso
                               "call (export.inference_fn decode_once=False).")
 _MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Integer layers' least matmul depth "
                                   "(default: intinfer.MIN_DEPTH).")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the square float32 / bfloat16 matmuls "
+                                 "whose measured rates the utilisation column divides by.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 _MD = flags.DEFINE_string("md", "", "Also write the tables to this markdown file (e.g. "
                           "docs/inference.md), with the date, the commit and the machine.")
@@ -182,6 +184,8 @@ def main(argv):
   images = np.random.RandomState(0).rand(_BATCH.value, 32, 32, 3).astype(np.float32)
   out = {"device": common.device_info(), "batch_size": _BATCH.value,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": {}}
+  out["matmul"], out["matmul_n"] = common.matmul_rates(_MATMUL_N.value), _MATMUL_N.value
+  print(f"matmul rates (GFLOP/s, GOP/s for int8): {out['matmul']}", flush=True)
   for model in _MODELS.value:
     runners, rows = {}, {}
     for kind in _KINDS.value:
@@ -219,6 +223,10 @@ def main(argv):
         peer.close()
     for name, t in times.items():
       rows[name].update(common.rates(t, _STEPS.value, _BATCH.value))
+      if "peer" not in rows[name]:   # model FLOPs: 2 x the MACs of the network it computes
+        macs = rows[name].get("macs_per_image") or rows.get("float", {}).get("macs_per_image")
+        rows[name].update(common.utilisation(2 * macs if macs else None,
+                                             rows[name]["images_per_second"], out["matmul"]))
       if "float" in times and name != "float":
         rows[name]["vs_float"] = common.ratio(times["float"], t)
     out["models"][model] = rows
@@ -241,7 +249,9 @@ def main(argv):
             f"{r['artifact_bytes']:>10,} B  int layers {r['integer_layers']:2d}  "
             f"argmax agree {r['argmax_agreement']:.3f}  max|dlogit| "
             f"{r['max_abs_logit_diff']:.2e}"
-            + (f"  MACs {r['macs_ratio']:.2f}x" if "macs_ratio" in r else ""), flush=True)
+            + (f"  MACs {r['macs_ratio']:.2f}x" if "macs_ratio" in r else "")
+            + (f"  {100 * r['share_of_bf16_matmul']:.2f}% of the bf16 matmul rate"
+               if "share_of_bf16_matmul" in r else ""), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
@@ -266,24 +276,29 @@ def markdown(out: dict) -> str:
            "the same load. Peers: PyTorch eager in its own process, every core, the faster "
            "memory format, the same glibc malloc settings; `torch_int8_static` is its x86 "
            "post-training static int8 (FX), `torch_int8_dynamic` quantizes the Linear layer "
-           "only (all it applies to here).", ""]
+           "only (all it applies to here).", "",
+           "Utilisation: model FLOPs per image (2 x the MACs of the network computed, the float "
+           "network's for the quantized and binary artifacts of the same shape) times images/s, "
+           f"over this machine's measured matmul rates at {out.get('matmul_n', '?')}^3 "
+           f"(GFLOP/s, GOP/s for int8): {out.get('matmul', 'not measured')}.", ""]
   for model, rows in out["models"].items():
     lines += [f"## {model}", "",
-              "| artifact | images/s | vs float | bytes | integer layers | argmax agreement |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| artifact | images/s | vs float | bytes | integer layers | argmax agreement "
+              "| model GFLOP per image | share of f32 / bf16 matmul rate |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
       vs = f"{r['vs_float']['median']:.2f}x" if "vs_float" in r else ""
       if "peer" in r:
         if "skipped" in r["peer"]:
-          lines.append(f"| {name} | skipped: {r['peer']['skipped']} | | | | |")
+          lines.append(f"| {name} | skipped: {r['peer']['skipped']} | | | | | | |")
         else:
           lines.append(f"| {name} ({r['peer'].get('framework')}) | "
-                       f"{r['images_per_second']:.1f} | {vs} | | | |")
+                       f"{r['images_per_second']:.1f} | {vs} | | | | | |")
         continue
       extra = f" (MACs {r['macs_ratio']:.2f}x)" if "macs_ratio" in r else ""
       lines.append(f"| {name}{extra} | {r['images_per_second']:.1f} | {vs} | "
                    f"{r['artifact_bytes']:,} | {r['integer_layers']} | "
-                   f"{r['argmax_agreement']:.3f} |")
+                   f"{r['argmax_agreement']:.3f} | {common.utilisation_cells(r)} |")
     lines.append("")
   return "\n".join(lines)
 

@@ -60,7 +60,6 @@ runtime.configure_cpu()   # XLA:CPU tuning before jax starts a backend, as launc
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -107,20 +106,6 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
 
 
 # ----------------------------------------------------------------------------- machine rates
-
-
-def matmul_rates(n: int, repeats: int = 5) -> dict:
-  """Best-of-`repeats` rate (GFLOP/s, GOP/s for int8) of an n x n x n matmul per dtype."""
-  out = {}
-  for name, dt, acc in (("float32", jnp.float32, None), ("bfloat16", jnp.bfloat16, jnp.float32),
-                        ("int8", jnp.int8, jnp.int32)):
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dt) if dt != jnp.int8 else \
-        jax.random.randint(jax.random.PRNGKey(0), (n, n), -127, 127).astype(jnp.int8)
-    f = jax.jit(lambda a, b, acc=acc: jax.lax.dot(a, b, preferred_element_type=acc))
-    jax.block_until_ready(f(a, a))
-    best = min(common.block_runner(f, a, a)(1) for _ in range(repeats))
-    out[name] = round(2 * n ** 3 / best / 1e9, 1)
-  return out
 
 
 # ----------------------------------------------------------------------------- train steps
@@ -307,20 +292,21 @@ def markdown(r: dict, command: str) -> str:
            "| machine | rate |", "|---|---|"]
   for k, v in r["matmul"].items():
     lines.append(f"| {k} matmul {r['matmul_n']}^3 | {v} G{'OP' if k == 'int8' else 'FLOP'}/s |")
-  lines += ["", "| train step | images/s | step time vs float | compile s | blocks (images/s) |",
-            "|---|---|---|---|---|"]
+  lines += ["", "| train step | images/s | step time vs float | GFLOP per step | share of f32 / "
+            "bf16 matmul rate | compile s | blocks (images/s) |",
+            "|---|---|---|---|---|---|---|"]
   for k, v in r["train_steps"].items():
     vs = v.get("step_time_vs_float")
     lines.append(f"| {k} ({v['what']}) | {v['images_per_second']} | "
-                 f"{'' if vs is None else f'{vs:.3f}x'} | {v['compile_seconds']} | "
-                 f"{v['images_per_second_all']} |")
+                 f"{'' if vs is None else f'{vs:.3f}x'} | {common.utilisation_cells(v)} | "
+                 f"{v['compile_seconds']} | {v['images_per_second_all']} |")
   for k, v in r["peers"].items():
     if "skipped" in v:
-      lines.append(f"| {k} | skipped: {v['skipped']} | | | |")
+      lines.append(f"| {k} | skipped: {v['skipped']} | | | | | |")
     else:
       vs = v.get("step_time_vs_float")
       lines.append(f"| {k} ({v['info'].get('framework', '')}) | {v['images_per_second']} | "
-                   f"{'' if vs is None else f'{vs:.3f}x'} | | {v['images_per_second_all']} |")
+                   f"{'' if vs is None else f'{vs:.3f}x'} | | | | {v['images_per_second_all']} |")
   ff = r.get("float_flops")
   if ff:
     lines += ["", f"float step: {ff['gflop_per_step']:.1f} GFLOP per step (XLA cost analysis of "
@@ -356,7 +342,7 @@ def main(argv):
        "matmul_n": _MATMUL_N.value, "malloc": runtime.malloc_configured,
        "peer_malloc": _PEER_MALLOC.value}
   print(f"device: {r['device']['device']}", flush=True)
-  r["matmul"] = matmul_rates(_MATMUL_N.value)
+  r["matmul"] = common.matmul_rates(_MATMUL_N.value)
   print(f"matmul rates: {r['matmul']}", flush=True)
 
   runners, infos = {}, {}
@@ -412,6 +398,8 @@ def main(argv):
     if infos[name].get("binary_compute") and name in ("w1a1", "w1a2", "kd"):
       what += f", binary_compute auto = {infos[name]['binary_compute']}"
     e = {"what": what, **infos[name], **common.rates(times[name], steps, batch)}
+    e.update(common.utilisation(infos[name].get("flops_per_step"),
+                                e["images_per_second"] / batch, r["matmul"]))
     if base and name != "float":
       rt = common.ratio(times[name], base)
       e["step_time_vs_float"], e["step_time_vs_float_all"] = rt["median"], rt["all"]
