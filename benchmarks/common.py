@@ -28,6 +28,7 @@ from jcompress import config as config_lib
 from jcompress import experiment
 from jcompress import models
 from jcompress import optim
+from jcompress import structured
 from jcompress import train
 from jcompress import transforms
 from jcompress.methods import binary as binary_method
@@ -174,7 +175,9 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
   every step takes the next batch from it, as the train loop does, instead of the fixed one.
 
   `info`: model, params, compile_seconds, the step's FLOPs from XLA's cost analysis
-  (`flops_per_step`, None where the backend gives none), and a BNN's `binary_compute`
+  (`flops_per_step`, None where the backend gives none; on a GPU it leaves out the library
+  convolutions), the model's MACs per image and model FLOPs per step (`model_flops_per_step`:
+  6 x MACs x batch, plus 2 x the teacher's MACs x batch), and a BNN's `binary_compute`
   (its "auto" resolved by `binary_method.resolve_binary_compute`, as
   `experiment.make_experiment` does).
   """
@@ -220,10 +223,18 @@ def make_train_runner(config, batch_size: int = 64, image_size: int = 32,
     return time.perf_counter() - t0
 
   run_block(1)   # warm-up
+  # Model FLOPs (the MFU convention): 6 x MACs per image (forward 2, backward 4), plus the
+  # teacher's forward (2 x its MACs)
+  shape = (1, image_size, image_size, 3)
+  macs = structured.count_flops(model, shape, params, variables.get("batch_stats"))
+  model_flops = 6 * macs * batch_size
+  if teacher_config is not None:
+    model_flops += 2 * structured.count_flops(teacher, shape) * batch_size
   info = {"model": config.model, "batch_size": batch_size, "image_size": image_size,
           "dtype": config.dtype, "params": models.count_params(params),
           "binary_compute": getattr(model, "binary_compute", None),
-          "compile_seconds": round(compile_s, 2), "flops_per_step": xla_flops(compiled)}
+          "compile_seconds": round(compile_s, 2), "flops_per_step": xla_flops(compiled),
+          "macs_per_image": macs, "model_flops_per_step": model_flops}
   return run_block, info
 
 

@@ -29,10 +29,11 @@ sys.path.insert(0, ROOT)
 
 
 def write(workdir: str, out: str, examples: int) -> dict:
+  import jax  # noqa: PLC0415
+
   from jcompress import data as data_lib  # noqa: PLC0415
   from jcompress import experiment  # noqa: PLC0415
   from jcompress import export  # noqa: PLC0415
-  import jax  # noqa: PLC0415
 
   summary = export.export_run(workdir)
   exp = experiment.load_workdir_run(workdir, "export")[0]

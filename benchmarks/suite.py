@@ -292,8 +292,8 @@ def markdown(r: dict, command: str) -> str:
            "| machine | rate |", "|---|---|"]
   for k, v in r["matmul"].items():
     lines.append(f"| {k} matmul {r['matmul_n']}^3 | {v} G{'OP' if k == 'int8' else 'FLOP'}/s |")
-  lines += ["", "| train step | images/s | step time vs float | GFLOP per step | share of f32 / "
-            "bf16 matmul rate | compile s | blocks (images/s) |",
+  lines += ["", "| train step | images/s | step time vs float | model GFLOP per step (6 x MACs x "
+            "batch) | share of f32 / bf16 matmul rate | compile s | blocks (images/s) |",
             "|---|---|---|---|---|---|---|"]
   for k, v in r["train_steps"].items():
     vs = v.get("step_time_vs_float")
@@ -398,7 +398,7 @@ def main(argv):
     if infos[name].get("binary_compute") and name in ("w1a1", "w1a2", "kd"):
       what += f", binary_compute auto = {infos[name]['binary_compute']}"
     e = {"what": what, **infos[name], **common.rates(times[name], steps, batch)}
-    e.update(common.utilisation(infos[name].get("flops_per_step"),
+    e.update(common.utilisation(infos[name].get("model_flops_per_step"),
                                 e["images_per_second"] / batch, r["matmul"]))
     if base and name != "float":
       rt = common.ratio(times[name], base)
