@@ -278,9 +278,12 @@ def run_workers(todo: list[dict], pts: list[dict], workers: int, command,
         slot = free.pop(0)
         os.makedirs(p["workdir"], exist_ok=True)
         log = open(os.path.join(p["workdir"], "log.txt"), "a")  # noqa: SIM115
-        proc = subprocess.Popen(
-            command(p), stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda s=slot: os.sched_setaffinity(0, s)) if slot else None)
+        proc = subprocess.Popen(command(p), stdout=log, stderr=subprocess.STDOUT)
+        if slot:   # pinned as it starts: the threads jax starts later inherit the CPUs
+          try:     # (a preexec_fn would fork this multithreaded process)
+            os.sched_setaffinity(proc.pid, slot)
+          except ProcessLookupError:   # it has already exited
+            pass
         running[p["index"]] = (proc, p, slot, log)
         print(f"point {p['index']}/{len(pts)} {p['row']} seed {p['seed']} started"
               + (f" on CPUs {sorted(slot)}" if slot else ""), flush=True)

@@ -86,6 +86,7 @@ from jcompress.artifact import layer_of  # noqa: F401
 from jcompress.artifact import manifest_bytes
 from jcompress.artifact import param_of  # noqa: F401
 from jcompress.artifact import tensor_entry
+from jcompress.errors import ConfigError
 from jcompress.errors import JCompressError
 from jcompress.methods import registry
 
@@ -373,21 +374,27 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
           "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
 
 
-def make_apply(manifest: dict, model=None, integer: bool = True,
+def make_apply(manifest: dict, model=None, integer: bool | str = "auto",
                min_depth: int | None = None) -> Callable:
   """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
   then the model in eval mode (an artifact in a method's own layout: its `artifact_apply`, e.g.
   `bnn_infer.packed_apply`).
 
-  `integer`: the layers `intinfer.integer_layers` accepts (symmetric uniform weight codes of at
-  most 8 bits after an activation quantizer) run as int8 products with int32 sums
+  `integer`: True: the layers `intinfer.integer_layers` accepts (symmetric uniform weight codes
+  of at most 8 bits after an activation quantizer) run as int8 products with int32 sums
   (`jcompress.intinfer`); False: every layer computes in float on the decoded weights, as the
-  fake-quant model in training did; `min_depth` (default `intinfer.MIN_DEPTH`): shallower
-  layers stay float. `apply.integer_layers` lists the integer ones."""
+  fake-quant model in training did; "auto" (the default): integers on a CPU, float elsewhere,
+  chosen where the graph runs (`lax.platform_dependent`, so a StableHLO export carries both):
+  on a GPU the im2col int8 products ran at 0.53-0.59x the float artifact's speed, where cuDNN
+  runs the float convolutions (docs/performance.md, "On a GPU"). `min_depth` (default
+  `intinfer.MIN_DEPTH`): shallower layers stay float. `apply.integer_layers` lists the layers
+  that run on integers (on a CPU, for "auto")."""
   for method in _methods_of(manifest):
     own = method.artifact_apply(manifest) if method.artifact_apply is not None else None
     if own is not None:
       return own
+  if integer not in (True, False, "auto"):
+    raise ConfigError(f"integer={integer!r}: expected True, False or 'auto'")
   model = build_model(manifest) if model is None else model
   layers = intinfer.integer_layers(manifest, min_depth)[0] if integer else {}
 
@@ -402,14 +409,22 @@ def make_apply(manifest: dict, model=None, integer: bool = True,
                       jnp.asarray(arrays[f"{path}/scale"], jnp.float32))
     return decode_variables(manifest, arrays), codes
 
-  def run(decoded, images):
-    """The model on decoded tensors (`decode`'s output)."""
+  def run_float(decoded, images):
+    return model.apply(decoded[0], images, train=False)[0]
+
+  def run_integer(decoded, images):
     variables, codes = decoded
-    if not layers:
-      return model.apply(variables, images, train=False)[0]
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     with intinfer.intercept(layers, flat, codes.__getitem__):
       return model.apply(variables, images, train=False)[0]
+
+  def run(decoded, images):
+    """The model on decoded tensors (`decode`'s output)."""
+    if not layers:
+      return run_float(decoded, images)
+    if integer == "auto":
+      return lax.platform_dependent(decoded, images, cpu=run_integer, default=run_float)
+    return run_integer(decoded, images)
 
   def apply(arrays, images):
     return run(decode(arrays), images)
@@ -450,13 +465,14 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
       raise ArtifactError(f"tensor '{extra[0]}' is in the artifact but not in the model")
 
 
-def inference_fn(source, integer: bool = True, min_depth: int | None = None,
+def inference_fn(source, integer: bool | str = "auto", min_depth: int | None = None,
                  decode_once: bool = True) -> Callable:
   """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
 
   The model is rebuilt from the manifest alone and checked against the stored tensors;
   `integer`, `min_depth` (`make_apply`): quantized layers with quantized inputs compute on int8
-  codes. `decode_once`: the stored tensors (bit-packed codes, codebooks, sparse bitmasks) are
+  codes (by default on a CPU only; elsewhere it logs once that they run in float).
+  `decode_once`: the stored tensors (bit-packed codes, codebooks, sparse bitmasks) are
   decoded once, here, by a compiled function, and every call runs the model on the decoded
   tensors, as a runtime unpacks weights when it loads them (the packed BNN: its kernels
   unpacked, or repacked for the XNOR route, as `bnn_infer.load` does); False: decoded inside
@@ -468,6 +484,10 @@ def inference_fn(source, integer: bool = True, min_depth: int | None = None,
   model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
   apply = make_apply(manifest, model, integer=integer, min_depth=min_depth)
+  if integer == "auto" and getattr(apply, "integer_layers", None) and \
+      jax.default_backend() != "cpu":
+    logging.info("%d quantized layers compute in float on %s (int8 products only on a CPU; "
+                 "integer=True forces them)", len(apply.integer_layers), jax.default_backend())
   device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
   if decode_once and hasattr(apply, "decode"):
     decoded = jax.jit(apply.decode)(device_arrays)

@@ -13,6 +13,7 @@ from jcompress import export
 from jcompress import intinfer
 from jcompress import packing
 from jcompress import train
+from jcompress.errors import ConfigError
 
 pytestmark = pytest.mark.plumbing
 
@@ -126,7 +127,7 @@ def w8a8(data_dir):
 
 def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
   manifest, arrays, images, reference = w8a8
-  fn = export.inference_fn((manifest, arrays), min_depth=0)
+  fn = export.inference_fn((manifest, arrays), integer=True, min_depth=0)
   layers = fn.apply.integer_layers
   kernels = [p[:-len("/kernel")] for p, e in manifest["params"].items()
              if p.endswith("/kernel") and e["encoding"] == "quant"]
@@ -143,6 +144,32 @@ def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
   assert len(int8) >= len(layers)
   assert sorted(float_ops) == [("conv_general_dilated", ("float32", "float32")),
                                ("dot_general", ("float32", "float32"))]
+
+
+def _int8_products_in_stablehlo(apply, arrays, images, platform: str) -> int:
+  """int8 x int8 dot_generals in `apply`'s StableHLO lowered for `platform` alone."""
+  from jax import export as jax_export  # noqa: PLC0415
+  spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)  # noqa: E731
+  exported = jax_export.export(jax.jit(apply), platforms=[platform])(
+      jax.tree.map(spec, arrays), spec(images))
+  return sum(1 for line in exported.mlir_module().splitlines()
+             if "stablehlo.dot_general" in line and "xi8>, tensor<" in line)
+
+
+def test_auto_computes_on_integers_on_a_cpu_and_in_float_elsewhere(w8a8):
+  """integer="auto" (the default): on a CPU bitwise the integer route; the graph chooses by
+  the platform it runs on, so its StableHLO for cuda has no int8 products, for cpu it has."""
+  manifest, arrays, images, _ = w8a8
+  auto = export.inference_fn((manifest, arrays), min_depth=0)
+  forced = export.inference_fn((manifest, arrays), integer=True, min_depth=0)
+  assert auto.apply.integer_layers == forced.apply.integer_layers != []
+  np.testing.assert_array_equal(np.asarray(auto(images)), np.asarray(forced(images)))
+  assert _int8_products_in_stablehlo(auto.apply, arrays, images, "cpu") >= len(
+      auto.apply.integer_layers)
+  assert _int8_products_in_stablehlo(auto.apply, arrays, images, "cuda") == 0
+  assert _int8_products_in_stablehlo(forced.apply, arrays, images, "cuda") > 0
+  with pytest.raises(ConfigError, match="integer='yes'"):
+    export.inference_fn((manifest, arrays), integer="yes")
 
 
 @pytest.mark.parametrize("integer", [True, False])
