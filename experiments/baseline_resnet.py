@@ -9,7 +9,8 @@ kernels, batch 128, 64k steps (~164 epochs), pad-4 random crop and flip (He et a
 
 `data=digits`: the offline digits (1,293 train / 144 validation / 360 test, resized to 32x32x3)
 with the same model and recipe, shortened to 500 steps (batch 64, lr 0.05): a few minutes on a
-2-core CPU. `data=digits_hard`: its distorted 32x32x3 variant (6,465 / 720 / 1,800), 1,500 steps.
+2-core CPU. `data=digits_hard`: its distorted 32x32x3 variant (6,465 / 720 / 1,800), 1,500 steps
+with 150 of warmup.
 `runlocal`: a tiny smoke run.
 """
 
@@ -31,7 +32,10 @@ def get_config(arg=None):
     c.checkpoint_every = 100
     c.log_every = 25
     c.optimizer.learning_rate = 0.05
-    c.schedule.warmup_steps = 25
+    # digits_hard: with digits' 25 warmup steps the network sat at chance for 500 (seed 0) to
+    # 1,000 (seed 2: 43% at the end) of its 1,500 steps; with 150 each seed leaves it by step
+    # 300 (93.7% for seed 2)
+    c.schedule.warmup_steps = 25 if arg.data == "digits" else 150
   if arg.runlocal:
     config_lib.make_runlocal(c)
   return c
