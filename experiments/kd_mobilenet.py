@@ -17,7 +17,8 @@ tf_kd (the seed's sigmoid CE + logit MSE), mse, fitnet (hints through a learned 
 or dkd (Decoupled KD). Several teachers: `teacher=dirA;dirB` (their logits are averaged).
 
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
-loss, temperature, alpha, beta, train_examples (0: all; digits default 200), seed, runlocal.
+loss, temperature, alpha, beta, train_examples (0: all; digits default 200), mixup (Beta
+concentration; 0: off), seed, runlocal.
 """
 
 from jcompress import config as config_lib
@@ -28,12 +29,13 @@ from jcompress import sweep
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="mobilenetv2_cifar", width=1.0,
                              teacher="", loss="kd", temperature=4.0, alpha=0.9, beta=8.0,
-                             train_examples=-1, seed=0, runlocal=False)
+                             train_examples=-1, mixup=0.0, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   c.model = arg.model
   c.width = arg.width
   c.seed = arg.seed
+  c.mixup = arg.mixup
   c.teacher = arg.teacher.replace(";", ",")
   c.distill = distill.default_config()
   c.distill.loss = arg.loss

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 from typing import Any
@@ -31,7 +32,7 @@ OFFLINE_DATASETS = ("digits", "digits_hard")
 # Keys added to `base_config()` after runs were made without them: the value that reproduces
 # what those runs did (their config.json has no such key). Other absent keys take today's
 # default.
-LEGACY_VALUES = {"eval_split": "test"}
+LEGACY_VALUES = {"eval_split": "test", "mixup": 0.0}
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 
@@ -150,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2_000
   c.keep_checkpoints = 3
   c.label_smoothing = 0.0
+  c.mixup = 0.0                # > 0: mixup with ratio ~ Beta(mixup, mixup), each image mixed
+                               # with its batch neighbour (labels mixed alike; teachers see
+                               # the mixed images: "function matching")
   c.num_devices = 0            # 0: every device jax sees
   c.distributed = False        # call jax.distributed.initialize() (several hosts)
 
@@ -225,6 +229,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be >= 1, got {config.keep_checkpoints}")
   _check(0.0 <= config.label_smoothing < 1.0, "label_smoothing",
          f"must be in [0, 1), got {config.label_smoothing}")
+  _check(config.mixup >= 0 and math.isfinite(config.mixup), "mixup",
+         f"must be a finite number >= 0 (0: off), got {config.mixup}")
   _check(config.num_devices >= 0, "num_devices", f"must be >= 0, got {config.num_devices}")
 
   opt = config.optimizer

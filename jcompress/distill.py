@@ -84,9 +84,18 @@ def _check_logits(student_logits, teacher_logits):
         f"{teacher_logits.shape} differ in shape (the two models must have the same classes)")
 
 
+def label_targets(labels: jax.Array, num_classes: int) -> jax.Array:
+  """Class distributions `(B, num_classes)` of `labels`: integer labels `(B,)` one-hot, or
+  already distributions (a mixup batch's mixed labels) as they are."""
+  if labels.ndim == 2:
+    return labels.astype(jnp.float32)
+  return jax.nn.one_hot(labels, num_classes)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross-entropy against integer labels (optionally smoothed)."""
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  """Mean softmax cross-entropy against integer labels or class distributions (mixup's),
+  optionally smoothed."""
+  targets = label_targets(labels, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
@@ -133,7 +142,7 @@ def tf_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax
   _check_logits(student_logits, teacher_logits)
   t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
   s = student_logits.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, s.shape[-1])
+  onehot = label_targets(labels, s.shape[-1])
   z = s / temperature if tempered_hard else s
   hard = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(z, onehot), axis=-1))
   soft = jnp.mean(jnp.sum(0.5 * jnp.square(s / temperature - t / temperature), axis=-1))
@@ -212,6 +221,9 @@ def dkd_parts(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.
   _check_logits(student_logits, teacher_logits)
   t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
   s = student_logits.astype(jnp.float32) / temperature
+  if labels.ndim != 1:
+    raise ConfigError("distill.loss 'dkd' needs one target class per image; got labels of "
+                      f"shape {labels.shape} (mixup's mixed labels have two: set mixup=0)")
   gt = jax.nn.one_hot(labels, s.shape[-1], dtype=jnp.bool_)
 
   def binary_log_probs(z):

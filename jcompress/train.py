@@ -63,24 +63,45 @@ __all__ = ["Experiment", "TrainState", "make_experiment", "make_train_step", "re
            "train_and_evaluate", "evaluate", "create_state"]
 
 
+def mixup_images(rng: jax.Array, images: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+  """Mixup (Zhang et al. 2018): `(ratio, ratio * x + (1 - ratio) * x')` with one ratio ~
+  Beta(alpha, alpha) for the batch and x' each image's batch neighbour (the batch rolled by
+  one, as big_vision's mixup)."""
+  ratio = jax.random.beta(rng, alpha, alpha).astype(images.dtype)
+  return ratio, ratio * images + (1 - ratio) * jnp.roll(images, 1, axis=0)
+
+
+def mixup_labels(labels: jax.Array, num_classes: int, ratio: jax.Array) -> jax.Array:
+  """The class distributions `(B, num_classes)` of a batch mixed by `mixup_images`."""
+  onehot = jax.nn.one_hot(labels, num_classes)
+  return ratio * onehot + (1 - ratio) * jnp.roll(onehot, 1, axis=0)
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
                     transform: transforms_lib.ParamTransform,
                     schedule: optax.Schedule, label_smoothing: float = 0.0,
-                    teachers: experiment.Teachers | None = None) -> Callable:
+                    teachers: experiment.Teachers | None = None,
+                    mixup: float = 0.0) -> Callable:
   """`train_step(state, batch, teacher_variables=None) -> (state, metrics)`, to be jit-compiled.
 
   With `teachers`, the frozen teachers run forward (eval mode, outside the differentiated
   function, so no backward pass of theirs is computed) on the same augmented batch, and the
   loss is `teachers.loss_fn`'s mixture of the hard-label and distillation terms.
   `teacher_variables` is the list of the teachers' `{"params", "batch_stats"}`.
+  With `mixup > 0` the batch is mixed first (`mixup_images`, `mixup_labels`): the student, the
+  teachers and the hard-label terms all see the mixed images and labels (with teachers, Beyer
+  et al.'s "function matching").
   """
 
   def train_step(state: TrainState, batch: dict,
                  teacher_variables: list | None = None) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
+    images, ratio = batch["image"], None
+    if mixup:
+      ratio, images = mixup_images(jax.random.fold_in(step_rng, 1), images, mixup)
     teacher_out = None
     if teachers is not None:
-      outs = [m.apply(v, batch["image"], train=False)
+      outs = [m.apply(v, images, train=False)
               for m, v in zip(teachers.models, teacher_variables)]
       t_logits = sum(o[0] for o in outs) / len(outs)    # several teachers: mean logits
       teacher_out = jax.lax.stop_gradient((t_logits, outs[0][1]))
@@ -88,13 +109,15 @@ def make_train_step(model, tx: optax.GradientTransformation,
     def loss_fn(params, aux):
       eff = transform.apply(params, state.compression)
       (logits, feats), mutated = model.apply(
-          {"params": eff, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          {"params": eff, "batch_stats": state.batch_stats}, images, train=True,
           mutable=["batch_stats"], rngs={"dropout": step_rng})
+      labels = batch["label"]
+      if ratio is not None:
+        labels = mixup_labels(labels, logits.shape[-1], ratio)
       if teacher_out is None:
-        loss, parts = cross_entropy(logits, batch["label"], label_smoothing), {}
+        loss, parts = cross_entropy(logits, labels, label_smoothing), {}
       else:
-        loss, parts = teachers.loss_fn(logits, feats, *teacher_out, batch["label"], aux,
-                                       state.step)
+        loss, parts = teachers.loss_fn(logits, feats, *teacher_out, labels, aux, state.step)
       # A model without BatchNorm (a ViT) has no batch_stats to update.
       return loss, (logits, mutated.get("batch_stats", state.batch_stats), parts)
 
@@ -147,7 +170,7 @@ class Preemption:
 def compile_steps(exp: Experiment) -> tuple[Callable, Callable]:
   train_step = jax.jit(
       make_train_step(exp.model, exp.tx, exp.transform, exp.schedule,
-                      exp.config.label_smoothing, exp.teachers),
+                      exp.config.label_smoothing, exp.teachers, exp.config.mixup),
       donate_argnums=(0,), out_shardings=(exp.replicated, exp.replicated))
   eval_step = jax.jit(evaluation.make_eval_step(exp.model, exp.transform),
                       out_shardings=exp.replicated)

@@ -39,6 +39,7 @@ def test_base_config_is_valid():
     ("optimizer.name", "rmsprop"), ("optimizer.learning_rate", -1.0),
     ("optimizer.momentum", 1.0), ("schedule.name", "linear"), ("schedule.warmup_steps", 10**9),
     ("dtype", "float16"), ("log_every", 0), ("eval_every", -1), ("eval_split", "train"),
+    ("mixup", -1.0), ("mixup", float("inf")),
 ])
 def test_validate_names_the_bad_key(key, value):
   c = config_lib.base_config()
@@ -100,3 +101,17 @@ def test_workdirs_made_before_eval_split_load_with_the_protocol_they_ran(tmp_pat
   c = config_lib.base_config()
   c.eval_split = "test"
   assert checkpoint.check_workdir_config(c, str(tmp_path))
+
+
+def test_workdirs_made_before_mixup_resume_as_runs_without_it(tmp_path):
+  """A config.json without `mixup` loads as mixup 0 (what those runs did) and today's default
+  config resumes the workdir."""
+  import json
+
+  from jcompress import checkpoint
+
+  old = config_lib.to_dict(config_lib.base_config())
+  del old["mixup"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert checkpoint.load_workdir_config(str(tmp_path)).mixup == 0.0
+  assert checkpoint.check_workdir_config(config_lib.base_config(), str(tmp_path))

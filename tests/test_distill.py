@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jcompress import distill
+from jcompress import train
 from jcompress.errors import ConfigError
 
 pytestmark = pytest.mark.plumbing
@@ -317,3 +318,45 @@ def test_init_aux_refuses_mismatched_spatial_sizes():
     distill.init_aux(_cfg(loss="fitnet", student_feature="stage3", teacher_feature="stage2"),
                      {"stage3": (1, 8, 8, 64)}, {"stage2": (1, 16, 16, 32)},
                      jax.random.PRNGKey(0))
+
+
+# ----------------------------------------------------------------------------- mixup labels
+
+
+def test_mixed_labels_give_the_mix_of_the_two_labels_losses(data):
+  """Cross-entropy and TF-KD's sigmoid term are linear in the targets: on mixup's class
+  distributions they equal the ratio-weighted losses of the two integer labels."""
+  s, t, y = data
+  y2 = np.roll(y, 1)
+  ratio = jnp.float32(0.3)
+  targets = train.mixup_labels(jnp.asarray(y), K, ratio)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+  want = 0.3 * distill.cross_entropy(_f32(s), y) + 0.7 * distill.cross_entropy(_f32(s), y2)
+  np.testing.assert_allclose(distill.cross_entropy(_f32(s), targets), want, rtol=1e-5)
+  mixed = distill.tf_kd_loss(_f32(s), _f32(t), targets, 4.0)[1]["sigmoid_ce_loss"]
+  parts = [distill.tf_kd_loss(_f32(s), _f32(t), jnp.asarray(v), 4.0)[1]["sigmoid_ce_loss"]
+           for v in (y, y2)]
+  np.testing.assert_allclose(mixed, 0.3 * parts[0] + 0.7 * parts[1], rtol=1e-5)
+  with pytest.raises(ConfigError, match="dkd.*one target class"):
+    distill.dkd_parts(_f32(s), _f32(t), targets, 4.0)
+
+
+def test_mixup_images_mixes_each_image_with_its_neighbour():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4, 4, 3)), jnp.float32)
+  ratios = []
+  for i in range(20):
+    ratio, mixed = train.mixup_images(jax.random.key(i), x, 0.4)
+    np.testing.assert_allclose(mixed, ratio * x + (1 - ratio) * jnp.roll(x, 1, axis=0),
+                               rtol=1e-6, atol=1e-6)
+    ratios.append(float(ratio))
+  assert all(0.0 <= r <= 1.0 for r in ratios) and np.std(ratios) > 0.1   # Beta(0.4, 0.4)
+
+
+def test_mixup_with_dkd_is_refused_naming_the_key():
+  from jcompress.methods import distill as distill_method  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict({"mixup": 1.0, "teacher": "t", "distill": _cfg(loss="dkd")})
+  with pytest.raises(ConfigError, match="config key 'mixup'.*dkd"):
+    distill_method.validate(config.distill, config)
+  config.mixup = 0.0
+  distill_method.validate(config.distill, config)

@@ -19,6 +19,7 @@ import pytest
 
 from jcompress import checkpoint
 from jcompress import config as config_lib
+from jcompress import distill
 from jcompress import jaxpr_utils
 from jcompress import optim
 from jcompress import teacher as teacher_lib
@@ -446,6 +447,39 @@ def test_offline_teacher_runs_forward_only(student_runs):
   # teacher adds its 3 forward convolutions and no gradient convolution.
   assert n_alone == 3 + 3 + 2
   assert n_with == n_alone + 3
+
+
+def test_mixup_step_feeds_student_teacher_and_labels_the_mixed_batch(student_runs):
+  """With `mixup`, the student and the teacher both see the mixed images and the hard-label
+  term the mixed labels. Beta(a, a) with a = 1e6 puts the ratio at 0.5 (within ~1e-3), so the
+  step's logged terms are checked against a hand computation on (x + x') / 2."""
+  workdir, _, c = student_runs["kd"]
+  exp = train.make_experiment(c)
+  state = train.restore_run(workdir, "test")[1]     # a trained student: confident logits
+  tvars = teacher_lib.load_teacher_variables(exp)
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(c.batch_size, *exp.info.image_shape)), jnp.float32)
+  mixed = 0.5 * (images + jnp.roll(images, 1, axis=0))
+  eff = exp.transform.apply(state.params, state.compression)
+  (s_logits, _), _ = exp.model.apply({"params": eff, "batch_stats": state.batch_stats}, mixed,
+                                     train=True, mutable=["batch_stats"])
+  t_logits, _ = exp.teachers.models[0].apply(tvars[0], mixed, train=False)
+  # labels the student's own decisions on the mixed images: mixing them with the neighbour's
+  # raises the cross-entropy, so the check tells mixed labels from unmixed ones
+  labels = jnp.argmax(s_logits, -1).astype(jnp.int32)
+  targets = 0.5 * (jax.nn.one_hot(labels, 10) + jax.nn.one_hot(jnp.roll(labels, 1), 10))
+  want_kd = float(distill.kd_loss(s_logits, t_logits, 4.0))
+  want_ce = float(distill.cross_entropy(s_logits, targets))
+  assert abs(float(distill.cross_entropy(s_logits, labels)) - want_ce) > 0.1 * want_ce
+  batch = {"image": images, "label": labels}
+  step = jax.jit(train.make_train_step(exp.model, exp.tx, exp.transform, exp.schedule, 0.0,
+                                       exp.teachers, mixup=1e6))
+  _, m = step(state, batch, tvars)
+  assert float(m["kd_loss"]) == pytest.approx(want_kd, rel=2e-2)
+  assert float(m["ce_loss"]) == pytest.approx(want_ce, rel=2e-2)
+  _, plain = jax.jit(train.make_train_step(exp.model, exp.tx, exp.transform, exp.schedule, 0.0,
+                                           exp.teachers))(state, batch, tvars)
+  assert abs(float(plain["kd_loss"]) - want_kd) > 0.1 * want_kd   # unmixed: another value
 
 
 def test_teacher_without_checkpoint_stops_before_compiling(experiment_file, data_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 from jcompress import distill
+from jcompress.errors import ConfigError
 from jcompress.methods.base import Loss
 from jcompress.methods.base import Method
 
@@ -21,8 +22,10 @@ def _cfg(config):
 
 
 def validate(sub, config) -> None:
-  del config
   distill.validate_distill(sub)
+  if config.get("mixup", 0.0) and sub.get("loss") == "dkd":
+    raise ConfigError("config key 'mixup': distill.loss 'dkd' needs one target class per image "
+                      "and a mixup image has two; set mixup=0 or another distill.loss")
 
 
 def make_loss(config, ctx) -> Loss:
