@@ -16,9 +16,19 @@ student's jit-compiled step on the same augmented batch (`train.make_train_step`
 tf_kd (the seed's sigmoid CE + logit MSE), mse, fitnet (hints through a learned 1x1 regressor)
 or dkd (Decoupled KD). Several teachers: `teacher=dirA;dirB` (their logits are averaged).
 
+Digits recipe (200 labelled images, batch 64, 900 steps of SGD with Nesterov momentum,
+lr 0.05, cosine): with a teacher the batch is mixed (`mixup=1.0`: Beta(1, 1) ratio, each
+image with its neighbour) and the teacher labels the mixed images, Beyer et al.'s "function
+matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
+test split, seeds 0 / 1 / 2 (teachers: the quality table's float ResNet-20 of each seed):
+hard labels 97.22 / 96.67 / 97.22% (97.04 +- 0.32), KD with mixup 98.89 / 99.17 / 99.17%
+(99.07 +- 0.16); over 300 steps without mixup they were 95.93 +- 1.37 and 98.33 +- 0.00, and
+with mixup over 300 steps KD stayed at 98.33 (seed 0), so the teacher needs both the mixed
+images and the longer schedule ("patient and consistent"). docs/results.md has the commands.
+
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
 loss, temperature, alpha, beta, train_examples (0: all; digits default 200), mixup (Beta
-concentration; 0: off), seed, runlocal.
+concentration; 0: off; -1: 1.0 when distilling on offline data, else 0), seed, runlocal.
 """
 
 from jcompress import config as config_lib
@@ -29,13 +39,16 @@ from jcompress import sweep
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="mobilenetv2_cifar", width=1.0,
                              teacher="", loss="kd", temperature=4.0, alpha=0.9, beta=8.0,
-                             train_examples=-1, mixup=0.0, seed=0, runlocal=False)
+                             train_examples=-1, mixup=-1.0, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   c.model = arg.model
   c.width = arg.width
   c.seed = arg.seed
-  c.mixup = arg.mixup
+  offline = arg.data in config_lib.OFFLINE_DATASETS
+  # mixup -1: the recipe's choice, Beta(1, 1) mixup when distilling on the offline data
+  # (the teacher labels the mixed images) and none otherwise (see the docstring)
+  c.mixup = (1.0 if offline and arg.teacher else 0.0) if arg.mixup < 0 else arg.mixup
   c.teacher = arg.teacher.replace(";", ",")
   c.distill = distill.default_config()
   c.distill.loss = arg.loss
@@ -44,11 +57,11 @@ def get_config(arg=None):
   c.distill.beta = arg.beta
   c.optimizer.learning_rate = 0.05
   c.optimizer.nesterov = True
-  if arg.data in config_lib.OFFLINE_DATASETS:
+  if offline:
     c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64
     c.train_examples = 200 if arg.train_examples < 0 else arg.train_examples
-    c.total_steps = 300
+    c.total_steps = 900
     c.eval_every = 100
     c.checkpoint_every = 100
     c.log_every = 25
@@ -62,7 +75,9 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """Hard labels against each loss, over 3 seeds (run with the same `teacher`):
-  seed 0 / 1 / 2 x (teacher= | distill.loss kd / tf_kd / dkd)."""
+  seed 0 / 1 / 2 x (teacher= | distill.loss kd / tf_kd / dkd). The hard-label and DKD points
+  run without mixup (DKD needs one target class per image), the others with the recipe's."""
   del arg
-  losses = [{"teacher": ""}] + sweep.sweep("distill.loss", ["kd", "tf_kd", "dkd"])
+  losses = [{"teacher": "", "mixup": 0.0}, {"distill.loss": "kd"}, {"distill.loss": "tf_kd"},
+            {"distill.loss": "dkd", "mixup": 0.0}]
   return sweep.product({"seed": [0, 1, 2]}, losses)

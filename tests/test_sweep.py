@@ -175,9 +175,9 @@ def test_the_experiments_sweeps_expand():
   kd = os.path.join(ROOT, "experiments/kd_mobilenet.py:data=digits,teacher=runs/t")
   points = sweep.expand(config_lib.load_config_file(kd), kd, "/nonexistent")
   assert len(points) == 12
-  assert [(p["config"].seed, p["config"].teacher, p["config"].distill.loss)
-          for p in points[:4]] == [(0, "", "kd"), (0, "runs/t", "kd"), (0, "runs/t", "tf_kd"),
-                                   (0, "runs/t", "dkd")]
+  assert [(p["config"].seed, p["config"].teacher, p["config"].distill.loss, p["config"].mixup)
+          for p in points[:4]] == [(0, "", "kd", 0.0), (0, "runs/t", "kd", 1.0),
+                                   (0, "runs/t", "tf_kd", 1.0), (0, "runs/t", "dkd", 0.0)]
 
 
 # ----------------------------------------------------------------------------- bad sweeps
