@@ -13,6 +13,7 @@ it only runs the script. The other dependencies must be importable (ml-collectio
 wheel on `PYTHONPATH`).
 """
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -69,11 +70,10 @@ def main() -> None:
   if len(sys.argv) < 2:
     raise SystemExit(__doc__)
   sys.path.insert(0, ROOT)
-  try:
-    import tensorflow_datasets  # noqa: PLC0415
-    usable = hasattr(tensorflow_datasets, "core")   # not without TensorFlow
-  except ImportError:
-    usable = False
+  # tensorflow_datasets itself may import without TensorFlow (its modules load lazily) and
+  # fail only when a builder runs: ask for TensorFlow.
+  usable = all(importlib.util.find_spec(m) is not None
+               for m in ("tensorflow", "tensorflow_datasets"))
   if not usable:
     sys.modules["tensorflow_datasets"] = _stand_in_tfds()
     _patch_data()

@@ -542,10 +542,11 @@ def _binary_conv(codes: jax.Array, entry: dict, shape: Sequence[int], stride: in
     nonzero = entry.get("wnz", w if "nonzero" in entry else None)
     return fastconv.xnor_conv(codes, w, (stride, stride), _pad(shape[0]), ternary=num_bits > 1,
                               w_nonzero=nonzero)
-  acc = jnp.int32 if compute == "int8" else jnp.float32
+  if compute == "int8":
+    return fastconv.int8_conv(codes, w, (stride, stride), _pad(shape[0]), dimension_numbers=_DN)
   return lax.conv_general_dilated(codes.astype(dtype), w.astype(dtype), (stride, stride),
                                   _pad(shape[0]), dimension_numbers=_DN,
-                                  preferred_element_type=acc)
+                                  preferred_element_type=jnp.float32)
 
 
 def _to_float(acc: jax.Array, entry: dict, num_bits: int) -> jax.Array:

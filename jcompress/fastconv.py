@@ -652,6 +652,24 @@ def xnor_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
 
 # ----------------------------------------------------------------------------- exact narrow forward
 
+def int8_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """`lax.conv_general_dilated` of int8 operands into exact int32 sums, on any backend.
+
+  A CPU accumulates int8 x int8 in int32. cuDNN's int8 convolutions output only int8 or
+  float32 (an int32 accumulator does not lower on a GPU), so elsewhere the sums come out in
+  float32, exact while they stay below 2^24 (binary and low-bit kernels: callers' bound), and
+  are cast back. Both branches are in the graph (`lax.platform_dependent`), so an export
+  lowered for several platforms runs the loading device's.
+  """
+  def conv(acc):
+    return lambda x, w: lax.conv_general_dilated(
+        x.astype(jnp.int8), w.astype(jnp.int8), *args, preferred_element_type=acc, **kwargs)
+
+  return lax.platform_dependent(
+      lhs, rhs, cpu=conv(jnp.int32),
+      default=lambda x, w: conv(jnp.float32)(x, w).astype(jnp.int32))
+
+
 #: Narrow forward computes of a binary convolution (`narrow_conv_general_dilated`): operand
 #: dtype and accumulator. Both are exact for integer operands of magnitude <= 127: bfloat16
 #: holds every integer up to 256 and the products accumulate in float32 (exact below 2^24);
@@ -713,8 +731,9 @@ def narrow_conv_general_dilated(compute: str, levels: int, base=None, zeros: boo
           return xnor_conv(x, w, tuple(window_strides), pad, ternary=zeros).astype(out)
         return reference(x, w)
       xq = jnp.round(x.astype(jnp.float32) * levels).astype(dt)
-      y = lax.conv_general_dilated(xq, w.astype(dt), window_strides, padding,
-                                   preferred_element_type=acc, **kw).astype(jnp.float32)
+      conv = int8_conv if compute == "int8" else functools.partial(
+          lax.conv_general_dilated, preferred_element_type=acc)
+      y = conv(xq, w.astype(dt), window_strides, padding, **kw).astype(jnp.float32)
       if levels != 1:
         y = y / levels
       return y.astype(preferred_element_type or jnp.result_type(x.dtype, w.dtype))

@@ -197,19 +197,21 @@ def test_two_bit_bf16_and_xnor_equal_int8(nets, images):
 
 
 def test_binary_convs_run_in_int8_with_int32_accumulation(nets, images):
-  """Walks the jaxpr: every binary conv reads int8 and accumulates in int32; only the stem is
-  a float conv."""
+  """Walks the jaxpr: every binary conv reads int8 and accumulates in int32 on a CPU; the graph's
+  other branch (a GPU's: cuDNN's int8 convolutions output f32, exact for these sums) reads int8
+  too; only the stem is a float conv."""
   net = nets(1)
   runtime = bnn_infer.load(net.frozen, compute="int8")
   jaxpr = jax.make_jaxpr(bnn_infer._forward, static_argnums=(2,))(
       bnn_infer._arrays(runtime), images, bnn_infer._Static(runtime["meta"]))
-  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  convs = jaxpr_utils.primitive_eqns(jaxpr, "conv_general_dilated")
   kinds = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype), str(e.outvars[0].aval.dtype))
            for e in convs]
   # bnn_resnet20: 9 blocks x 2 convs + 2 projection shortcuts, plus the float stem.
   assert kinds.count(("int8", "int8", "int32")) == 20
+  assert kinds.count(("int8", "int8", "float32")) == 20
   assert kinds.count(("float32", "float32", "float32")) == 1
-  assert len(kinds) == 21
+  assert len(kinds) == 41
 
 
 def test_xnor_binary_convs_are_uint32_popcounts(nets, images):
