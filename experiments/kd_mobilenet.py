@@ -20,11 +20,11 @@ Digits recipe (200 labelled images, batch 64, 900 steps of SGD with Nesterov mom
 lr 0.05, cosine): with a teacher the batch is mixed (`mixup=1.0`: Beta(1, 1) ratio, each
 image with its neighbour) and the teacher labels the mixed images, Beyer et al.'s "function
 matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
-test split, seeds 0 / 1 / 2 (teachers: the quality table's float ResNet-20 of each seed):
-hard labels 97.22 / 96.67 / 97.22% (97.04 +- 0.32), KD with mixup 98.89 / 99.17 / 99.17%
-(99.07 +- 0.16); over 300 steps without mixup they were 95.93 +- 1.37 and 98.33 +- 0.00, and
-with mixup over 300 steps KD stayed at 98.33 (seed 0), so the teacher needs both the mixed
-images and the longer schedule ("patient and consistent"). docs/results.md has the commands.
+test split, 3 seeds: the quality table (docs/results/digits.md, one thread per run) reads hard
+labels 95.74 +- 0.16%, KD 99.26 +- 0.16%; launch.py runs on two threads 97.04 +- 0.32 and
+99.07 +- 0.16. Over 300 steps without mixup KD stayed at 98.33%, with mixup too, so the teacher
+needs both the mixed images and the longer schedule ("patient and consistent").
+docs/results.md ("Distillation") has the commands and every seed.
 
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
 loss, temperature, alpha, beta, train_examples (0: all; digits default 200), mixup (Beta
