@@ -161,11 +161,13 @@ print("ERRORS", err(grads[("xla", "float32")]), err(grads[("staged", "float32")]
 
 
 @pytest.mark.slow   # two float64 and float32 model compiles per model, about 60 s
-@pytest.mark.parametrize("name,width", [("mobilenetv2_cifar", 0.25), ("shufflenetv2_cifar", 0.5)])
+@pytest.mark.parametrize("name,width", [("mobilenetv2_cifar", 0.25), ("shufflenetv2_cifar", 0.5),
+                                        ("resnet50", 0.125)])
 def test_lightweight_model_gradients_as_exact_as_xla(name, width):
   """Every parameter gradient of MobileNetV2 / ShuffleNetV2 (train mode, batch 2) with the CPU
-  depthwise convolutions, against the float64 gradient (XLA's, in a float64 process), is as
-  exact as XLA's own float32 gradient. A float32-to-float32 comparison cannot say this: with
+  depthwise convolutions and the fused widening-1x1-conv BatchNorms
+  (`common.linear_batch_norm_train`; ResNet-50's bottlenecks have these only), against the
+  float64 gradient (XLA's, in a float64 process), is as exact as XLA's own float32 gradient. A float32-to-float32 comparison cannot say this: with
   BatchNorm over 2 images the model amplifies rounding to 1e-2 of the largest gradient."""
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415

@@ -501,6 +501,100 @@ def test_batchnorm_channel_sums_are_products_on_cpu():
     assert count_primitive(jaxpr, "reduce_sum") == 0
 
 
+def test_linear_batchnorm_equals_conv_then_batchnorm():
+  """`linear_batch_norm_train(x, w, ...)` (statistics from the input's Gram matrix, BatchNorm
+  folded into the kernel) against `batch_norm_train(x @ w, ...)`: the same output, batch mean
+  and variance, and the same gradients for x, w, scale and bias, with cotangents on the
+  statistics too (inputs with a large mean, a zero-scale channel as zero_init gives)."""
+  from jcompress.models.common import batch_norm_train  # noqa: PLC0415
+  from jcompress.models.common import linear_batch_norm_train  # noqa: PLC0415
+  ks = jax.random.split(jax.random.key(7, impl="rbg"), 6)
+  x = jax.random.normal(ks[0], (4, 6, 6, 8)) * 2 + 0.5
+  w = jax.random.normal(ks[1], (8, 40)) / 3
+  scale = jax.random.uniform(ks[2], (40,), minval=0.5, maxval=1.5).at[3].set(0.0)
+  bias = jax.random.normal(ks[3], (40,))
+  u, v = jax.random.normal(ks[4], (40,)), jax.random.normal(ks[5], (40,))
+  weights = jnp.linspace(-1.0, 1.0, 40)
+
+  def loss(fn):
+    def f(x, w, scale, bias):
+      y, mean, var = fn(x, w, scale, bias)
+      return jnp.sum(jnp.sin(y) * weights) + jnp.sum(mean * u) + jnp.sum(var * v), (y, mean, var)
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True))
+
+  ref = loss(lambda x, w, s, b: batch_norm_train(
+      jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST), s, b, 1e-5))
+  ours = loss(lambda x, w, s, b: linear_batch_norm_train(x, w, s, b, 1e-5))
+  (_, out_r), g_r = ref(x, w, scale, bias)
+  (_, out_o), g_o = ours(x, w, scale, bias)
+  for a, b in zip(out_o, out_r):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
+  for a, b in zip(g_o, g_r):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("name,kwargs,fused", [
+    ("mobilenetv2_cifar", {"width": 0.25}, 17),   # 16 expand convs and conv_last
+    ("resnet50", {"width": 0.125}, 16),           # every bottleneck's conv3
+    ("shufflenetv2_cifar", {"width": 0.5}, 1),    # conv_last
+    ("resnet20", {}, 0)])                         # no widening 1x1 conv
+def test_widening_1x1_conv_batchnorms_are_fused_in_train_mode(monkeypatch, name, kwargs, fused):
+  """Train mode on the CPU conv_impls computes the BatchNorm after every widening 1x1
+  convolution with `linear_batch_norm_train` (logits as the unfused model's); eval mode,
+  conv_impl "xla" and a bfloat16 model never do."""
+  from jcompress.models import common  # noqa: PLC0415
+  calls = []
+  real = common.linear_batch_norm_train
+  monkeypatch.setattr(common, "linear_batch_norm_train",
+                      lambda *a: calls.append(a[1].shape) or real(*a))
+  x = jax.random.normal(KEY, (8, 32, 32, 3))
+  logits = {}
+  for impl, dtype, train in (("staged", jnp.float32, True), ("xla", jnp.float32, True),
+                             ("staged", jnp.float32, False), ("staged", jnp.bfloat16, True)):
+    calls.clear()
+    model = get_model(name, 10, conv_impl=impl, dtype=dtype, **kwargs)
+    v = model.init(KEY, x[:1])
+    logits[(impl, train, jnp.dtype(dtype).name)] = model.apply(
+        v, x, train=train, mutable=["batch_stats"])[0][0]
+    expected = fused if (impl, dtype, train) == ("staged", jnp.float32, True) else 0
+    assert len(calls) == expected, (impl, dtype, train, calls)
+    assert all(cin < cout for cin, cout in calls)
+  if name != "resnet50":   # its 1x1 last stage normalises over 8 values: rounding grows there
+    # (its gradients are as exact as XLA's own: tests/test_depthwise.py, float64 reference)
+    np.testing.assert_allclose(logits[("staged", True, "float32")],
+                               logits[("xla", True, "float32")], rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_operands_only_for_a_plain_1x1_convolution():
+  """`pointwise_operands` gives (input, kernel) only for the recorded call whose output is the
+  very array given, and only for a 1x1 stride-1 unpadded ungrouped float32 convolution."""
+  from jax import lax  # noqa: PLC0415
+  from jcompress.models.common import pointwise_operands  # noqa: PLC0415
+  x = jnp.ones((2, 4, 4, 8))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def record(w, *args, x=x, **kwargs):
+    out = lax.conv_general_dilated(x, w, *args, **kwargs)
+    return [(x, w, out, args, kwargs)], out
+
+  w1 = jnp.ones((1, 1, 8, 16))
+  calls, y = record(w1, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn)
+  lhs, rhs = pointwise_operands(calls, y)
+  assert lhs is x and rhs.shape == (8, 16)
+  assert pointwise_operands(calls, y + 0) is None                       # not the call's output
+  assert pointwise_operands(calls + calls, y) is None                   # two calls
+  for w, args, kw in ((w1, ((2, 2), ((0, 0), (0, 0))), {}),             # strided
+                      (jnp.ones((3, 3, 8, 16)), ((1, 1), ((1, 1), (1, 1))), {}),   # 3x3
+                      (w1, ((1, 1), ((1, 1), (1, 1))), {}),             # padded
+                      (jnp.ones((1, 1, 4, 16)), ((1, 1), ((0, 0), (0, 0))),
+                       {"feature_group_count": 2})):                     # grouped
+    calls, y = record(w, *args, dimension_numbers=dn, **kw)
+    assert pointwise_operands(calls, y) is None, (w.shape, args, kw)
+  calls, y = record(w1.astype(jnp.bfloat16), (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn,
+                    x=x.astype(jnp.bfloat16))
+  assert pointwise_operands(calls, y) is None                           # bfloat16
+
+
 def test_bn_epsilon_field_reaches_batchnorm(images):
   # With running var 0.01, eps 1e-3 vs 1e-5 changes the output by ~5%: the field must be used.
   for eps in (1e-3, 1e-5):

@@ -166,13 +166,22 @@ def conv(
     from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)
     quantizer = actquant.make_quantizer(dict(spec), name=f"{name}_act" if name else None)
 
-  def apply(x):
+  def apply(x, linear: bool = False):
+    """The convolution of `x`; with `linear=True`, `(y, operands)` where `operands` is
+    `pointwise_operands`'s (input, kernel) pair for `BatchNorm(linear=...)`, or None."""
     n_out, n_groups = features, groups
     if depthwise:   # follows the input: a pruned expand conv shrinks its depthwise conv
       n_out = n_groups = x.shape[-1]
     if quantizer is not None:
       x = quantizer(x)
-    return nn.Conv(
+    calls = []
+
+    def recorded(lhs, rhs, *args, **kwargs):
+      out = conv_fn(lhs, rhs, *args, **kwargs)
+      calls.append((lhs, rhs, out, args, kwargs))
+      return out
+
+    y = nn.Conv(
         n_out,
         (kernel_size, kernel_size),
         strides=(strides, strides),
@@ -182,11 +191,47 @@ def conv(
         kernel_init=conv_kernel_init,
         dtype=module.dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=conv_fn,
+        conv_general_dilated=recorded if linear else conv_fn,
         name=name,
     )(x)
+    if not linear:
+      return y
+    fused = impl != "xla" and (impl != "auto" or fastconv.default_conv_impl() != "xla")
+    return y, (pointwise_operands(calls, y) if fused else None)
 
   return apply
+
+
+def pointwise_operands(calls: list, y: jnp.ndarray) -> tuple | None:
+  """`(lhs, rhs)` of the one recorded `conv_general_dilated` call `(lhs, rhs, out, args, kwargs)`
+  in `calls` when `y` is that call's very output and the call is a plain 1x1 convolution
+  (stride 1, no padding, dilation or groups, NHWC/HWIO, float32, no precision or output type
+  asked for), so that `y == lhs @ rhs[0, 0]` per pixel; otherwise None. What a layer
+  interceptor (low-rank factors, a quantizer) did before the last call is in `lhs` and `rhs`;
+  one that changed the output afterwards breaks the identity, and the caller falls back."""
+  if len(calls) != 1:
+    return None
+  lhs, rhs, out, args, kwargs = calls[0]
+  kw = dict(zip(("window_strides", "padding", "lhs_dilation", "rhs_dilation",
+                 "dimension_numbers", "feature_group_count", "batch_group_count", "precision",
+                 "preferred_element_type"), args), **kwargs)
+  if out is not y or lhs.ndim != 4 or rhs.shape[:2] != (1, 1):
+    return None
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    return None
+  if tuple(kw.get("window_strides", (1, 1))) != (1, 1) or isinstance(kw.get("padding"), str):
+    return None
+  if any(v != 0 for p in kw.get("padding", ((0, 0), (0, 0))) for v in p):
+    return None
+  if any(d not in (None, (1, 1), [1, 1]) for d in (kw.get("lhs_dilation"), kw.get("rhs_dilation"))):
+    return None
+  if kw.get("feature_group_count", 1) != 1 or kw.get("batch_group_count", 1) != 1:
+    return None
+  if kw.get("precision") is not None or kw.get("preferred_element_type") is not None:
+    return None
+  if not fastconv._is_nhwc(kw.get("dimension_numbers")):
+    return None
+  return lhs, rhs[0, 0]
 
 
 def channel_sum(t: jnp.ndarray) -> jnp.ndarray:
@@ -247,6 +292,71 @@ def _bn_train_bwd(epsilon, res, cts):
 batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def linear_batch_norm_train(x: jnp.ndarray, w: jnp.ndarray, scale: jnp.ndarray,
+                            bias: jnp.ndarray, epsilon: float
+                            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """`batch_norm_train(x @ w, scale, bias, epsilon)` for `x` (..., Cin) and `w` (Cin, Cout) (a
+  1x1 convolution and its BatchNorm), without storing or re-reading `x @ w`.
+
+  The statistics come from the input's Gram matrix: with `xa = [x, 1]` (M rows),
+  `G = xa^T xa` holds `x^T x`, the column sums of x and M, so `mean = sum(x) w / M` and
+  `E[(x w)^2] = diag(w^T x^T x w) / M`; the output is one product, `xa @ [w a; b - mean a]` with
+  `a = scale / sqrt(var + eps)` (BatchNorm folded into the kernel). The gradient needs `P =
+  xa^T dy` (the kernel gradient's product, with the column sums of dy in its last row):
+  `sum(dy * x w) = colsum(w * P)`, and with the BatchNorm input gradient written per channel as
+  `dy a + (x w) beta + gamma`, `dx = dy (w a)^T + x (w beta w^T) + gamma w^T` and
+  `dw = P a + (x^T x) w beta + sum(x) gamma`. Where Cout is several times Cin (MobileNetV2's
+  expansion) this reads and writes the Cout-wide tensor 2 times a step instead of about 15.
+  Same values as the two-step form within float32 rounding (tests/test_models.py).
+  """
+  return _linear_bn_fwd(x, w, scale, bias, epsilon)[0]
+
+
+def _with_ones(x2: jnp.ndarray) -> jnp.ndarray:
+  return jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
+
+
+def _mm(a, b):
+  return jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+
+
+def _linear_bn_fwd(x, w, scale, bias, epsilon):
+  m = x.size // x.shape[-1]
+  xa = _with_ones(x.reshape(m, x.shape[-1]))
+  g = _mm(xa.T, xa)
+  gram, sx = g[:-1, :-1], g[-1, :-1]
+  mean = _mm(sx, w) / m
+  var = jnp.maximum(jnp.sum(w * _mm(gram, w), axis=0) / m - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + epsilon)
+  a = scale * rstd
+  y = _mm(xa, jnp.concatenate([w * a, (bias - mean * a)[None]], axis=0))
+  return (y.reshape(*x.shape[:-1], w.shape[-1]), mean, var), (xa, gram, sx, w, scale, mean, rstd)
+
+
+def _linear_bn_bwd(epsilon, res, cts):
+  del epsilon
+  xa, gram, sx, w, scale, mean, rstd = res
+  dy, dmean, dvar = cts
+  m = xa.shape[0]
+  dy2 = dy.reshape(m, dy.shape[-1])
+  pa = _mm(xa.T, dy2)
+  p, dbias = pa[:-1], pa[-1]
+  dscale = rstd * (jnp.sum(w * p, axis=0) - mean * dbias)
+  a = scale * rstd
+  # batch_norm_train's input gradient dy a + xhat slope + shift, with xhat = (x w - mean) rstd
+  beta = rstd * (2.0 * dvar / rstd - a * dscale) / m
+  gamma = (dmean - a * dbias) / m - mean * beta
+  dx_w = jnp.concatenate([_mm(w * beta, w.T), _mm(gamma, w.T)[None]], axis=0)
+  dx = _mm(dy2, (w * a).T) + _mm(xa, dx_w)
+  dw = p * a + _mm(gram, w) * beta + sx[:, None] * gamma[None, :]
+  return (dx.reshape(*dy.shape[:-1], w.shape[0]).astype(xa.dtype), dw.astype(w.dtype),
+          dscale.astype(scale.dtype), dbias.astype(scale.dtype))
+
+
+linear_batch_norm_train.defvjp(_linear_bn_fwd, _linear_bn_bwd)
+
+
 class BatchNorm(nn.Module):
   """flax's `nn.BatchNorm` over the last axis (same variables: params `scale`, `bias`;
   batch_stats `mean`, `var`; the same outputs and running-average update), with train mode's
@@ -256,6 +366,11 @@ class BatchNorm(nn.Module):
   initialising, updates `ra = momentum * ra + (1 - momentum) * batch_stat`; eval mode uses the
   running averages. Statistics and normalisation run in float32 at least; the output is in
   `dtype` (default: the promoted dtype of the input and the parameters).
+
+  `linear`: the `(inputs, kernel)` of the 1x1 convolution whose output `x` is (what
+  `conv(...)(inputs, linear=True)` returns beside it). Where that convolution widens the
+  channels, train mode then computes the statistics, the output and the gradient from them
+  (`linear_batch_norm_train`) and `x` itself is left unused (XLA drops it).
   """
   use_running_average: bool = False
   momentum: float = 0.99
@@ -266,7 +381,7 @@ class BatchNorm(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, linear: tuple | None = None) -> jnp.ndarray:
     features = (x.shape[-1],)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
@@ -277,12 +392,25 @@ class BatchNorm(nn.Module):
     xc, scale_c, bias_c = (v.astype(compute) for v in (x, scale, bias))
     if self.use_running_average:
       y = (xc - ra_mean.value) * (scale_c * lax.rsqrt(ra_var.value + self.epsilon)) + bias_c
+    elif self._fuses(x, linear, compute):
+      y, mean, var = linear_batch_norm_train(*linear, scale_c, bias_c, self.epsilon)
     else:
       y, mean, var = batch_norm_train(xc, scale_c, bias_c, self.epsilon)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y.astype(out_dtype)
+
+  def _fuses(self, x, linear, compute) -> bool:
+    """Whether train mode computes `linear_batch_norm_train(*linear)` instead: `linear` is
+    `(inputs, kernel)` of the 1x1 convolution whose output `x` is (`pointwise_operands`), in
+    float32, widening (Cout > Cin: only there is it fewer bytes moved) and not initialising."""
+    if linear is None or self.is_initializing() or compute != jnp.float32:
+      return False
+    inputs, kernel = linear
+    return (x.dtype == jnp.float32 and inputs.dtype == jnp.float32
+            and kernel.shape == (inputs.shape[-1], x.shape[-1])
+            and kernel.shape[1] > kernel.shape[0])
 
 
 def batch_norm(

@@ -75,8 +75,8 @@ class InvertedResidual(nn.Module):
     hidden = int(round(in_features * self.expansion))
     y = x
     if self.expansion != 1:
-      y = conv(self, hidden, 1, name="expand_conv")(y)
-      y = act(batch_norm(self, train, "expand_bn")(y))
+      y, linear = conv(self, hidden, 1, name="expand_conv")(y, linear=True)
+      y = act(batch_norm(self, train, "expand_bn")(y, linear))
     y = conv(self, hidden, 3, self.strides, groups=hidden, name="dw_conv")(y)
     y = act(batch_norm(self, train, "dw_bn")(y))
     y = conv(self, self.features, 1, name="project_conv")(y)
@@ -154,8 +154,9 @@ class MobileNetV2(nn.Module):
         )(x, train)
         nominal_in = out
       features[f"stage{s}"] = x
-    x = conv(self, make_divisible(1280 * max(1.0, self.width)), 1, name="conv_last")(x)
-    x = act(batch_norm(self, train, "bn_last")(x))
+    x, linear = conv(self, make_divisible(1280 * max(1.0, self.width)), 1,
+                     name="conv_last")(x, linear=True)
+    x = act(batch_norm(self, train, "bn_last")(x, linear))
     features["conv_last"] = x
     x = global_avg_pool(x)
     features["pre_logits"] = x

@@ -98,8 +98,8 @@ class Bottleneck(nn.Module):
     y = nn.relu(batch_norm(self, train, "bn1")(y))
     y = conv(self, self.features, 3, s3, name="conv2")(y)
     y = nn.relu(batch_norm(self, train, "bn2")(y))
-    y = conv(self, out_features, 1, name="conv3")(y)
-    y = batch_norm(self, train, "bn3", zero_init=self.zero_init_residual)(y)
+    y, linear = conv(self, out_features, 1, name="conv3")(y, linear=True)
+    y = batch_norm(self, train, "bn3", zero_init=self.zero_init_residual)(y, linear)
     shortcut = x
     if (self.strides != 1 or x.shape[-1] != y.shape[-1]
         or has_channel_override(self, "shortcut_conv")):

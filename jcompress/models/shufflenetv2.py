@@ -155,8 +155,8 @@ class ShuffleNetV2(nn.Module):
             name=f"stage{s}_block{b}",
         )(x, train)
       features[f"stage{s}"] = x
-    x = conv(self, last_channels, 1, name="conv_last")(x)
-    x = nn.relu(batch_norm(self, train, "bn_last")(x))
+    x, linear = conv(self, last_channels, 1, name="conv_last")(x, linear=True)
+    x = nn.relu(batch_norm(self, train, "bn_last")(x, linear))
     features["conv_last"] = x
     x = global_avg_pool(x)
     features["pre_logits"] = x
