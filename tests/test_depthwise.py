@@ -167,8 +167,9 @@ def test_lightweight_model_gradients_as_exact_as_xla(name, width):
   """Every parameter gradient of MobileNetV2 / ShuffleNetV2 (train mode, batch 2) with the CPU
   depthwise convolutions and the fused widening-1x1-conv BatchNorms
   (`common.linear_batch_norm_train`; ResNet-50's bottlenecks have these only), against the
-  float64 gradient (XLA's, in a float64 process), is as exact as XLA's own float32 gradient. A float32-to-float32 comparison cannot say this: with
-  BatchNorm over 2 images the model amplifies rounding to 1e-2 of the largest gradient."""
+  float64 gradient (XLA's, in a float64 process), is as exact as XLA's own float32 gradient.
+  A float32-to-float32 comparison cannot say this: with BatchNorm over 2 images the model
+  amplifies rounding to 1e-2 of the largest gradient."""
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415

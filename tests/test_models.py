@@ -569,6 +569,7 @@ def test_pointwise_operands_only_for_a_plain_1x1_convolution():
   """`pointwise_operands` gives (input, kernel) only for the recorded call whose output is the
   very array given, and only for a 1x1 stride-1 unpadded ungrouped float32 convolution."""
   from jax import lax  # noqa: PLC0415
+
   from jcompress.models.common import pointwise_operands  # noqa: PLC0415
   x = jnp.ones((2, 4, 4, 8))
   dn = ("NHWC", "HWIO", "NHWC")
