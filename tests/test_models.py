@@ -540,25 +540,32 @@ def test_linear_batchnorm_equals_conv_then_batchnorm():
     ("resnet20", {}, 0)])                         # no widening 1x1 conv
 def test_widening_1x1_conv_batchnorms_are_fused_in_train_mode(monkeypatch, name, kwargs, fused):
   """Train mode on the CPU conv_impls computes the BatchNorm after every widening 1x1
-  convolution with `linear_batch_norm_train` (logits as the unfused model's); eval mode,
-  conv_impl "xla" and a bfloat16 model never do."""
+  convolution with `linear_batch_norm_train` (logits and updated running statistics as the
+  unfused model's); eval mode, conv_impl "xla" and a bfloat16 model never do."""
   from jcompress.models import common  # noqa: PLC0415
   calls = []
   real = common.linear_batch_norm_train
   monkeypatch.setattr(common, "linear_batch_norm_train",
                       lambda *a: calls.append(a[1].shape) or real(*a))
   x = jax.random.normal(KEY, (8, 32, 32, 3))
-  logits = {}
+  logits, stats = {}, {}
   for impl, dtype, train in (("staged", jnp.float32, True), ("xla", jnp.float32, True),
                              ("staged", jnp.float32, False), ("staged", jnp.bfloat16, True)):
     calls.clear()
     model = get_model(name, 10, conv_impl=impl, dtype=dtype, **kwargs)
     v = model.init(KEY, x[:1])
-    logits[(impl, train, jnp.dtype(dtype).name)] = model.apply(
-        v, x, train=train, mutable=["batch_stats"])[0][0]
+    (out, _), upd = model.apply(v, x, train=train, mutable=["batch_stats"])
+    logits[(impl, train, jnp.dtype(dtype).name)] = out
+    if train and dtype == jnp.float32:
+      stats[impl] = upd["batch_stats"]
     expected = fused if (impl, dtype, train) == ("staged", jnp.float32, True) else 0
     assert len(calls) == expected, (impl, dtype, train, calls)
     assert all(cin < cout for cin, cout in calls)
+  # every running mean and variance moved from its initial value as the unfused model's did
+  # (means of zero-mean inputs are float32 noise, ~1e-8: hence the absolute tolerance)
+  for (path, ours), ref in zip(jax.tree_util.tree_leaves_with_path(stats["staged"]),
+                               jax.tree.leaves(stats["xla"])):
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   if name != "resnet50":   # its 1x1 last stage normalises over 8 values: rounding grows there
     # (its gradients are as exact as XLA's own: tests/test_depthwise.py, float64 reference)
     np.testing.assert_allclose(logits[("staged", True, "float32")],

@@ -392,10 +392,11 @@ class BatchNorm(nn.Module):
     xc, scale_c, bias_c = (v.astype(compute) for v in (x, scale, bias))
     if self.use_running_average:
       y = (xc - ra_mean.value) * (scale_c * lax.rsqrt(ra_var.value + self.epsilon)) + bias_c
-    elif self._fuses(x, linear, compute):
-      y, mean, var = linear_batch_norm_train(*linear, scale_c, bias_c, self.epsilon)
     else:
-      y, mean, var = batch_norm_train(xc, scale_c, bias_c, self.epsilon)
+      if self._fuses(x, linear, compute):
+        y, mean, var = linear_batch_norm_train(*linear, scale_c, bias_c, self.epsilon)
+      else:
+        y, mean, var = batch_norm_train(xc, scale_c, bias_c, self.epsilon)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
