@@ -5,7 +5,9 @@ r"""Float baseline: a CIFAR ResNet trained from scratch with the standard recipe
 
 CIFAR-10 (default): ResNet-20, SGD momentum 0.9 with nesterov, lr 0.1 cosine, weight decay 5e-4 on
 kernels, batch 128, 64k steps (~164 epochs), pad-4 random crop and flip (He et al. 2016).
-`model=resnet18_cifar` gives ResNet-18 with a CIFAR stem.
+`model=resnet18_cifar` gives ResNet-18 with a CIFAR stem; `model=mobilenetv2_cifar,activation=relu`
+a MobileNetV2 with ReLU in place of ReLU6 (the float model that cross-layer equalization needs,
+experiments/quant_resnet.py's `equalize`).
 
 `data=digits`: the offline digits (1,293 train / 144 validation / 360 test, resized to 32x32x3)
 with the same model and recipe, shortened to 500 steps (batch 64, lr 0.05): a few minutes on a
@@ -18,11 +20,13 @@ from jcompress import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", runlocal=False)
+  arg = config_lib.parse_arg(arg, data="cifar10", model="resnet20", activation="", runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   c.model = arg.model
   c.optimizer.nesterov = True
+  if arg.activation:   # MobileNetV2's relu6 | relu (`model_kwargs.activation`)
+    c.model_kwargs.activation = arg.activation
   if arg.data in config_lib.OFFLINE_DATASETS:
     c.image_size = config_lib.offline_image_size(arg.data)
     c.batch_size = 64

@@ -115,3 +115,17 @@ def test_workdirs_made_before_mixup_resume_as_runs_without_it(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert checkpoint.load_workdir_config(str(tmp_path)).mixup == 0.0
   assert checkpoint.check_workdir_config(config_lib.base_config(), str(tmp_path))
+
+
+def test_baseline_activation_arg_reaches_the_model():
+  """`baseline_resnet.py:model=mobilenetv2_cifar,activation=relu` trains the ReLU MobileNetV2
+  that cross-layer equalization needs; without the arg the model keeps its own activation."""
+  import importlib  # noqa: PLC0415
+
+  from jcompress import models  # noqa: PLC0415
+  module = importlib.import_module("experiments.baseline_resnet")
+  c = module.get_config("data=digits,model=mobilenetv2_cifar,activation=relu")
+  config_lib.validate(c)
+  model = models.get_model(c.model, 10, **c.model_kwargs)
+  assert model.activation == "relu"
+  assert "activation" not in module.get_config("data=digits").model_kwargs
