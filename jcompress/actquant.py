@@ -37,9 +37,17 @@ land beside the conv, e.g. `stage1_block0/conv1_act/alpha`. With `n = 2^k - 1` f
 
 * "none": the identity.
 
-Spec keys: `kind`, `bits` (1..8), `init`, `signed` (LSQ), `calibrate` (PACT: also set alpha
-from data, the MSE-optimal clip of the k-bit grid; LSQ always calibrates). Errors name the
-config key `model_kwargs.act_quant.<key>`.
+Signed inputs (`signed`): a MobileNetV2's expand convolutions and `conv_last` read the linear
+bottleneck (no ReLU before them), whose values are negative as often as positive; an unsigned
+grid would clip them all to 0. There the quantizers are signed and symmetric, with `n = 2^(k-1)
+- 1` levels each side: PACT `round(clip(x, -alpha, alpha) n / alpha) alpha / n` (dy/dalpha:
++1 above alpha, -1 below -alpha), DoReFa `round(clip(x, -1, 1) n) / n`, LSQ codes in
+`[-2^(k-1), 2^(k-1) - 1]`. The models ask for it per convolution (`models.common.conv`'s
+`signed_input`); `signed` in the spec makes every quantizer signed.
+
+Spec keys: `kind`, `bits` (1..8; 2..8 when signed), `init`, `signed`, `calibrate` (PACT: also
+set alpha from data, the MSE-optimal clip of the k-bit grid; LSQ always calibrates). Errors
+name the config key `model_kwargs.act_quant.<key>`.
 """
 
 from __future__ import annotations
@@ -68,46 +76,58 @@ _TINY = 1e-8    # alpha and step are kept >= this in the forward pass
 # ----------------------------------------------------------------------------- pure functions
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def dorefa_quantize(x: jax.Array, bits: int) -> jax.Array:
-  """DoReFa-Net's k-bit activation: round(clip(x, 0, 1) * n) / n, n = 2^bits - 1 (STE)."""
-  n = float(2 ** bits - 1)
-  return (jnp.round(jnp.clip(x, 0, 1) * n) / n).astype(x.dtype)
+def levels(bits: int, signed: bool = False) -> float:
+  """Levels above zero of a k-bit PACT / DoReFa grid: 2^k - 1, or 2^(k-1) - 1 when signed."""
+  return float(2 ** (bits - 1) - 1 if signed else 2 ** bits - 1)
 
 
-def _dorefa_fwd(x, bits):
-  return dorefa_quantize(x, bits), x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def dorefa_quantize(x: jax.Array, bits: int, signed: bool = False) -> jax.Array:
+  """DoReFa-Net's k-bit activation: round(clip(x, 0, 1) * n) / n, n = 2^bits - 1 (STE);
+  signed: round(clip(x, -1, 1) * n) / n, n = 2^(bits-1) - 1."""
+  n = levels(bits, signed)
+  return (jnp.round(jnp.clip(x, -1.0 if signed else 0.0, 1) * n) / n).astype(x.dtype)
 
 
-def _dorefa_bwd(bits, x, g):
+def _dorefa_fwd(x, bits, signed):
+  return dorefa_quantize(x, bits, signed), x
+
+
+def _dorefa_bwd(bits, signed, x, g):
   del bits
-  return (jnp.where((x >= 0) & (x <= 1), g, jnp.zeros_like(g)),)
+  return (jnp.where((x >= (-1 if signed else 0)) & (x <= 1), g, jnp.zeros_like(g)),)
 
 
 dorefa_quantize.defvjp(_dorefa_fwd, _dorefa_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def pact_quantize(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """PACT: round(clip(x, 0, alpha) * n / alpha) * alpha / n, n = 2^bits - 1.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pact_quantize(x: jax.Array, alpha: jax.Array, bits: int, signed: bool = False) -> jax.Array:
+  """PACT: round(clip(x, 0, alpha) * n / alpha) * alpha / n, n = 2^bits - 1; signed:
+  clip(x, -alpha, alpha), n = 2^(bits-1) - 1.
 
-  Gradients: dy/dx = 1{0 <= x < alpha}; dL/dalpha = sum of dL/dy where x >= alpha.
+  Gradients: dy/dx = 1{0 <= x < alpha} (signed: -alpha < x < alpha); dL/dalpha = sum of dL/dy
+  where x >= alpha (signed: minus the sum where x <= -alpha).
   """
-  n = float(2 ** bits - 1)
-  scale = alpha / n
-  return (jnp.round(jnp.clip(x, 0, alpha) / scale) * scale).astype(x.dtype)
+  scale = alpha / levels(bits, signed)
+  lo = -alpha if signed else 0
+  return (jnp.round(jnp.clip(x, lo, alpha) / scale) * scale).astype(x.dtype)
 
 
-def _pact_fwd(x, alpha, bits):
-  return pact_quantize(x, alpha, bits), (x, alpha)
+def _pact_fwd(x, alpha, bits, signed):
+  return pact_quantize(x, alpha, bits, signed), (x, alpha)
 
 
-def _pact_bwd(bits, res, g):
+def _pact_bwd(bits, signed, res, g):
   del bits
   x, alpha = res
   zero = jnp.zeros_like(g)
-  dx = jnp.where((x >= 0) & (x < alpha), g, zero)
-  dalpha = jnp.sum(jnp.where(x >= alpha, g, zero), dtype=jnp.float32).astype(alpha.dtype)
+  lo_inside = (x > -alpha) if signed else (x >= 0)
+  dx = jnp.where(lo_inside & (x < alpha), g, zero)
+  up = jnp.where(x >= alpha, g, zero)
+  if signed:
+    up = up - jnp.where(x <= -alpha, g, zero)
+  dalpha = jnp.sum(up, dtype=jnp.float32).astype(alpha.dtype)
   return dx, jnp.reshape(dalpha, jnp.shape(alpha))
 
 
@@ -156,17 +176,23 @@ def lsq_init_step(x: jax.Array, bits: int, signed: bool = False) -> jax.Array:
   return 2.0 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(q_p)
 
 
-def pact_init_alpha(x: jax.Array, bits: int, num_candidates: int = 100) -> jax.Array:
+def pact_init_alpha(x: jax.Array, bits: int, num_candidates: int = 100,
+                    signed: bool = False) -> jax.Array:
   """The clip level alpha in {max(x) r : r = 1/K, ..., 1} minimising the MSE of the k-bit PACT
-  quantizer on the values `x` (the first minimum on ties)."""
-  x = jnp.maximum(x.astype(jnp.float32).reshape(-1), 0.0)
-  m = jnp.maximum(jnp.max(x), _TINY)
+  quantizer on the values `x` (the first minimum on ties); signed: of the symmetric quantizer,
+  over max |x|."""
+  x = x.astype(jnp.float32).reshape(-1)
+  lo_clip = -jnp.inf if signed else 0.0
+  if not signed:
+    x = jnp.maximum(x, 0.0)
+  m = jnp.maximum(jnp.max(jnp.abs(x)), _TINY)
   ratios = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
-  n = float(2 ** bits - 1)
+  n = levels(bits, signed)
 
   def err(r):
     scale = r * m / n
-    return jnp.mean(jnp.square(jnp.round(jnp.minimum(x, r * m) / scale) * scale - x))
+    q = jnp.clip(x, jnp.maximum(lo_clip, -r * m), r * m)
+    return jnp.mean(jnp.square(jnp.round(q / scale) * scale - x))
 
   errs = jax.lax.map(err, ratios)
   return ratios[jnp.argmin(errs)] * m
@@ -176,24 +202,28 @@ def pact_init_alpha(x: jax.Array, bits: int, num_candidates: int = 100) -> jax.A
 
 
 class DoReFa(nn.Module):
-  """DoReFa-Net k-bit activations: round(clip(x, 0, 1) * n) / n, straight-through."""
+  """DoReFa-Net k-bit activations: round(clip(x, 0, 1) * n) / n, straight-through (signed:
+  on [-1, 1])."""
   bits: int = 4
+  signed: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return dorefa_quantize(x, self.bits)
+    return dorefa_quantize(x, self.bits, self.signed)
 
 
 class PACT(nn.Module):
-  """PACT: a learnable clip level `alpha` and k-bit uniform levels on [0, alpha]."""
+  """PACT: a learnable clip level `alpha` and k-bit uniform levels on [0, alpha] (signed:
+  symmetric on [-alpha, alpha])."""
   bits: int = 4
   init_value: float = 6.0
+  signed: bool = False
 
   @nn.compact
   def __call__(self, x):
     alpha = self.param("alpha", nn.initializers.constant(self.init_value), (), jnp.float32)
     alpha = jnp.maximum(alpha, _TINY).astype(x.dtype)
-    return pact_quantize(x, alpha, self.bits)
+    return pact_quantize(x, alpha, self.bits, self.signed)
 
 
 class LSQ(nn.Module):
@@ -247,8 +277,9 @@ def check_spec(spec: Any) -> dict:
   if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float))
                            or not init > 0):
     raise ConfigError(f"config key '{_KEY}.init': must be a number > 0, got {init!r}")
-  if "signed" in spec and kind != "lsq":
-    raise ConfigError(f"config key '{_KEY}.signed': only the 'lsq' quantizer has signed codes")
+  if spec.get("signed", False) and bits < 2:
+    raise ConfigError(f"config key '{_KEY}.bits': a signed activation quantizer needs at least "
+                      f"2 bits, got {bits!r}")
   return spec
 
 
@@ -268,13 +299,14 @@ def make_quantizer(spec: Any, name: str | None = None) -> Callable[[jax.Array], 
   if kind == "none":
     return _identity
   bits = int(spec["bits"])
+  signed = bool(spec.get("signed", False))
   if kind == "dorefa":
-    return DoReFa(bits=bits, name=name)
+    return DoReFa(bits=bits, signed=signed, name=name)
   if kind == "pact":
-    return PACT(bits=bits, init_value=float(spec.get("init", 6.0)), name=name)
+    return PACT(bits=bits, init_value=float(spec.get("init", 6.0)), signed=signed, name=name)
   init = spec.get("init")
-  return LSQ(bits=bits, init_value=None if init is None else float(init),
-             signed=bool(spec.get("signed", False)), name=name)
+  return LSQ(bits=bits, init_value=None if init is None else float(init), signed=signed,
+             name=name)
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -348,7 +380,7 @@ def calibrate(model: nn.Module, params: PyTree, batch_stats: PyTree,
     if isinstance(module, LSQ):
       return lsq_init_step(x, module.bits, module.signed)
     if isinstance(module, PACT):
-      return pact_init_alpha(x, module.bits)
+      return pact_init_alpha(x, module.bits, signed=module.signed)
     return jnp.zeros((), jnp.float32)
 
   @jax.jit

@@ -56,11 +56,14 @@ _QUANTIZERS = (actquant.PACT, actquant.LSQ, actquant.DoReFa)
 
 
 def act_code_range(spec: dict) -> tuple[int, int]:
-  """[lowest, highest] activation code of an `act_quant` spec."""
-  bits = int(spec["bits"])
+  """[lowest, highest] activation code of an `act_quant` spec (a layer whose model asks for a
+  signed quantizer, `models.common.conv(signed_input=True)`, has the signed range: the
+  integer route takes each layer's from its quantizer module)."""
+  bits, signed = int(spec["bits"]), bool(spec.get("signed", False))
   if spec["kind"] == "lsq":
-    return actquant.lsq_code_range(bits, bool(spec.get("signed", False)))
-  return 0, 2 ** bits - 1
+    return actquant.lsq_code_range(bits, signed)
+  n = int(actquant.levels(bits, signed))
+  return (-n if signed else 0), n
 
 
 def to_int8(codes: jax.Array, code_range: tuple[int, int]) -> tuple[jax.Array, int]:
@@ -232,21 +235,22 @@ def integer_layers(manifest: dict,
 
 
 def _act_codes(module: nn.Module, x: jax.Array, params: dict, path: str):
-  """(codes int32, step, float output equal to the quantizer module's) of `x`."""
-  bits = module.bits
-  if isinstance(module, actquant.DoReFa):
-    n = float(2 ** bits - 1)
-    codes = jnp.round(jnp.clip(x, 0, 1) * n)
-    return codes.astype(jnp.int32), jnp.float32(1.0 / n), (codes / n).astype(x.dtype)
-  if isinstance(module, actquant.PACT):
-    alpha = jnp.maximum(params[f"{path}/alpha"], actquant._TINY).astype(x.dtype)
-    scale = alpha / float(2 ** bits - 1)
-    codes = jnp.round(jnp.clip(x, 0, alpha) / scale)
-    return codes.astype(jnp.int32), scale.astype(jnp.float32), (codes * scale).astype(x.dtype)
+  """(codes int32, step, float output equal to the quantizer module's, (lowest, highest)
+  code) of `x`."""
+  bits, signed = module.bits, module.signed
+  if isinstance(module, (actquant.DoReFa, actquant.PACT)):
+    n = actquant.levels(bits, signed)
+    top = 1.0 if isinstance(module, actquant.DoReFa) else jnp.maximum(
+        params[f"{path}/alpha"], actquant._TINY).astype(x.dtype)
+    scale = top / n
+    codes = jnp.round(jnp.clip(x, -top if signed else 0, top) / scale)
+    return (codes.astype(jnp.int32), jnp.asarray(scale, jnp.float32),
+            (codes * scale).astype(x.dtype), (-int(n) if signed else 0, int(n)))
   step = jnp.maximum(params[f"{path}/step"], actquant._TINY).astype(x.dtype)
-  q_n, q_p = actquant.lsq_code_range(bits, module.signed)
+  q_n, q_p = actquant.lsq_code_range(bits, signed)
   codes = jnp.round(jnp.clip(x / step, q_n, q_p))
-  return codes.astype(jnp.int32), step.astype(jnp.float32), (codes * step).astype(x.dtype)
+  return (codes.astype(jnp.int32), step.astype(jnp.float32), (codes * step).astype(x.dtype),
+          (q_n, q_p))
 
 
 @contextlib.contextmanager
@@ -265,13 +269,12 @@ def intercept(layers: dict[str, dict], params: dict, weight: Callable[[str], tup
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
     if path in acts and isinstance(module, _QUANTIZERS):
-      codes, step, y = _act_codes(module, args[0], params, path)
-      seen[acts[path]] = (y, codes, step)
+      codes, step, y, code_range = _act_codes(module, args[0], params, path)
+      seen[acts[path]] = (y, codes, step, code_range)
       return y
     if path in layers and path in seen and seen[path][0] is args[0]:
-      _, codes, step = seen.pop(path)
-      info = layers[path]
-      xq, shift = to_int8(codes, info["code_range"])
+      _, codes, step, code_range = seen.pop(path)
+      xq, shift = to_int8(codes, code_range)
       wq, scale = weight(path)
       plain = set(_pair(module.kernel_dilation)) | set(_pair(module.input_dilation)) == {1} \
           if isinstance(module, nn.Conv) else False

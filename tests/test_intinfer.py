@@ -221,3 +221,16 @@ def test_int_conv_exports_with_a_symbolic_batch():
   exported = jax_export.export(f)(jax.ShapeDtypeStruct((b, 8, 8, 4), jnp.int8))
   x = jnp.asarray(np.random.RandomState(3).randint(-128, 128, (5, 8, 8, 4)), jnp.int8)
   np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(f(x)))
+
+
+def test_signed_activation_codes_run_on_integers(data_dir):
+  """MobileNetV2's expand convolutions read signed activation codes (`conv(signed_input=True)`:
+  the linear bottleneck): the integer route takes each layer's code range from its quantizer,
+  int8 without an offset there, and predicts as the fake-quant model."""
+  c = _config(data_dir)
+  c.model, c.width = "mobilenetv2_cifar", 0.35
+  manifest, arrays, images, reference = _artifact(c)
+  fn = export.inference_fn((manifest, arrays), integer=True, min_depth=0)
+  assert any(layer.endswith("expand_conv") for layer in fn.apply.integer_layers)
+  got = np.asarray(fn(images))
+  np.testing.assert_allclose(got, reference, rtol=0, atol=1e-3 * np.abs(reference).max())

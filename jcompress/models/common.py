@@ -133,6 +133,7 @@ def conv(
     groups: int = 1,
     name: str | None = None,
     narrow: tuple[str, int, bool] | None = None,
+    signed_input: bool = False,
 ) -> Callable:
   """A bias-free square convolution with PyTorch padding and He fan_out init.
 
@@ -141,7 +142,8 @@ def conv(
   `narrow = (compute, levels, zeros)` with `compute` "bf16", "int8" or "xnor" runs the forward
   in that form (`fastconv.narrow_conv_general_dilated`: exact only for inputs on the grid
   k / levels, holding 0 only if `zeros`, and +-1 kernels, which the caller guarantees); "f32",
-  "auto" or None: the ordinary convolution.
+  "auto" or None: the ordinary convolution. `signed_input`: the input can be negative (no ReLU
+  before it, as MobileNetV2's linear bottleneck): its activation quantizer, if any, is signed.
   Returns a function of the input; the root model's `channels`, `act_quant` and `padding`
   fields act here (see the module docstring).
   """
@@ -164,7 +166,8 @@ def conv(
   quantizer = None
   if spec is not None and name != "stem_conv" and dict(spec).get("kind", "none") != "none":
     from jcompress import actquant  # noqa: PLC0415  (only QAT runs need it)
-    quantizer = actquant.make_quantizer(dict(spec), name=f"{name}_act" if name else None)
+    spec = dict(spec, signed=True) if signed_input else dict(spec)
+    quantizer = actquant.make_quantizer(spec, name=f"{name}_act" if name else None)
 
   def apply(x, linear: bool = False):
     """The convolution of `x`; with `linear=True`, `(y, operands)` where `operands` is

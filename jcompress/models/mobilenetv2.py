@@ -75,7 +75,8 @@ class InvertedResidual(nn.Module):
     hidden = int(round(in_features * self.expansion))
     y = x
     if self.expansion != 1:
-      y, linear = conv(self, hidden, 1, name="expand_conv")(y, linear=True)
+      # its input is the linear bottleneck (no activation): signed activation quantizer
+      y, linear = conv(self, hidden, 1, name="expand_conv", signed_input=True)(y, linear=True)
       y = act(batch_norm(self, train, "expand_bn")(y, linear))
     y = conv(self, hidden, 3, self.strides, groups=hidden, name="dw_conv")(y)
     y = act(batch_norm(self, train, "dw_bn")(y))
@@ -154,8 +155,8 @@ class MobileNetV2(nn.Module):
         )(x, train)
         nominal_in = out
       features[f"stage{s}"] = x
-    x, linear = conv(self, make_divisible(1280 * max(1.0, self.width)), 1,
-                     name="conv_last")(x, linear=True)
+    x, linear = conv(self, make_divisible(1280 * max(1.0, self.width)), 1, name="conv_last",
+                     signed_input=True)(x, linear=True)
     x = act(batch_norm(self, train, "bn_last")(x, linear))
     features["conv_last"] = x
     x = global_avg_pool(x)
