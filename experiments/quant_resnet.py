@@ -43,7 +43,10 @@ weights before quantizing, `jcompress.equalize`, for per_channel=false), activat
 relu: MobileNetV2's activation, `model_kwargs.activation`; equalization needs relu; empty: the
 model's own), runlocal.
 
-  # DFQ on a digits MobileNetV2: per-tensor 8-bit PTQ with equalization and bias correction
+  # DFQ on a digits MobileNetV2: the float ReLU model, then per-tensor 8-bit PTQ with
+  # equalization and bias correction
+  python launch.py --workdir=runs/mnv2 \
+    --config=experiments/baseline_resnet.py:data=digits,model=mobilenetv2_cifar,activation=relu
   python launch.py --workdir=runs/dfq8 --config=experiments/quant_resnet.py:data=digits,\
     model=mobilenetv2_cifar,mode=ptq,bits=8,per_channel=false,activation=relu,equalize=true,\
     bias_correction=true,init_from=runs/mnv2
