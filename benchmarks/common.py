@@ -119,9 +119,9 @@ def matmul_rates(n: int, repeats: int = 5) -> dict:
 
 def utilisation(flops: float | None, calls_per_second: float, matmul: dict) -> dict:
   """FLOP utilisation of a computation of `flops` model FLOPs per call (a train step: 6 x MACs
-  x batch; inference: 2 x MACs per image) run `calls_per_second` times a second: achieved GFLOP/s and its share of
-  the machine's measured float32 and bfloat16 matmul rates (`matmul_rates`, GFLOP/s: the peak
-  proxy); {} without a FLOP count."""
+  x batch; inference: 2 x MACs per image) run `calls_per_second` times a second: achieved
+  GFLOP/s and its share of the machine's measured float32 and bfloat16 matmul rates
+  (`matmul_rates`, GFLOP/s: the peak proxy); {} without a FLOP count."""
   if not flops:
     return {}
   achieved = flops * calls_per_second / 1e9

@@ -22,9 +22,11 @@ image with its neighbour) and the teacher labels the mixed images, Beyer et al.'
 matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
 test split, 3 seeds: the quality table (docs/results/digits.md, one thread per run) reads hard
 labels 95.74 +- 0.16%, KD 99.26 +- 0.16%; launch.py runs on two threads 97.04 +- 0.32 and
-99.07 +- 0.16, and with the fused expand-conv BatchNorm (commit 60790f7 on) 96.39 +- 0.73 and
-99.26 +- 0.32; a KD run alone on the 2-core CPU takes 366 s from start to exit. Over 300 steps without mixup KD stayed at 98.33%, with mixup too, so the teacher
-needs both the mixed images and the longer schedule ("patient and consistent").
+99.07 +- 0.16, and with the expand convolutions' BatchNorm computed from their inputs
+(`models.common.linear_batch_norm_train`) 96.39 +- 0.73 and 99.26 +- 0.32; a KD run alone on
+the 2-core CPU takes 366 s from start to exit. Over 300 steps without mixup KD stayed at
+98.33%, with mixup too, so the teacher needs both the mixed images and the longer schedule
+("patient and consistent").
 docs/results.md ("Distillation") has the commands and every seed.
 
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,

@@ -182,7 +182,6 @@ def pact_init_alpha(x: jax.Array, bits: int, num_candidates: int = 100,
   quantizer on the values `x` (the first minimum on ties); signed: of the symmetric quantizer,
   over max |x|."""
   x = x.astype(jnp.float32).reshape(-1)
-  lo_clip = -jnp.inf if signed else 0.0
   if not signed:
     x = jnp.maximum(x, 0.0)
   m = jnp.maximum(jnp.max(jnp.abs(x)), _TINY)
@@ -191,7 +190,7 @@ def pact_init_alpha(x: jax.Array, bits: int, num_candidates: int = 100,
 
   def err(r):
     scale = r * m / n
-    q = jnp.clip(x, jnp.maximum(lo_clip, -r * m), r * m)
+    q = jnp.clip(x, -r * m if signed else 0.0, r * m)
     return jnp.mean(jnp.square(jnp.round(q / scale) * scale - x))
 
   errs = jax.lax.map(err, ratios)

@@ -55,17 +55,6 @@ _QUANTIZERS = (actquant.PACT, actquant.LSQ, actquant.DoReFa)
 # ----------------------------------------------------------------------------- pure functions
 
 
-def act_code_range(spec: dict) -> tuple[int, int]:
-  """[lowest, highest] activation code of an `act_quant` spec (a layer whose model asks for a
-  signed quantizer, `models.common.conv(signed_input=True)`, has the signed range: the
-  integer route takes each layer's from its quantizer module)."""
-  bits, signed = int(spec["bits"]), bool(spec.get("signed", False))
-  if spec["kind"] == "lsq":
-    return actquant.lsq_code_range(bits, signed)
-  n = int(actquant.levels(bits, signed))
-  return (-n if signed else 0), n
-
-
 def to_int8(codes: jax.Array, code_range: tuple[int, int]) -> tuple[jax.Array, int]:
   """Activation codes as int8 and the offset `z` subtracted to fit (`codes - z`): 128 for
   unsigned 8-bit codes, else 0."""
@@ -190,10 +179,11 @@ def integer_layers(manifest: dict,
                    min_depth: int | None = None) -> tuple[dict[str, dict], dict[str, str]]:
   """({layer: info}, {layer: why not}) over the artifact's conv / Dense kernels.
 
-  `info`: `act` (the input quantizer's path), `bits` (weight bits), `per_channel`,
-  `code_range` (the activation codes'). A kernel is listed in the second dict, with the
-  reason, when it is stored quantized but cannot (or, below `min_depth`, default
-  `MIN_DEPTH`, should not) run on integers."""
+  `info`: `act` (the input quantizer's path), `bits` (weight bits), `per_channel`, `kind`
+  (the activation quantizer's; each layer's code range comes from its quantizer module when it
+  runs: signed where the model asks, `models.common.conv(signed_input=True)`). A kernel is
+  listed in the second dict, with the reason, when it is stored quantized but cannot (or,
+  below `min_depth`, default `MIN_DEPTH`, should not) run on integers."""
   min_depth = MIN_DEPTH if min_depth is None else min_depth
   spec = (manifest["model"].get("kwargs") or {}).get("act_quant")
   kind = dict(spec).get("kind", "none") if spec else "none"
@@ -230,7 +220,7 @@ def integer_layers(manifest: dict,
       why[layer] = "no input quantizer beside it (the stem's input, or not a conv input)"
       continue
     ok[layer] = {"act": act, "bits": int(e["bits"]), "per_channel": bool(e["per_channel"]),
-                 "code_range": act_code_range(dict(spec)), "kind": kind}
+                 "kind": kind}
   return ok, why
 
 

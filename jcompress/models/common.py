@@ -159,6 +159,8 @@ def conv(
   impl = root_field(module, "conv_impl", DEFAULT_CONV_IMPL)
   if impl not in CONV_IMPLS:
     raise ConfigError(f"model field `conv_impl` must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = fastconv.default_conv_impl()
   conv_fn = fastconv.conv_function(impl)
   if narrow is not None and narrow[0] not in (None, "f32", "auto"):
     conv_fn = fastconv.narrow_conv_general_dilated(narrow[0], narrow[1], base=conv_fn,
@@ -199,8 +201,7 @@ def conv(
     )(x)
     if not linear:
       return y
-    fused = impl != "xla" and (impl != "auto" or fastconv.default_conv_impl() != "xla")
-    return y, (pointwise_operands(calls, y) if fused else None)
+    return y, (pointwise_operands(calls, y) if impl != "xla" else None)
 
   return apply
 
