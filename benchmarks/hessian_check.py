@@ -19,7 +19,10 @@ there, one is trained first through the codebase's trainer (`train.train_and_eva
    drops (target >= 0.7) and with the loss increases; and of Omega with the increase of the
    loss whose Hessian it is (the --images training images), which Omega estimates to second
    order (a check of the estimate rather than of its use).
-5. For comparison, the exact second-order term 1/2 dW_l^T H_ll dW_l at the first width
+5. The exact per-layer Gauss-Newton traces Tr(G_ll) (`hessian.gauss_newton_traces`: per-example
+   gradients, no probe noise; G = H where the model fits its data), timed, and HAWQ-V2's Omega
+   with them (the sensitivity `hawq_gn`): the same correlations.
+6. For comparison, the exact second-order term 1/2 dW_l^T H_ll dW_l at the first width
    (`hessian.quadratic_sensitivity`, one HVP per layer; --no_quadratic skips it) and its
    correlations.
 
@@ -126,6 +129,14 @@ def main(argv=None) -> dict:
                                  max_probes=args.max_probes, seed=args.seed)
   trace_seconds = time.perf_counter() - t0
   omega = hessian.quant_sensitivity(ht, params, bits_list)
+
+  def apply_fn(p, x):
+    return model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)[0]
+
+  t0 = time.perf_counter()
+  gn = hessian.gauss_newton_traces(apply_fn, params, images)
+  gn_seconds = time.perf_counter() - t0
+  omega_gn = hessian.quant_sensitivity(gn, params, bits_list)
   quad, quad_seconds = {}, 0.0
   if not args.no_quadratic:
     t0 = time.perf_counter()
@@ -161,13 +172,14 @@ def main(argv=None) -> dict:
   t1 = time.perf_counter()
   for path in paths:
     row = {"layer": path, "params": ht.sizes[path], "trace": ht.traces[path],
-           "trace_stderr": ht.stderr[path]}
+           "trace_stderr": ht.stderr[path], "gn_trace": gn.traces[path]}
     for b in bits_list:
       wq = hessian.ptq_weight(flat[path], b, name=path)
       trial = transforms.map_with_path(
           lambda name, w, path=path, wq=wq: wq if name == path else w, params)
       acc, loss, _ = evaluate(trial)
       row[f"omega{b}"] = omega[path][b]
+      row[f"omega_gn{b}"] = omega_gn[path][b]
       if b in quad.get(path, {}):
         row[f"quadratic{b}"] = quad[path][b]
       row[f"accuracy{b}"] = acc
@@ -185,7 +197,7 @@ def main(argv=None) -> dict:
       "min_probes": args.min_probes, "max_probes": args.max_probes, "seed": args.seed,
       "layers": len(rows), "probes": ht.probes, "converged": ht.converged,
       "trace_seconds": trace_seconds, "drops_seconds": drops_seconds,
-      "quadratic_seconds": quad_seconds,
+      "quadratic_seconds": quad_seconds, "gn_trace_seconds": gn_seconds,
       "max_rel_stderr": max(ht.stderr[q] / abs(ht.traces[q]) for q in paths),
       "val_examples": n_val, "float_val_accuracy": base_acc, "float_val_loss": base_loss,
       "float_trace_images_loss": base_train_loss,
@@ -198,6 +210,11 @@ def main(argv=None) -> dict:
     out[f"spearman_omega_drop{b}"] = _spearman(om, dr)
     out[f"spearman_trace_loss{b}"] = _spearman(tr, li)
     out[f"spearman_omega_loss{b}"] = _spearman(om, li)
+    gt, og = [r["gn_trace"] for r in rows], [r[f"omega_gn{b}"] for r in rows]
+    out[f"spearman_gn_trace_drop{b}"] = _spearman(gt, dr)
+    out[f"spearman_omega_gn_drop{b}"] = _spearman(og, dr)
+    out[f"spearman_gn_trace_loss{b}"] = _spearman(gt, li)
+    out[f"spearman_omega_gn_loss{b}"] = _spearman(og, li)
     out[f"spearman_omega_train_loss{b}"] = _spearman(om, [r[f"train_loss_increase{b}"]
                                                           for r in rows])
     if quad and b == bits_list[0]:
@@ -211,20 +228,25 @@ def main(argv=None) -> dict:
   print(f"{c.model} on {c.data} (step {step}), {out['device']}: traces of {len(rows)} layers "
         f"on {out['images']} training images")
   print(f"{'layer':36s} {'params':>6s} {'trace':>7s} {'+-se':>6s} {'omega' + str(b0):>9s} "
-        f"{'val acc':>7s} {'drop':>6s} {'dloss':>7s}   (one layer at {b0} bits)")
+        f"{'GN trace':>8s} {'val acc':>7s} {'drop':>6s} {'dloss':>7s}   (one layer at {b0} bits)")
   for r in rows:
     print(f"{r['layer']:36s} {r['params']:6d} {r['trace']:7.3f} {r['trace_stderr']:6.2f} "
-          f"{r[f'omega{b0}']:9.3g} {100 * r[f'accuracy{b0}']:6.2f}% "
+          f"{r[f'omega{b0}']:9.3g} {r['gn_trace']:8.3f} {100 * r[f'accuracy{b0}']:6.2f}% "
           f"{100 * r[f'drop{b0}']:5.2f}% {r[f'loss_increase{b0}']:7.4f}")
   print(f"float validation accuracy {100 * base_acc:.2f}% ({n_val} images), loss {base_loss:.4f}")
   print(f"trace time {trace_seconds:.1f} s ({ht.probes} probes, converged={ht.converged}, "
-        f"tol {args.tol}, max relative se {out['max_rel_stderr']:.3f}); one-layer "
-        f"evaluations {drops_seconds:.1f} s")
+        f"tol {args.tol}, max relative se {out['max_rel_stderr']:.3f}); exact Gauss-Newton "
+        f"traces {gn_seconds:.1f} s; one-layer evaluations {drops_seconds:.1f} s")
   for b in bits_list:
     print(f"{b} bits: Spearman vs accuracy drop: trace {out[f'spearman_trace_drop{b}']:.3f}, "
           f"omega {out[f'spearman_omega_drop{b}']:.3f}; vs loss increase: trace "
           f"{out[f'spearman_trace_loss{b}']:.3f}, omega {out[f'spearman_omega_loss{b}']:.3f}; "
           f"omega vs the trace images' loss increase {out[f'spearman_omega_train_loss{b}']:.3f}")
+    print(f"{b} bits, exact Gauss-Newton traces: Spearman vs accuracy drop: trace "
+          f"{out[f'spearman_gn_trace_drop{b}']:.3f}, omega "
+          f"{out[f'spearman_omega_gn_drop{b}']:.3f}; vs loss increase: trace "
+          f"{out[f'spearman_gn_trace_loss{b}']:.3f}, omega "
+          f"{out[f'spearman_omega_gn_loss{b}']:.3f}")
     if f"spearman_quadratic_drop{b}" in out:
       print(f"{b} bits, exact 1/2 dW^T H dW ({quad_seconds:.1f} s, one HVP per layer): Spearman "
             f"vs accuracy drop {out[f'spearman_quadratic_drop{b}']:.3f}, vs loss increase "

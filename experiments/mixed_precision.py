@@ -16,7 +16,8 @@ Before the run starts (the `quant` method's `prepare` hook, `jcompress.methods.q
      causes to second order. `sensitivity`: gauss_newton (default; 1/2 dW^T G dW, G the
      Gauss-Newton matrix of the cross-entropy, equal to the Hessian's 1/2 dW^T H dW at a
      fitted model and ~10x cheaper), quadratic (1/2 dW^T H dW by Hessian-vector products),
-     hawq (HAWQ-V2's Tr(H_ll)/n_l ||dW||^2, Hutchinson traces) or mse (||dW||^2, no curvature:
+     hawq (HAWQ-V2's Tr(H_ll)/n_l ||dW||^2, Hutchinson traces), hawq_gn (the same with the
+     exact Gauss-Newton traces from per-example gradients) or mse (||dW||^2, no curvature:
      the baseline). `jcompress.hessian`.
   2. allocation: min sum_l Omega_l(b_l) over b_l in `candidates` under the budget, exactly (an
      integer program solved by dynamic programming, `jcompress.bitalloc`). `avg_bits`: mean code

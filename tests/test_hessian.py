@@ -108,7 +108,8 @@ def test_tol_sets_the_number_of_probes_and_max_probes_caps_it():
   assert again.traces == capped.traces
 
 
-def _tanh_mlp():
+def _tanh_mlp_parts():
+  """A small nonlinear network: its params, apply_fn(params, x) -> logits, a batch, labels."""
   rng = np.random.default_rng(5)
   params = {"dense1": {"kernel": jnp.asarray(rng.standard_normal((4, 6)) * 0.7, jnp.float32),
                        "bias": jnp.asarray(rng.standard_normal(6) * 0.1, jnp.float32)},
@@ -117,10 +118,18 @@ def _tanh_mlp():
   x = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 16), jnp.int32)
 
+  def apply_fn(p, xs):
+    h = jnp.tanh(xs @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+    return jnp.tanh(h @ p["dense2"]["kernel"]) @ p["dense3"]["kernel"]
+
+  return params, apply_fn, x, y
+
+
+def _tanh_mlp():
+  params, apply_fn, x, y = _tanh_mlp_parts()
+
   def loss(p):
-    h = jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
-    h = jnp.tanh(h @ p["dense2"]["kernel"])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(h @ p["dense3"]["kernel"], y))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y))
 
   return params, loss
 
@@ -321,8 +330,10 @@ def test_gauss_newton_sensitivity_is_half_dw_g_dw():
 def test_layer_sensitivities_dispatches_by_name():
   params, logits_fn, loss_fn, _, y = _bilinear(1)
   sel = dict(exclude=())
+  params, _, _, x, _ = _bilinear(1)
+  apply_fn = lambda p, xs: xs @ p["a"]["kernel"] @ p["b"]["kernel"]   # noqa: E731
   got = {kind: hessian.layer_sensitivities(kind, logits_fn, y, params, (2, 4), probes=8,
-                                            **sel)
+                                            apply_fn=apply_fn, images=x, **sel)
          for kind in hessian.SENSITIVITIES}
   assert got["gauss_newton"] == hessian.gauss_newton_sensitivity(logits_fn, params, (2, 4),
                                                                  **sel)
@@ -338,5 +349,95 @@ def test_layer_sensitivities_dispatches_by_name():
   for path in hawq:
     for b in (2, 4):
       np.testing.assert_allclose(got["hawq"][path][b], hawq[path][b], rtol=1e-5)
+  assert got["hawq_gn"] == hessian.quant_sensitivity(
+      hessian.gauss_newton_traces(apply_fn, params, x, **sel), params, (2, 4))
   with pytest.raises(ConfigError, match="'quant.sensitivity'.*'hessian'"):
     hessian.layer_sensitivities("hessian", logits_fn, y, params, key="quant.sensitivity")
+
+
+def _tanh_mlp_apply():
+  """`_tanh_mlp`'s network, nonlinear: its Hessian is not its Gauss-Newton matrix."""
+  params, apply_fn, x, _ = _tanh_mlp_parts()
+  return params, apply_fn, x
+
+
+def _explicit_gn_traces(apply_fn, params, x):
+  """Tr(G_ll) from the dense Jacobian: G = (1/N) sum_i J_i^T (diag p_i - p_i p_i^T) J_i."""
+  vec, unravel = ravel_pytree(params)
+  jac = np.asarray(jax.jacfwd(lambda v: apply_fn(unravel(v), x))(vec), np.float64)  # (N, K, P)
+  z = np.asarray(apply_fn(params, x), np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  g = sum(jac[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ jac[i]
+          for i in range(len(p))) / len(p)
+  return {path: float(np.trace(g[sl, sl])) for path, sl in _blocks(params).items()}
+
+
+def test_gauss_newton_traces_are_the_exact_traces_of_g():
+  params, apply_fn, x = _tanh_mlp_apply()
+  want = _explicit_gn_traces(apply_fn, params, x)
+  r = hessian.gauss_newton_traces(apply_fn, params, x, exclude=())
+  assert tuple(r.traces) == ("dense1/kernel", "dense2/kernel", "dense3/kernel")
+  for path, t in r.traces.items():
+    np.testing.assert_allclose(t, want[path], rtol=1e-4)
+    assert t > 0 and r.stderr[path] == 0.0
+    assert r.sizes[path] == int(np.prod(params[path.split("/")[0]]["kernel"].shape))
+  assert (r.probes, r.converged) == (3, True)       # one reverse pass per class
+  # the reverse passes of an example one at a time (a memory bound under one gradient)
+  small = hessian.gauss_newton_traces(apply_fn, params, x, exclude=(), memory_bytes=1)
+  for path in r.traces:
+    np.testing.assert_allclose(small.traces[path], r.traces[path], rtol=1e-5)
+  # not the Hessian's traces for this nonlinear network: the exact Hessian differs
+  _, loss = _tanh_mlp()
+  vec, unravel = ravel_pytree(params)
+  h = np.asarray(jax.hessian(lambda v: loss(unravel(v)))(vec), np.float64)
+  sl = _blocks(params)["dense1/kernel"]
+  assert abs(np.trace(h[sl, sl]) - want["dense1/kernel"]) > 1e-3 * abs(want["dense1/kernel"])
+
+
+def test_gauss_newton_traces_are_the_hessian_traces_where_logits_are_linear_in_a_layer():
+  """z = x A B is linear in A and in B alone: each layer's Hessian block of the cross-entropy
+  is its Gauss-Newton block, so the traces match the dense Hessian's (and Hutchinson's limit)."""
+  params, _, loss_fn, x, _ = _bilinear(2)
+  apply_fn = lambda p, xs: xs @ p["a"]["kernel"] @ p["b"]["kernel"]   # noqa: E731
+  r = hessian.gauss_newton_traces(apply_fn, params, x, exclude=())
+  vec, unravel = ravel_pytree(params)
+  h = np.asarray(jax.hessian(lambda v: loss_fn(unravel(v)))(vec), np.float64)
+  for path, sl in _blocks(params).items():
+    np.testing.assert_allclose(r.traces[path], np.trace(h[sl, sl]), rtol=1e-4)
+
+
+def test_gauss_newton_traces_by_sampled_labels_are_unbiased():
+  params, apply_fn, x = _tanh_mlp_apply()
+  exact = hessian.gauss_newton_traces(apply_fn, params, x, exclude=())
+  mc = hessian.gauss_newton_traces(apply_fn, params, x, exclude=(), samples=400, seed=3)
+  assert mc.probes == 400
+  for path, t in exact.traces.items():
+    assert 0 < mc.stderr[path] < 0.2 * t
+    assert abs(mc.traces[path] - t) < 4 * mc.stderr[path]
+  again = hessian.gauss_newton_traces(apply_fn, params, x, exclude=(), samples=400, seed=3)
+  assert again.traces == mc.traces
+
+
+def test_gauss_newton_traces_errors():
+  params, apply_fn, x = _tanh_mlp_apply()
+  with pytest.raises(ConfigError, match="samples"):
+    hessian.gauss_newton_traces(apply_fn, params, x, samples=-1)
+  with pytest.raises(ConfigError, match="include"):
+    hessian.gauss_newton_traces(apply_fn, params, x, include="nothing_matches")
+  with pytest.raises(ConfigError, match="images"):
+    hessian.gauss_newton_traces(apply_fn, params, x[:0])
+  with pytest.raises(ConfigError, match="not finite"):
+    hessian.gauss_newton_traces(apply_fn, params, x.at[0, 0].set(jnp.nan), exclude=())
+  with pytest.raises(ConfigError, match="'quant.sensitivity'.*apply_fn"):
+    hessian.layer_sensitivities("hawq_gn", lambda p: apply_fn(p, x), jnp.zeros(16, jnp.int32),
+                                params, (2, 4), key="quant.sensitivity")
+
+
+def test_hawq_gn_is_omega_with_the_gauss_newton_traces():
+  params, apply_fn, x = _tanh_mlp_apply()
+  got = hessian.layer_sensitivities("hawq_gn", lambda p: apply_fn(p, x), jnp.zeros(16, jnp.int32),
+                                    params, (2, 4), exclude=(), apply_fn=apply_fn, images=x)
+  want = hessian.quant_sensitivity(
+      hessian.gauss_newton_traces(apply_fn, params, x, exclude=()), params, (2, 4))
+  assert got == want

@@ -126,6 +126,18 @@ def test_avg_bits_budget_is_the_optimum_of_the_recorded_sensitivities(runs):
   np.testing.assert_allclose(r["uniform_objective"]["2"], sum(s[2] for s in sens.values()))
 
 
+def test_hawq_with_exact_gauss_newton_traces_allocates(runs):
+  """sensitivity hawq_gn: Omega from the per-example Gauss-Newton traces of the source model
+  (its eval-mode logits one calibration image at a time): >= 0, falling with the width."""
+  r = train.train_and_evaluate(_ptq(runs, budget_avg_bits=3.0, bit_candidates=(2, 4),
+                                    sensitivity="hawq_gn"), str(runs["root"] / "gn3"))
+  assert r["sensitivity"] == "hawq_gn" and r["weight_bits"] <= 3.0 + 1e-6
+  sens = {p: {int(b): v for b, v in s.items()} for p, s in r["sensitivities"].items()}
+  assert set(sens) == set(LAYERS)
+  for s in sens.values():
+    assert s[2] > s[4] > 0
+
+
 @pytest.mark.parametrize("quant,top,match", [
     ({"budget_bytes": 1000}, {}, r"'quant.budget_bytes': 1000 is below the smallest artifact"),
     ({"budget_avg_bits": 3.0, "bit_candidates": (2, 9)}, {}, r"'quant.bit_candidates'.*9"),

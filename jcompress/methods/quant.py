@@ -145,7 +145,8 @@ def _sensitivities(kind, src, images, labels, cands, probes, seed, sel, qopts):
   t0 = time.time()
   sens = hessian.layer_sensitivities(
       kind, lambda p: src.logits_fn(p, images), labels, src.params, cands, probes=probes,
-      seed=seed, key="quant.sensitivity", **sel, **qopts)
+      seed=seed, key="quant.sensitivity", apply_fn=src.logits_fn, images=images, **sel,
+      **qopts)
   while len(_SENSITIVITY_CACHE) >= _CACHE_SIZE:
     _SENSITIVITY_CACHE.pop(next(iter(_SENSITIVITY_CACHE)))
   _SENSITIVITY_CACHE[key] = sens
