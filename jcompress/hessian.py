@@ -224,7 +224,7 @@ def gauss_newton_traces(apply_fn: Callable[[PyTree, jax.Array], jax.Array], para
                         images: jax.Array, *, include: str | Sequence[str] = (r".*",),
                         exclude: str | Sequence[str] = transforms.DEFAULT_EXCLUDE,
                         kernels_only: bool = True, samples: int = 0, seed: int = 0,
-                        memory_bytes: int = 2 ** 28) -> HessianTrace:
+                        memory_bytes: int = 2 ** 30) -> HessianTrace:
   r"""Per-layer traces Tr(G_ll) of the Gauss-Newton matrix of the mean softmax cross-entropy
   of `apply_fn(params, images)` (module docstring), exactly, from per-example gradients:
 
