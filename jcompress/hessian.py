@@ -264,18 +264,14 @@ def gauss_newton_traces(apply_fn: Callable[[PyTree, jax.Array], jax.Array], para
   n = int(images.shape[0])
   if n < 1:
     raise ConfigError("`images`: give at least one example")
-  k = int(jax.eval_shape(lambda p, x: apply_fn(p, x), params, images[:1]).shape[-1])
+  k = int(jax.eval_shape(apply_fn, params, images[:1]).shape[-1])
   cols = samples or k
   grad_bytes = 4 * sum(int(np.prod(np.shape(leaves[i]))) for i in selected)
   per_map = max(1, min(cols, memory_bytes // grad_bytes))   # reverse passes batched at once
 
   def example(all_leaves, x, key):
-    def logits(w):
-      full = list(all_leaves)
-      for i, wi in zip(selected, w):
-        full[i] = wi
-      return apply_fn(jax.tree.unflatten(treedef, full), x[None])[0].astype(jnp.float32)
-
+    logits = _restricted_loss(lambda p: apply_fn(p, x[None])[0].astype(jnp.float32),
+                              all_leaves, treedef, selected)   # of the selected leaves only
     z, vjp = jax.vjp(logits, [all_leaves[i] for i in selected])
     p = jax.nn.softmax(z)
     if samples:   # d(-log p(y)) / dz = p - e_y, y ~ p
