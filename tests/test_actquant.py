@@ -124,9 +124,10 @@ def test_mobilenetv2_quantizes_its_linear_bottleneck_with_signed_codes():
   to one class)."""
   x = jax.random.normal(jax.random.key(0, impl="rbg"), (16, 32, 32, 3))
   spec = {"kind": "pact", "bits": 8, "calibrate": True}
-  qmodel = models.get_model("mobilenetv2_cifar", 10, width=0.35, act_quant=spec)
-  fmodel = models.get_model("mobilenetv2_cifar", 10, width=0.35)
-  v = qmodel.init(jax.random.key(1, impl="rbg"), x[:1])
+  qmodel = models.get_model("mobilenetv2_cifar", 10, width=0.35, act_quant=spec,
+                          conv_impl="xla")   # eager: XLA's convolutions dispatch fastest
+  fmodel = models.get_model("mobilenetv2_cifar", 10, width=0.35, conv_impl="xla")
+  v = jax.jit(qmodel.init)(jax.random.key(1, impl="rbg"), x[:1])   # eager: each op compiles
   signs = A.collect_inputs(qmodel, v, x[:2], lambda m, _: m.signed)
   assert signs and all(signs[p] == (p.endswith("expand_conv_act") or p == "conv_last_act")
                        for p in signs), signs

@@ -50,7 +50,7 @@ def _build(name):
     kw, hw = CASES[name]
     model = models.get_model(name, 10, **kw)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, hw, hw, 3)), jnp.float32)
-    v = _randomize(model.init(jax.random.PRNGKey(0), x))
+    v = _randomize(jax.jit(model.init)(jax.random.PRNGKey(0), x))   # eager: op by op, slower
     graph = st.build_graph(model, v["params"], v["batch_stats"], x.shape)
     _BUILT[name] = (model, v, x, graph)
   return _BUILT[name]
