@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules, and the session's compilation cache."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,17 +39,8 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _plumbing_without_xla_optimizations(request):
-  """A module marked `plumbing` (`pytestmark = pytest.mark.plumbing`: it checks the loop,
-  checkpoints, artifacts, reports and the numbers the methods give, not what XLA makes of the
-  code) runs with XLA's optimizations off, as flax's own train_test does: compiles take a
-  fraction of the time. Its `launch.py` subprocesses get the same setting. Modules that check
-  the compiled code itself (kernels, narrow dtypes, the CPU tuning) are not marked, nor
-  test_pretrained.py, whose full-size networks run faster optimized than they compile."""
-  if request.node.get_closest_marker("plumbing") is None:
-    yield
-    return
+@contextlib.contextmanager
+def _without_xla_optimizations():
   before = jax.config.read("jax_disable_most_optimizations")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
@@ -57,6 +49,33 @@ def _plumbing_without_xla_optimizations(request):
       yield
     finally:
       jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plumbing_without_xla_optimizations(request):
+  """A module marked `plumbing` (`pytestmark = pytest.mark.plumbing`: it checks the loop,
+  checkpoints, artifacts, reports and the numbers the methods give, not what XLA makes of the
+  code) runs with XLA's optimizations off, as flax's own train_test does: compiles take a
+  fraction of the time. Its `launch.py` subprocesses get the same setting. Modules that check
+  the compiled code itself (kernels, narrow dtypes, the CPU tuning) are not marked, nor
+  test_pretrained.py, whose full-size networks run faster optimized than they compile; in
+  those, a test of a whole model's wiring can carry the mark itself (`_plumbing_test`)."""
+  if request.node.get_closest_marker("plumbing") is None:
+    yield
+    return
+  with _without_xla_optimizations():
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _plumbing_test(request):
+  """A test function marked `plumbing` in a module that is not: XLA's optimizations off for
+  that test alone (its module-scoped fixtures were built before, optimized)."""
+  if not any(m.name == "plumbing" for m in request.node.own_markers):
+    yield
+    return
+  with _without_xla_optimizations():
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from jcompress import adaround
 from jcompress import quantize_core
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing   # the numbers a method gives: XLA optimizations off
+
 
 class Tiny(nn.Module):
   @nn.compact

@@ -14,6 +14,8 @@ from jcompress import transforms
 from jcompress.errors import ConfigError
 from jcompress.models import resnet
 
+pytestmark = pytest.mark.plumbing   # the numbers a method gives: XLA optimizations off
+
 
 def _kernels(params, skip=("stem_conv", "head")):
   names = [transforms.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

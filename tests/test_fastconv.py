@@ -113,6 +113,7 @@ def test_falls_back_where_it_does_not_apply():
       y, lax.conv_general_dilated(x, w, feature_group_count=4, **args))
 
 
+@pytest.mark.plumbing   # a whole model's wiring: XLA optimizations off (tests/conftest.py)
 @pytest.mark.parametrize("name,kwargs", [
     pytest.param("resnet18_cifar", {"width": 0.125}, marks=pytest.mark.slow),   # about 30 s
     ("bnn_resnet18_cifar", {"width": 0.125})])

@@ -13,6 +13,8 @@ from jcompress import quantize as Q
 from jcompress import transforms
 from jcompress.errors import ConfigError
 
+pytestmark = pytest.mark.plumbing   # the numbers a method gives: XLA optimizations off
+
 # A parameter tree with three selected kernels, a bias (not a kernel) and a classifier (excluded
 # by default), as the quantizers select them.
 SHAPES = {"a/kernel": (3, 4), "b/bias": (5,), "b/kernel": (2, 3, 2), "c/kernel": (6, 2),

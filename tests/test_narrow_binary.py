@@ -204,6 +204,7 @@ def _loss(model, transform, params, batch_stats, x):
   return jnp.sum(out[0] ** 2), out[0]
 
 
+@pytest.mark.plumbing   # a whole model's wiring: XLA optimizations off (tests/conftest.py)
 @pytest.mark.parametrize("bits,compute", [
     (1, "bf16"), pytest.param(1, "int8", marks=pytest.mark.slow), (1, "xnor"), (2, "xnor"),
     # the 1-bit model on int8 and the 2-bit model on bf16 and int8 (their convolutions alone
@@ -331,7 +332,8 @@ def test_graph_walkers_count_the_xnor_convolutions_as_convolutions():
   macs = {c: structured.count_flops(m, shape) for c, m in models.items()}
   stem = 16 * 16 * 9 * 3 * 8
   assert macs["xnor"] == macs["f32"] > 20 * stem
-  v = models["f32"].init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+  v = jax.jit(lambda r: models["f32"].init(r, jnp.zeros(shape), train=False))(
+      jax.random.PRNGKey(0))   # eagerly each initializer op compiles alone
   layers = {c: {k: (layer.kind, layer.macs()) for k, layer in
                 structured.build_graph(m, v["params"], v["batch_stats"], shape).layers.items()}
             for c, m in models.items()}
