@@ -160,6 +160,27 @@ def test_patch_that_does_not_divide_the_image_is_refused_before_compiling():
     exp.get_config("data=digits,method=kd")
 
 
+def test_kd_recipe_defaults_and_refusals():
+  """method=kd: the distillation token by default; on digits the teacher's soft labels on mixed
+  images over 6,000 steps and 200 labels, elsewhere DeiT's hard distillation without mixup."""
+  exp = _experiment_module()
+  c = exp.get_config("data=digits,method=kd,teacher=runs/t")
+  assert (c.distill.loss, c.model_kwargs.distill_token, c.mixup, c.total_steps,
+          c.train_examples) == ("kd", True, 1.0, 6000, 200)
+  c = exp.get_config("data=digits,method=kd,teacher=runs/t,token=false,mixup=0,steps=900")
+  assert "distill_token" not in c.model_kwargs and (c.mixup, c.total_steps) == (0.0, 900)
+  c = exp.get_config("data=cifar10,method=kd,teacher=runs/t")
+  assert (c.distill.loss, c.model_kwargs.distill_token, c.mixup) == ("deit_hard", True, 0.0)
+  assert exp.get_config("data=digits").mixup == 0.0
+  assert exp.get_config("data=digits,mixup=0.4").mixup == 0.4
+  with pytest.raises(ConfigError, match="'token'.*deit_hard"):
+    exp.get_config("data=digits,method=kd,teacher=runs/t,loss=deit_hard,token=false")
+  with pytest.raises(ConfigError, match="'mixup'"):
+    exp.get_config("data=digits,mixup=-0.5")
+  with pytest.raises(ConfigError, match="'loss'"):
+    exp.get_config("data=digits,method=kd,teacher=runs/t,loss=soft")
+
+
 def test_binary_and_lowrank_methods_take_the_blocks_dense_layers():
   """method=binary: fc1 and fc2 kernels only (attention, embedding, heads float); method=lowrank:
   every Dense of the blocks factorized, the embedding and heads kept; both need init_from."""
