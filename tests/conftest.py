@@ -82,3 +82,21 @@ def _plumbing_test(request):
 def data_dir(tmp_path_factory):
   """A TFDS data_dir for the whole session: the offline digits dataset is prepared once."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+#: The test files that take longest (one process, `pytest -n 0 --durations=80`), longest first.
+#: xdist's `--dist loadfile` (pyproject.toml) hands the files to its two workers in collection
+#: order, each taking the next when it is done: a long file collected last leaves one worker
+#: running it alone at the end. Running the long ones first leaves only short files for the end.
+LONG_FILES = ("test_train.py", "test_analysis.py", "test_export.py", "test_intinfer.py",
+              "test_runtime.py", "test_structured.py", "test_quantize_reference.py",
+              "test_pretrained.py", "test_pq.py", "test_actquant.py", "test_bnn_infer.py",
+              "test_mixed_precision.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Long files first (`LONG_FILES`), the rest in their usual order; tests within a file keep
+  their order. Deterministic, so every xdist worker collects the same order."""
+  rank = {name: i for i, name in enumerate(LONG_FILES)}
+  order = {id(item): i for i, item in enumerate(items)}
+  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))

@@ -15,6 +15,8 @@ from jcompress import transforms
 from jcompress.errors import ConfigError
 from jcompress.models.common import BatchNorm
 
+pytestmark = pytest.mark.plumbing
+
 
 class Tiny(nn.Module):
   """conv (no bias) -> BN -> relu -> conv (bias) -> relu -> conv (no bias) -> BN -> pool ->

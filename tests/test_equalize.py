@@ -17,6 +17,8 @@ from jcompress.errors import ConfigError
 from jcompress.models import get_model
 from jcompress.models.common import BatchNorm
 
+pytestmark = pytest.mark.plumbing
+
 
 def _perturb(variables, seed=0):
   """Trained-looking variables: BN statistics and affine params away from the init, and kernels

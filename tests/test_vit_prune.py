@@ -13,6 +13,8 @@ from jcompress import structured as st
 from jcompress.errors import ConfigError
 from jcompress.models.vit import ViT
 
+pytestmark = pytest.mark.plumbing
+
 SHAPE = (1, 16, 16, 3)
 
 
