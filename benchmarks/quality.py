@@ -24,9 +24,13 @@ run is made on the validation split), the exported artifact's bytes, the ratio t
 the wall time. Written to `docs/results/<data>[_quick].json` and `.md` with the date, the
 commit and the machine; `--readme` also rewrites README.md's results table (between the
 `results:begin` and `results:end` markers) from that file, and tests/test_readme.py checks
-that README's table is what the file it names gives. A point that ran at a commit whose code
-(jcompress/, experiments/, pyproject.toml, this file) differs from the checkout's, or with
-uncommitted changes there, is marked stale in the tables, never mixed in silently.
+that README's table is what the file it names gives. A point is marked stale in the tables,
+never mixed in silently, where it ran at a commit whose library (jcompress/, pyproject.toml)
+differs from the checkout's, or with uncommitted changes in the code below, or with another
+config than the checkout builds for it (its workdir's config.json against the config its row
+and experiment file give now; where the run is gone, any change in experiments/ or this file
+counts), or where its base run is stale. A stale point is not run again by itself: remove its
+workdir (or the row's, every seed) and run the row.
 """
 
 from __future__ import annotations
@@ -124,6 +128,10 @@ ROW_BY_NAME = {r.name: r for r in ROWS}
 
 #: What decides a point's figures: a change here makes earlier points stale.
 CODE_PATHS = ("jcompress", "experiments", "pyproject.toml", "benchmarks/quality.py")
+#: The code every point runs, whatever its config: a change here makes every earlier point
+#: stale. A change elsewhere in CODE_PATHS (an experiment file, a row's spec) makes stale only
+#: the points whose config it changes (`point_stale`).
+SHARED_PATHS = ("jcompress", "pyproject.toml")
 
 
 def git_commit() -> str:
@@ -141,32 +149,80 @@ def git_commit() -> str:
 
 
 
-def is_stale(point_commit: str | None, commit: str) -> bool:
+def is_stale(point_commit: str | None, commit: str, config_unchanged: bool = False) -> bool:
   """Whether a point run at `point_commit` is not what the code at `commit` gives: a dirty or
-  unknown commit, or one whose CODE_PATHS differ from `commit`'s."""
+  unknown commit, or one whose CODE_PATHS differ from `commit`'s; with `config_unchanged` (the
+  config the point ran with is the one `commit` builds for it: `same_config`), one whose
+  SHARED_PATHS differ."""
   if not point_commit or "+" in point_commit or point_commit == "unknown":
     return True
   if point_commit == commit:
     return False
   if "+" in commit or commit == "unknown":
     return True
-  diff = subprocess.run(["git", "diff", "--quiet", point_commit, commit, "--", *CODE_PATHS],
+  paths = SHARED_PATHS if config_unchanged else CODE_PATHS
+  diff = subprocess.run(["git", "diff", "--quiet", point_commit, commit, "--", *paths],
                         cwd=ROOT, capture_output=True)
   return diff.returncode != 0
+
+
+def same_config(point: dict, data: str) -> bool:
+  """Whether the config `point` ran with (its workdir's config.json) is the one this checkout
+  builds for it (`build_config`). The model fields a structured run writes there (the widths
+  it chose: `model_kwargs` keys the built config lacks) are not compared. False where the
+  workdir has no config.json or the config cannot be built."""
+  path = os.path.join(point["workdir"], "config.json")
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      ran = json.load(f)
+    now = json.loads(build_config(point, data).to_json_best_effort())
+  except Exception:  # pylint: disable=broad-except  (unknown: the commits decide)
+    return False
+  if ran.get("structured") and isinstance(ran.get("model_kwargs"), dict):
+    built = now.get("model_kwargs") or {}
+    ran["model_kwargs"] = {k: v for k, v in ran["model_kwargs"].items() if k in built}
+  return ran == now
+
+
+def point_stale(point: dict, data: str, commit: str, cache: dict | None = None) -> bool:
+  """Whether the finished point in `point["workdir"]` is stale at `commit`: it ran at a commit
+  whose SHARED_PATHS differ, or with another config than this checkout builds for it (then
+  any change in CODE_PATHS counts), or its base run (`point["float"]`) is stale."""
+  cache = {} if cache is None else cache
+  if point["workdir"] not in cache:
+    meta_path = os.path.join(point["workdir"], "point.json")
+    meta = {}
+    if os.path.exists(meta_path):
+      with open(meta_path) as f:
+        meta = json.load(f)
+    stale = is_stale(meta.get("commit"), commit, same_config(point, data))
+    row = ROW_BY_NAME.get(point["row"])
+    if not stale and row is not None and row.base:
+      base = {"row": row.base, "seed": point["seed"], "workdir": point["float"],
+              "float": point["float"]}   # a base row has no base of its own
+      stale = point_stale(base, data, commit, cache)
+    cache[point["workdir"]] = stale
+  return cache[point["workdir"]]
 
 
 def points(rows, seeds: int, root: str, data: str) -> list[dict]:
   """[{index, row, seed, workdir, float}] in run order: each seed's base runs (float ResNet,
   float ViT) first; `float` is the workdir of the row's base run."""
-  out = []
-  for seed in range(seeds):
-    base = os.path.join(root, data, f"seed{seed}")
-    for row in sorted(rows, key=lambda r: bool(r.base)):
-      out.append({"row": row.name, "seed": seed, "workdir": os.path.join(base, row.name),
-                  "float": os.path.join(base, row.base or "float")})
+  out = [make_point(root, data, row, seed)
+         for seed in range(seeds) for row in sorted(rows, key=lambda r: bool(r.base))]
   for i, p in enumerate(out):
     p["index"] = i
   return out
+
+
+def make_point(root: str, data: str, row: Row, seed: int) -> dict:
+  """{row, seed, workdir, float}: the point of `row` and `seed` under `root`, `float` the
+  workdir of the row's base run."""
+  base = os.path.join(root, data, f"seed{seed}")
+  return {"row": row.name, "seed": seed, "workdir": os.path.join(base, row.name),
+          "float": os.path.join(base, row.base or "float")}
 
 
 def build_config(point: dict, data: str):
@@ -315,7 +371,7 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
   """The table's data: per row, the seeds' figures and their mean / std."""
   from common import device_name  # noqa: PLC0415  (benchmarks/common.py)
 
-  table = []
+  table, cache = [], {}
   for row in rows:
     mine = [p for p in pts if p["row"] == row.name]
     seeds, missing, stale = [], [], []
@@ -334,7 +390,7 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
         r = json.load(f)
       meta_path = os.path.join(p["workdir"], "point.json")
       meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-      if is_stale(meta.get("commit"), commit):
+      if point_stale(p, data, commit, cache):
         stale.append(p["seed"])
       seeds.append({"seed": p["seed"], "test_accuracy": r["test_accuracy"],
                     "val_accuracy": r.get("val_accuracy"), "model_bytes": r["model_bytes"],
@@ -367,15 +423,28 @@ def set_drops(entries: list[dict]) -> None:
       e["drop"] = means[ref] - e["accuracy_mean"]
 
 
-def merge(summary: dict, previous: dict, commit: str) -> dict:
+def merge(summary: dict, previous: dict, commit: str, root: str = "") -> dict:
   """`summary` (a `--rows` subset) with the rows of `previous` (the table file it rewrites)
-  that it did not run, in ROWS order, their stale seeds checked again against `commit`."""
+  that it did not run, in ROWS order, their stale seeds checked again against `commit`: on
+  the run itself (`point_stale`) where `root` still holds it, by their commit otherwise."""
   if previous.get("data") != summary["data"]:
     return summary
   mine = {e["row"]: e for e in summary["rows"]}
   kept = {e["row"]: e for e in previous.get("rows", []) if e["row"] not in mine}
+  cache = {}
+
+  def stale(row: str, s: dict) -> bool:
+    if root and row in ROW_BY_NAME:
+      p = make_point(root, summary["data"], ROW_BY_NAME[row], s["seed"])
+      meta_path = os.path.join(p["workdir"], "point.json")
+      if os.path.exists(meta_path):
+        with open(meta_path) as f:
+          if json.load(f).get("commit") == s.get("commit"):
+            return point_stale(p, summary["data"], commit, cache)
+    return is_stale(s.get("commit"), commit)
+
   for e in kept.values():
-    e["stale_seeds"] = [s["seed"] for s in e["seeds"] if is_stale(s.get("commit"), commit)]
+    e["stale_seeds"] = [s["seed"] for s in e["seeds"] if stale(e["row"], s)]
   rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS]
   rows = [e for e in rows if e is not None]
   set_drops(rows)
@@ -516,7 +585,7 @@ def main(argv=None) -> int:
   stem = os.path.join(args.out_dir, args.data + ("_quick" if args.quick else ""))
   if args.rows and os.path.exists(stem + ".json"):   # a subset updates its rows, keeps the rest
     with open(stem + ".json") as f:
-      summary = merge(summary, json.load(f), commit)
+      summary = merge(summary, json.load(f), commit, args.root)
   with open(stem + ".json", "w") as f:
     json.dump(summary, f, indent=1)
   with open(stem + ".md", "w") as f:

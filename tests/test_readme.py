@@ -162,3 +162,55 @@ def test_quality_workers_start_a_point_after_its_base_and_skip_it_when_the_base_
   finished = [p for p in pts if by[p["row"]] == "done"]
   assert quality.run_workers(finished, pts, 2, lambda p: ["false"]) == {
       p["index"]: "done" for p in finished}
+
+
+def test_quality_point_is_stale_where_its_config_or_its_base_changed(tmp_path, monkeypatch):
+  """A finished point whose config is the one the checkout builds for it is judged on the
+  library's code alone (SHARED_PATHS); one whose config changed on every code path; the
+  widths a structured run wrote into its config are not a change; a stale base makes its
+  dependents stale."""
+  import json
+  import sys
+
+  import ml_collections
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  built = {"float": {"lr": 0.1, "model_kwargs": {}},
+           "filters_half": {"lr": 0.2, "structured": {"flops": 0.5}, "model_kwargs": {}}}
+  monkeypatch.setattr(quality, "build_config",
+                      lambda p, data: ml_collections.ConfigDict(built[p["row"]]))
+  calls = []
+
+  def is_stale(point_commit, commit, config_unchanged=False):
+    calls.append((point_commit, config_unchanged))
+    return point_commit == "old" or (point_commit == "expt" and not config_unchanged)
+
+  monkeypatch.setattr(quality, "is_stale", is_stale)
+  rows = [quality.ROW_BY_NAME[n] for n in ("float", "filters_half")]
+  pts = {p["row"]: p for p in quality.points(rows, 1, str(tmp_path), "digits")}
+
+  def ran(row, commit, config):
+    os.makedirs(pts[row]["workdir"], exist_ok=True)
+    with open(os.path.join(pts[row]["workdir"], "point.json"), "w") as f:
+      json.dump({"commit": commit}, f)
+    with open(os.path.join(pts[row]["workdir"], "config.json"), "w") as f:
+      json.dump(config, f)
+
+  def stale(row):
+    return quality.point_stale(pts[row], "digits", "new", {})
+
+  chosen = {"lr": 0.2, "structured": {"flops": 0.5}, "model_kwargs": {"channels": [["c", 3]]}}
+  ran("float", "expt", built["float"])       # same config: an experiments/ change is no matter
+  ran("filters_half", "expt", chosen)        # the widths it chose are not a config change
+  assert quality.same_config(pts["filters_half"], "digits")
+  assert not stale("float") and not stale("filters_half")
+  assert calls[:2] == [("expt", True), ("expt", True)]
+  ran("filters_half", "expt", {**chosen, "lr": 0.3})   # another config: every path counts
+  assert not quality.same_config(pts["filters_half"], "digits") and stale("filters_half")
+  ran("filters_half", "expt", chosen)
+  ran("float", "old", built["float"])        # the base ran at a commit whose library differs
+  assert stale("float") and stale("filters_half")
+  os.remove(os.path.join(pts["float"]["workdir"], "config.json"))
+  assert not quality.same_config(pts["float"], "digits")
