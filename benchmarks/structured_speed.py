@@ -17,8 +17,8 @@ machine hits both alike) and the median over `--repeats` blocks is reported, as 
 their ratio, with params and MACs ("FLOPs") per image of both. `--cpu_threads=N` pins the
 process to N CPUs before jax starts, so XLA's thread pool has N threads for both models: a
 model as small as `vit_digits` (2.6M MACs per image) runs faster on one XLA thread than on two
-on a 2-core CPU (the second thread's hand-offs cost more than its share of the small matmuls),
-so compare at each model's fastest setting as well as at the default. With `--workdir` (a run of the
+on a 2-core CPU (measured with this script, float and pruned alike), so compare at each
+model's fastest setting as well as at the default. With `--workdir` (a run of the
 `structured` method) the two models are that run's pruned architecture and its `init_from`
 run's, as their config.json files build them (random weights: speed does not depend on them).
 """
