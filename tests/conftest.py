@@ -96,7 +96,7 @@ LONG_FILES = ("test_train.py", "test_analysis.py", "test_export.py", "test_intin
 
 def pytest_collection_modifyitems(session, config, items):
   """Long files first (`LONG_FILES`), the rest in their usual order; tests within a file keep
-  their order. Deterministic, so every xdist worker collects the same order."""
+  their order (the sort is stable). Deterministic, so every xdist worker collects the same
+  order."""
   rank = {name: i for i, name in enumerate(LONG_FILES)}
-  order = {id(item): i for i, item in enumerate(items)}
-  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
