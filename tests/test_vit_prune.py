@@ -152,12 +152,16 @@ def test_experiment_config_method_prune():
   from experiments import vit as vit_config  # noqa: PLC0415
   c = vit_config.get_config("data=digits,method=prune,init_from=runs/x,flops=0.4")
   assert c.structured.flops_target == 0.4 and c.structured.criterion == "taylor"
-  assert c.structured.round_to == 8
+  assert c.structured.round_to == 8 and c.structured.method == "uniform"
+  c = vit_config.get_config("data=digits,method=prune,init_from=runs/x,plan=global")
+  assert c.structured.method == "global"
   assert c.init_from == "runs/x" and c.total_steps == 1_500
   with pytest.raises(ConfigError, match="init_from"):
     vit_config.get_config("data=digits,method=prune")
   with pytest.raises(ConfigError, match="'flops'"):
     vit_config.get_config("data=digits,method=prune,init_from=runs/x,flops=1.5")
+  with pytest.raises(ConfigError, match="'plan'"):
+    vit_config.get_config("data=digits,method=prune,init_from=runs/x,plan=layerwise")
 
 
 def test_gradient_criteria_gate_is_the_head_gate_gradient(vit):
