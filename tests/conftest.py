@@ -26,6 +26,12 @@ _OWN_CACHE = None
 
 def pytest_configure(config):
   global _OWN_CACHE
+  # xdist's `--dist loadfile` reorders the files by their number of tests (most first) unless
+  # told not to, which ignores `LONG_FILES`. Keep the collection order (pytest-xdist >= 3.8
+  # reads this option; `--loadscope-reorder` on the command line asks for xdist's order).
+  if (hasattr(config.option, "loadscopereorder")
+      and "--loadscope-reorder" not in config.invocation_params.args):
+    config.option.loadscopereorder = False
   if not os.environ.get(_CACHE_ENV):
     _OWN_CACHE = tempfile.mkdtemp(prefix="jcompress-tests-xla-cache-")
     os.environ[_CACHE_ENV] = _OWN_CACHE
@@ -84,14 +90,18 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-#: The test files that take longest (one process, `pytest -n 0 --durations=80`), longest first.
-#: xdist's `--dist loadfile` (pyproject.toml) hands the files to its two workers in collection
-#: order, each taking the next when it is done: a long file collected last leaves one worker
-#: running it alone at the end. Running the long ones first leaves only short files for the end.
-LONG_FILES = ("test_train.py", "test_analysis.py", "test_export.py", "test_intinfer.py",
-              "test_runtime.py", "test_structured.py", "test_quantize_reference.py",
-              "test_pretrained.py", "test_pq.py", "test_actquant.py", "test_bnn_infer.py",
-              "test_mixed_precision.py", "test_models.py")
+#: The test files that take longest, longest first (one process, each file from its first test's
+#: start to its last test's end, fixtures included; 2026-12-05: test_train 100 s, test_narrow_binary
+#: 98 s, test_export 78 s, ... test_hessian 35 s, test_runtime 34 s). xdist's `--dist loadfile`
+#: (pyproject.toml) hands the files to its two workers in collection order (`pytest_configure`
+#: turns its reordering off), each taking the next when it is done: a long file collected last
+#: leaves one worker running it alone at the end. Running the long ones first leaves only short
+#: files for the end.
+LONG_FILES = ("test_train.py", "test_narrow_binary.py", "test_export.py", "test_models.py",
+              "test_fastconv.py", "test_analysis.py", "test_quantize.py", "test_intinfer.py",
+              "test_bnn_infer.py", "test_quantize_reference.py", "test_pq.py",
+              "test_pretrained.py", "test_actquant.py", "test_structured.py", "test_hessian.py",
+              "test_runtime.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
