@@ -20,8 +20,8 @@ Digits recipe (200 labelled images, batch 64, 900 steps of SGD with Nesterov mom
 lr 0.05, cosine): with a teacher the batch is mixed (`mixup=1.0`: Beta(1, 1) ratio, each
 image with its neighbour) and the teacher labels the mixed images, Beyer et al.'s "function
 matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
-test split, 3 seeds: the quality table (docs/results/digits.md, one thread per run) reads hard
-labels 95.74 +- 0.16%, KD 99.26 +- 0.16%; launch.py runs on two threads 97.04 +- 0.32 and
+test split, 3 seeds: the quality table (docs/results/digits.md, one thread per run) has the
+student_hard and student_kd rows; launch.py runs on two threads 97.04 +- 0.32 and
 99.07 +- 0.16, and with the expand convolutions' BatchNorm computed from their inputs
 (`models.common.linear_batch_norm_train`) 96.39 +- 0.73 and 99.26 +- 0.32; a KD run alone on
 the 2-core CPU takes 366 s from start to exit. Over 300 steps without mixup KD stayed at
