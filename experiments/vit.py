@@ -57,7 +57,9 @@ method:
          keep uneven widths). On digits seeds 0-2 both plans gave a mean validation accuracy
          of 98.15% after fine-tuning; the uniform plan's model (2 of 4 heads and 48 MLP units
          per block) ran 1.74x the float model's images/s against 1.65x for the global plan's
-         (benchmarks/structured_speed.py --workdir, one thread). The pruned model is the same
+         (benchmarks/structured_speed.py --workdir --cpu_threads=1, both measured while the
+         other core was busy; idle, the three trained uniform runs: 1.71-1.73x on one thread,
+         1.53x on two). The pruned model is the same
          ViT built with per-block `model_kwargs.heads` and `mlp_dims`, then fine-tuned (digits
          1,500 steps at lr 1e-3: on seeds 0-2 its mean validation accuracy was 98.15% against
          97.92% at 5e-4). Figures: the quality table's vit_prune_half row
