@@ -397,9 +397,10 @@ def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
 
 
 @pytest.fixture(scope="module")
-def student_runs(reference_run, experiment_file, data_dir, tmp_path_factory):
+def student_runs(reference_run, experiment_file, data_dir, tmp_path_factory, default_emitters):
   """The tiny student trained 30 steps alone, and with the reference run as KD teacher at
-  alpha 0 (the distillation term weighted out) and at alpha 0.9."""
+  alpha 0 (the distillation term weighted out) and at alpha 0.9; compiled with XLA's own
+  emitters, whose rounding the alpha-0 trajectory check relies on."""
   teacher, _ = reference_run
   runs = {}
   for name, alpha in (("alone", None), ("alpha0", 0.0), ("kd", 0.9)):
@@ -408,7 +409,8 @@ def student_runs(reference_run, experiment_file, data_dir, tmp_path_factory):
       c.teacher = teacher
       c.distill = ml_collections.ConfigDict({"loss": "kd", "temperature": 4.0, "alpha": alpha})
     workdir = str(tmp_path_factory.mktemp(name))
-    runs[name] = (workdir, train.train_and_evaluate(c, workdir), c)
+    with default_emitters():
+      runs[name] = (workdir, train.train_and_evaluate(c, workdir), c)
   return runs
 
 
