@@ -1,7 +1,6 @@
 """Fixtures shared by the test modules, and the session's compilation cache."""
 
 import contextlib
-import functools
 import os
 import shutil
 import tempfile
@@ -60,10 +59,10 @@ def _with_plumbing_options(get_compile_options):
   """`jax._src.compiler.get_compile_options` with `_PLUMBING_XLA_OPTIONS` added to each
   compile's option overrides (part of the persistent cache's key, so no program compiled one
   way is read back for the other)."""
-  @functools.wraps(get_compile_options)
   def wrapped(*args, env_options_overrides=None, **kwargs):
     options = {**_PLUMBING_XLA_OPTIONS, **(env_options_overrides or {})}
     return get_compile_options(*args, env_options_overrides=options, **kwargs)
+  wrapped.unpatched = get_compile_options
   return wrapped
 
 
@@ -89,7 +88,7 @@ def _without_xla_optimizations():
 def _default_emitters():
   with pytest.MonkeyPatch.context() as mp:
     get = compiler.get_compile_options
-    mp.setattr(compiler, "get_compile_options", getattr(get, "__wrapped__", get))
+    mp.setattr(compiler, "get_compile_options", getattr(get, "unpatched", get))
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in _PLUMBING_XLA_FLAGS]
     mp.setenv("XLA_FLAGS", " ".join(flags))
     yield
