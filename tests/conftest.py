@@ -135,8 +135,9 @@ def data_dir(tmp_path_factory):
 
 
 #: The test files that take longest, longest first (one process, each file from its first test's
-#: start to its last test's end, fixtures included; 2026-12-05: test_train 100 s, test_narrow_binary
-#: 98 s, test_export 78 s, ... test_hessian 35 s, test_runtime 34 s). xdist's `--dist loadfile`
+#: start to its last test's end, fixtures included; measured before plumbing modules took the
+#: legacy emitters, which shortened most of them: test_train 100 s, test_narrow_binary 98 s,
+#: test_export 78 s, ... test_hessian 35 s, test_runtime 34 s). xdist's `--dist loadfile`
 #: (pyproject.toml) hands the files to its two workers in collection order (`pytest_configure`
 #: turns its reordering off), each taking the next when it is done: a long file collected last
 #: leaves one worker running it alone at the end. Running the long ones first leaves only short
