@@ -9,7 +9,8 @@ there, one is trained first through the codebase's trainer (`train.train_and_eva
 
 1. The per-layer Hessian traces Tr(H_ll) (`hessian.hutchinson_traces`, Rademacher probes, the
    selection quantization uses: kernels, stem and head excluded) of the eval-mode cross-entropy
-   on the first --images training images (no augmentation), timed from the call to the last
+   on the first --images training images (no augmentation; --augment: through the training
+   augmentation), timed from the call to the last
    probe (compile included); target: all of ResNet-20's in at most 60 s on a 2-core CPU.
 2. HAWQ-V2's Omega_l(b) = Tr(H_ll)/n_l ||Q_b(W_l) - W_l||^2 at --bits (`hessian.quant_sensitivity`).
 3. The measured sensitivity: each layer alone quantized to --bits (per-channel symmetric uniform,
@@ -89,6 +90,9 @@ def main(argv=None) -> dict:
   p.add_argument("--workdir", default="/tmp/hc_float", help="a float run (trained if absent)")
   p.add_argument("--data", default="digits", help="dataset of a run trained here")
   p.add_argument("--images", type=int, default=256, help="training images of the trace loss")
+  p.add_argument("--augment", action="store_true",
+                 help="the trace images through the training augmentation (a trained model fits "
+                      "its un-augmented training images almost exactly: loss ~1e-3)")
   p.add_argument("--bits", default="2,3,4",
                  help="widths of the one-layer quantization, comma-separated; the first is the "
                       "headline (2: the target)")
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
   data_dir = c.data_dir or None
 
   it = data_lib.train_iterator(c.data, batch_size=args.images, seed=c.seed, start_step=0,
-                               image_size=image_size, augment=False, data_dir=data_dir,
+                               image_size=image_size, augment=args.augment, data_dir=data_dir,
                                validation=c.eval_split == "validation")
   calib = next(it)
   images, labels = jnp.asarray(calib["image"]), jnp.asarray(calib["label"])
@@ -193,7 +197,7 @@ def main(argv=None) -> dict:
   out = {
       "workdir": args.workdir, "step": step, "model": c.model, "data": c.data,
       "device": f"{jax.devices()[0].platform} ({os.cpu_count()} cores)",
-      "images": int(images.shape[0]), "bits": bits_list, "tol": args.tol,
+      "images": int(images.shape[0]), "augment": args.augment, "bits": bits_list, "tol": args.tol,
       "min_probes": args.min_probes, "max_probes": args.max_probes, "seed": args.seed,
       "layers": len(rows), "probes": ht.probes, "converged": ht.converged,
       "trace_seconds": trace_seconds, "drops_seconds": drops_seconds,
