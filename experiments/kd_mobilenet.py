@@ -67,7 +67,7 @@ def get_config(arg=None):
     c.eval_every = 100
     c.checkpoint_every = 100
     if arg.data == "digits_hard":
-      # 200 labels leave every model at chance there (the students memorised them: validation
+      # 200 labels left both students at chance there (they memorised them: validation
       # 15-19%); 1,000 (digits' 200 scaled by its 5 variants) over 1,200 steps: the KD
       # student's validation accuracy 14 / 71 / 86 / 88% at steps 200 / 400 / 600 / 800
       c.train_examples = 1000 if arg.train_examples < 0 else arg.train_examples
