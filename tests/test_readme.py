@@ -106,7 +106,7 @@ def test_quality_rows_subset_keeps_the_other_rows_of_the_table():
   assert quality.merge(summary, {**previous, "data": "digits_hard"}, "abc") == summary
 
 
-def test_quality_vit_rows_run_on_digits_only():
+def test_quality_vit_rows_run_on_digits_only(capsys):
   """The ViT rows are left out of the digits_hard table (and its --quick subset), a table file
   that still lists them loses them on the next --rows update, and --rows naming one there is
   refused with the row's name."""
@@ -119,6 +119,13 @@ def test_quality_vit_rows_run_on_digits_only():
   assert vit and all(quality.ROW_BY_NAME[n].runs_on("digits") for n in vit)
   assert not any(quality.ROW_BY_NAME[n].runs_on("digits_hard") for n in vit)
   assert quality.ROW_BY_NAME["student_kd"].runs_on("digits_hard")
+  for args, expect_vit in (([], False), (["--quick"], False)):
+    quality.main(["--data=digits_hard", "--list", *args])
+    listed = capsys.readouterr().out
+    assert "student_kd" in listed or "--quick" in args
+    assert "float" in listed and ("vit_" in listed) == expect_vit
+  quality.main(["--data=digits", "--list"])
+  assert "vit_deit200" in capsys.readouterr().out
 
   def row(name):
     return {"row": name, "label": name, "command": "c", "missing": [], "stale_seeds": [],
