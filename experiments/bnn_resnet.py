@@ -10,7 +10,10 @@ in `teacher` (CIFAR-10: ResNet-18 with a CIFAR stem in runs/baseline_resnet_mode
 digits: ResNet-20 in runs/baseline_resnet_data=digits, the workdirs `launch.py` gives those
 configs by default). When that workdir holds no finished run, the teacher is trained there first
 (`teacher_config`), so the one command above does everything; a rerun resumes either run. The
-loss is Hinton's KD (`distill` sub-config: T 4, alpha 0.9 by default; `loss=dkd` etc.).
+loss is ReActNet's distributional loss by default: KL divergence to the teacher's softmax at
+T 1 with no hard-label term (`distill` sub-config, loss kd, temperature 1, alpha 1); Hinton's
+KD is `temperature=4,alpha=0.9`, other losses `loss=dkd` etc. (on digits the distributional
+loss gave W1A1 a smaller spread over seeds: docs/results.md).
 
 Weights: every conv kernel except the float stem (`stem_conv`) and classifier (`head`) is
 binarized in the forward pass by the `binary` ParamTransform (latent float weights, sign with a
@@ -27,7 +30,8 @@ xnor, ternary: -1/0/+1 weights, TWN's threshold, two bit planes in the artifact)
 steps (total_steps; 0: the data's default), float_steps (`binary.float_steps`: steps with
 float kernels before they are binarized, ReActNet's two stages in one run), teacher
 (the teacher's workdir; empty: no distillation; "default": see above), loss, temperature, alpha
-(the `distill` sub-config), seed, runlocal.
+(the `distill` sub-config; temperature 0 and alpha -1 mean 1 and 1 with a teacher, the
+library's defaults without one, where they are unused), seed, runlocal.
 """
 
 import os
@@ -51,8 +55,8 @@ TEACHERS = {
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data="cifar10", model="", num_bits=1, method="ste_sign",
-                             width=1.0, teacher="default", loss="kd", temperature=4.0,
-                             alpha=0.9, float_steps=-1, steps=0, seed=0, runlocal=False)
+                             width=1.0, teacher="default", loss="kd", temperature=0.0,
+                             alpha=-1.0, float_steps=-1, steps=0, seed=0, runlocal=False)
   c = config_lib.base_config()
   c.data = arg.data
   offline = arg.data in config_lib.OFFLINE_DATASETS
@@ -70,8 +74,12 @@ def get_config(arg=None):
     c.teacher = config_lib.default_workdir(c.teacher_config)
   c.distill = distill.default_config()
   c.distill.loss = arg.loss
-  c.distill.temperature = arg.temperature
-  c.distill.alpha = arg.alpha
+  if c.teacher:   # ReActNet's distributional loss: the teacher's softmax only, at T 1
+    c.distill.temperature, c.distill.alpha = 1.0, 1.0
+  if arg.temperature:
+    c.distill.temperature = arg.temperature
+  if arg.alpha != -1.0:
+    c.distill.alpha = arg.alpha
 
   c.binary = ml_collections.ConfigDict()
   c.binary.method = arg.method
