@@ -196,6 +196,42 @@ def same_config(point: dict, data: str) -> bool:
   return ran == now
 
 
+def config_digest(config, point: dict, experiments: str = "experiments") -> str:
+  """A digest of `config` (a point's) that names no directory of this machine: the point's
+  root and the experiments directory it was built from are replaced by placeholders, so that
+  a table file's digests compare across checkouts."""
+  import hashlib  # noqa: PLC0415
+
+  text = config.to_json_best_effort(sort_keys=True)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(point["workdir"])))  # ROOT/DATA/seedS/ROW
+  for path, name in ((os.path.abspath(experiments), "{experiments}"), (root, "{root}")):
+    text = text.replace(path, name)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def built_digest(point: dict, data: str, experiments: str = "experiments") -> str | None:
+  """`config_digest` of the config `experiments` builds for `point`; None where it fails."""
+  try:
+    return config_digest(build_config(point, data, experiments), point, experiments)
+  except Exception:  # pylint: disable=broad-except  (unknown: the commits decide)
+    return None
+
+
+def experiments_at(commit: str, cache: dict) -> str | None:
+  """A directory holding experiments/ as it was at `commit` (extracted once per commit into a
+  temporary directory); None where git cannot give it."""
+  key = ("experiments", commit)
+  if key not in cache:
+    import tempfile  # noqa: PLC0415
+
+    out = tempfile.mkdtemp(prefix=f"jcompress_experiments_{commit}_")
+    tar = subprocess.run(["git", "archive", commit, "experiments"], cwd=ROOT, capture_output=True)
+    ok = tar.returncode == 0 and subprocess.run(
+        ["tar", "-x", "-C", out], input=tar.stdout, capture_output=True).returncode == 0
+    cache[key] = os.path.join(out, "experiments") if ok else None
+  return cache[key]
+
+
 def point_stale(point: dict, data: str, commit: str, cache: dict | None = None) -> bool:
   """Whether the finished point in `point["workdir"]` is stale at `commit`: it ran at a commit
   whose SHARED_PATHS differ, or with another config than this checkout builds for it (then
@@ -235,19 +271,20 @@ def make_point(root: str, data: str, row: Row, seed: int) -> dict:
           "float": os.path.join(base, row.base or "float")}
 
 
-def build_config(point: dict, data: str):
+def build_config(point: dict, data: str, experiments: str = "experiments"):
   """The point's config: its row's experiment config, the seed, and for the combined row the
-  pruning and distillation sub-configs added to the W4A4 QAT config."""
+  pruning and distillation sub-configs added to the W4A4 QAT config; the experiment files
+  read from the directory `experiments`."""
   from jcompress import config as config_lib  # noqa: PLC0415
   from jcompress import distill  # noqa: PLC0415
 
   row = ROW_BY_NAME[point["row"]]
-  spec = "experiments/" + row.spec.format(data=data, float=point["float"])
+  spec = os.path.join(experiments, row.spec.format(data=data, float=point["float"]))
   c = config_lib.load_config_file(spec)
   c.seed = point["seed"]
   if row.combined:
-    pruned = config_lib.load_config_file(
-        f"experiments/prune_resnet.py:data={data},init_from={point['float']}")
+    pruned = config_lib.load_config_file(os.path.join(
+        experiments, f"prune_resnet.py:data={data},init_from={point['float']}"))
     c.prune = pruned.prune
     c.total_steps = max(c.total_steps, pruned.total_steps)   # the pruning schedule's length
     c.teacher = point["float"]
@@ -402,11 +439,12 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
       meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
       if point_stale(p, data, commit, cache):
         stale.append(p["seed"])
+      digest = built_digest(p, data) if same_config(p, data) else None
       seeds.append({"seed": p["seed"], "test_accuracy": r["test_accuracy"],
                     "val_accuracy": r.get("val_accuracy"), "model_bytes": r["model_bytes"],
                     "compression_ratio": r["compression_ratio"],
                     "wall_seconds": r["wall_seconds"], "commit": meta.get("commit"),
-                    "date": meta.get("date")})
+                    "date": meta.get("date"), "config": digest})
     entry = {"row": row.name, "label": row.label, "command": row.spec, "seeds": seeds,
              "missing": missing, "stale_seeds": stale}
     if seeds:
@@ -436,27 +474,49 @@ def set_drops(entries: list[dict]) -> None:
 def merge(summary: dict, previous: dict, commit: str, root: str = "") -> dict:
   """`summary` (a `--rows` subset) with the rows of `previous` (the table file it rewrites)
   that it did not run, in ROWS order, their stale seeds checked again against `commit`: on
-  the run itself (`point_stale`) where `root` still holds it, by their commit otherwise."""
+  the run itself (`point_stale`) where `root` still holds it; where the run is gone, on the
+  config it ran with (the seed's `config` digest, or for a seed without one the config the
+  experiment files of its commit build) against the config the checkout builds, as
+  `point_stale` does; and a seed whose base row's seed is stale is stale."""
   if previous.get("data") != summary["data"]:
     return summary
+  data = summary["data"]
   mine = {e["row"]: e for e in summary["rows"]}
   kept = {e["row"]: e for e in previous.get("rows", []) if e["row"] not in mine}
   cache = {}
 
-  def stale(row: str, s: dict) -> bool:
-    if root and row in ROW_BY_NAME:
-      p = make_point(root, summary["data"], ROW_BY_NAME[row], s["seed"])
-      meta_path = os.path.join(p["workdir"], "point.json")
-      if os.path.exists(meta_path):
-        with open(meta_path) as f:
-          if json.load(f).get("commit") == s.get("commit"):
-            return point_stale(p, summary["data"], commit, cache)
-    return is_stale(s.get("commit"), commit)
+  def stale(e: dict, s: dict) -> bool:
+    row = ROW_BY_NAME.get(e["row"])
+    if not root or row is None:
+      return is_stale(s.get("commit"), commit)
+    p = make_point(root, data, row, s["seed"])
+    meta_path = os.path.join(p["workdir"], "point.json")
+    if os.path.exists(meta_path):
+      with open(meta_path) as f:
+        if json.load(f).get("commit") == s.get("commit"):
+          return point_stale(p, data, commit, cache)
+    unchanged = False   # the run is gone: the config it ran with against today's
+    if e.get("command") == row.spec and not is_stale(s.get("commit"), commit, True):
+      now = built_digest(p, data)
+      ran = s.get("config")
+      if not ran:
+        old = experiments_at(s["commit"], cache)
+        ran = built_digest(p, data, old) if old else None
+      unchanged = now is not None and ran == now
+      if unchanged:
+        s["config"] = now
+    return is_stale(s.get("commit"), commit, unchanged)
 
   for e in kept.values():
-    e["stale_seeds"] = [s["seed"] for s in e["seeds"] if stale(e["row"], s)]
-  rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS if r.runs_on(summary["data"])]
+    e["stale_seeds"] = [s["seed"] for s in e["seeds"] if stale(e, s)]
+  rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS if r.runs_on(data)]
   rows = [e for e in rows if e is not None]
+  stale_seeds = {e["row"]: set(e["stale_seeds"]) for e in rows}
+  for e in kept.values():
+    base = ROW_BY_NAME[e["row"]].base if e["row"] in ROW_BY_NAME else None
+    if base:
+      e["stale_seeds"] = sorted(set(e["stale_seeds"]) | (
+          stale_seeds.get(base, set()) & {s["seed"] for s in e["seeds"]}))
   set_drops(rows)
   seeds = sorted({s["seed"] for e in rows for s in e["seeds"]} | set(summary["seeds"]))
   return {**summary, "seeds": seeds, "rows": rows}
@@ -579,6 +639,10 @@ def main(argv=None) -> int:
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
     if args.workers > 1 and args.point < 0:
+      from jcompress import data as data_lib  # noqa: PLC0415
+      # Prepared here, once: workers that each find it missing (a fresh machine) would build
+      # it at the same time and all but one fail at TFDS's final rename.
+      data_lib.dataset_info(args.data)
       argv_base = [sys.executable, os.path.abspath(__file__), f"--data={args.data}",
                    f"--seeds={seeds}", f"--root={args.root}", *(["--quick"] if args.quick else []),
                    *([f"--rows={args.rows}"] if args.rows else []),

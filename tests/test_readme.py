@@ -250,3 +250,81 @@ def test_quality_point_is_stale_where_its_config_or_its_base_changed(tmp_path, m
   assert stale("float") and stale("filters_half")
   os.remove(os.path.join(pts["float"]["workdir"], "config.json"))
   assert not quality.same_config(pts["float"], "digits")
+
+
+def test_quality_merge_judges_a_gone_run_on_the_config_it_ran_with(tmp_path, monkeypatch):
+  """Where a kept row's run is gone (a fresh checkout), `merge` compares the config it ran
+  with (the seed's digest, or what the experiment files of its commit build) against the one
+  the checkout builds: an experiment file changed for another row leaves it fresh, a change
+  to its own config stales it, and a stale base seed stales its dependents' seed."""
+  import sys
+
+  import ml_collections
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  lr = {"experiments": {"float": 0.1, "prune90": 0.2, "qat_w4a4": 0.3},     # the checkout's
+        "old": {"float": 0.1, "prune90": 0.2, "qat_w4a4": 0.4}}             # at commit "expt"
+  monkeypatch.setattr(quality, "build_config", lambda p, data, experiments="experiments":
+                      ml_collections.ConfigDict({"lr": lr[experiments][p["row"]],
+                                                 "init": p["float"]}))
+  monkeypatch.setattr(quality, "experiments_at", lambda commit, cache: "old")
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      point_commit == "lib" or (point_commit == "expt" and not config_unchanged))
+
+  def row(name, commit, digest=None, seeds=(0,)):
+    spec = quality.ROW_BY_NAME[name].spec
+    return {"row": name, "label": name, "command": spec, "missing": [], "stale_seeds": [],
+            "seeds": [{"seed": s, "test_accuracy": 0.9, "commit": commit, "config": digest}
+                      for s in seeds], "accuracy_mean": 90.0, "accuracy_std": 0.0}
+
+  def digest(name):
+    p = quality.make_point(str(tmp_path), "digits", quality.ROW_BY_NAME[name], 0)
+    return quality.built_digest(p, "digits")
+
+  summary = {"data": "digits", "seeds": [0], "commit": "new", "rows": []}
+  previous = {"data": "digits", "rows": [row("float", "expt"), row("prune90", "expt"),
+                                         row("qat_w4a4", "expt")]}
+  merged = quality.merge(summary, previous, "new", str(tmp_path))
+  assert {e["row"]: e["stale_seeds"] for e in merged["rows"]} == {
+      "float": [], "prune90": [], "qat_w4a4": [0]}
+  # a fresh seed's digest is recorded and used next time, without the old experiment files
+  seed0 = {e["row"]: e["seeds"][0] for e in merged["rows"]}
+  assert seed0["prune90"]["config"] == digest("prune90") and seed0["qat_w4a4"]["config"] is None
+  previous = {"data": "digits", "rows": [row("float", "expt", digest("float")),
+                                         row("prune90", "expt", "0" * 16)]}
+  by = {e["row"]: e["stale_seeds"] for e in quality.merge(summary, previous, "new",
+                                                           str(tmp_path))["rows"]}
+  assert by == {"float": [], "prune90": [0]}
+  # a library change stales the base seed, and with it the seed that started from it
+  previous = {"data": "digits", "rows": [row("float", "lib", seeds=(0, 1)),
+                                         row("prune90", "expt", seeds=(0,))]}
+  by = {e["row"]: e["stale_seeds"] for e in quality.merge(summary, previous, "new",
+                                                           str(tmp_path))["rows"]}
+  assert by == {"float": [0, 1], "prune90": [0]}
+  # the same config built from two checkouts (another root) has the same digest
+  p = quality.make_point(str(tmp_path), "digits", quality.ROW_BY_NAME["prune90"], 0)
+  q = quality.make_point("/elsewhere", "digits", quality.ROW_BY_NAME["prune90"], 0)
+  assert quality.built_digest(p, "digits") == quality.built_digest(q, "digits")
+
+
+def test_quality_workers_prepare_the_dataset_once_before_they_start(tmp_path, monkeypatch):
+  """`--workers=N` prepares the dataset in the parent first: N workers finding it missing on
+  a fresh machine would build it at once, and all but one fail at TFDS's rename."""
+  import sys
+
+  from jcompress import data as data_lib
+  from jcompress import runtime
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  calls = []
+  monkeypatch.setattr(runtime, "configure_cpu", lambda *a, **k: {})
+  monkeypatch.setattr(data_lib, "dataset_info", lambda name, **k: calls.append(("prepare", name)))
+  monkeypatch.setattr(quality, "run_workers", lambda todo, pts, workers, command: (
+      calls.append(("workers", workers)) or {p["index"]: "done" for p in todo}))
+  quality.main(["--data=digits_hard", "--rows=float", "--seeds=1", "--workers=2",
+                f"--root={tmp_path}/runs", f"--out_dir={tmp_path}/out"])
+  assert calls == [("prepare", "digits_hard"), ("workers", 2)]
