@@ -28,8 +28,9 @@ README's table is what the file it names gives. The ViT rows run on digits only 
 point is marked stale in the tables, never mixed in silently, where it ran at a commit whose
 library (jcompress/, pyproject.toml) differs from the checkout's, or with uncommitted changes
 in the code below, or with another config than the checkout builds for it (its workdir's
-config.json against the config its row and experiment file give now; where the run is gone, any
-change in experiments/ or this file counts), or where its base run is stale. A stale point is
+config.json against the config its row and experiment file give now; where the run is gone, the
+digest of that config kept in the table file, or for an older entry the config the experiment
+files of its commit build), or where its base run is stale. A stale point is
 not run again by itself: remove its workdir (or the row's, every seed) and run the row.
 """
 
