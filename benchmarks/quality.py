@@ -225,11 +225,12 @@ def experiments_at(commit: str, cache: dict) -> str | None:
   if key not in cache:
     import tempfile  # noqa: PLC0415
 
-    out = tempfile.mkdtemp(prefix=f"jcompress_experiments_{commit}_")
+    tmp = tempfile.TemporaryDirectory(prefix=f"jcompress_experiments_{commit}_")
     tar = subprocess.run(["git", "archive", commit, "experiments"], cwd=ROOT, capture_output=True)
     ok = tar.returncode == 0 and subprocess.run(
-        ["tar", "-x", "-C", out], input=tar.stdout, capture_output=True).returncode == 0
-    cache[key] = os.path.join(out, "experiments") if ok else None
+        ["tar", "-x", "-C", tmp.name], input=tar.stdout, capture_output=True).returncode == 0
+    cache[("tmp", commit)] = tmp   # removed with the cache
+    cache[key] = os.path.join(tmp.name, "experiments") if ok else None
   return cache[key]
 
 
