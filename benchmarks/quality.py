@@ -320,8 +320,11 @@ def run_point(point: dict, data: str, commit: str) -> dict:
     return {"status": "failed", "error": error}
   if not os.path.exists(results):   # SIGTERM: a checkpoint was saved, rerun to resume
     return {"status": "interrupted"}
+  from common import device_name  # noqa: PLC0415  (benchmarks/common.py)
+
   with open(os.path.join(workdir, "point.json"), "w") as f:
     json.dump({"row": point["row"], "seed": point["seed"], "commit": commit,
+               "machine": device_name(),
                "date": datetime.date.today().isoformat(),
                "seconds": round(time.time() - t0, 1)}, f)
   err = os.path.join(workdir, "error.txt")
@@ -442,11 +445,16 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
       if point_stale(p, data, commit, cache):
         stale.append(p["seed"])
       digest = built_digest(p, data) if same_config(p, data) else None
+      base = None
+      if row.base and os.path.exists(os.path.join(p["float"], "results.json")):
+        with open(os.path.join(p["float"], "results.json")) as f:
+          base = json.load(f)["test_accuracy"]
       seeds.append({"seed": p["seed"], "test_accuracy": r["test_accuracy"],
                     "val_accuracy": r.get("val_accuracy"), "model_bytes": r["model_bytes"],
                     "compression_ratio": r["compression_ratio"],
                     "wall_seconds": r["wall_seconds"], "commit": meta.get("commit"),
-                    "date": meta.get("date"), "config": digest})
+                    "date": meta.get("date"), "config": digest,
+                    "machine": meta.get("machine"), "base_accuracy": base})
     entry = {"row": row.name, "label": row.label, "command": row.spec, "seeds": seeds,
              "missing": missing, "stale_seeds": stale}
     if seeds:
@@ -511,6 +519,8 @@ def merge(summary: dict, previous: dict, commit: str, root: str = "") -> dict:
 
   for e in kept.values():
     e["stale_seeds"] = [s["seed"] for s in e["seeds"] if stale(e, s)]
+    for s in e["seeds"]:
+      s.setdefault("machine", previous.get("machine"))
   rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS if r.runs_on(data)]
   rows = [e for e in rows if e is not None]
   stale_seeds = {e["row"]: set(e["stale_seeds"]) for e in rows}
@@ -532,19 +542,45 @@ def _acc(e: dict) -> str:
   return text + (f" ({n} seeds)" if n > 1 else " (1 seed)")
 
 
-def _status(e: dict) -> str:
+def machines(summary: dict) -> list[tuple[str, int]]:
+  """[(machine, number of seeds)] the table's seeds ran on, most first (a seed that does not
+  say ran on the summary's machine)."""
+  import collections  # noqa: PLC0415
+
+  count = collections.Counter(s.get("machine") or summary["machine"]
+                              for e in summary["rows"] for s in e["seeds"])
+  return count.most_common() or [(summary["machine"], 0)]
+
+
+def _status(e: dict, summary: dict) -> str:
   notes = []
   if e["stale_seeds"]:
     notes.append(f"STALE: seeds {e['stale_seeds']} ran at another commit")
   for m in e["missing"]:
     notes.append(f"seed {m['seed']} {m['reason']}")
+  main_machine = machines(summary)[0][0]
+  other = sorted({s.get("machine") or summary["machine"] for s in e["seeds"]} - {main_machine})
+  if other:
+    notes.append(f"ran on {', '.join(other)}")
+  row = ROW_BY_NAME.get(e["row"])
+  base = next((b for b in summary["rows"] if row and b["row"] == row.base), None)
+  if base is not None:   # a seed whose base run is not the one the table shows
+    shown = {s["seed"]: s["test_accuracy"] for s in base["seeds"]}
+    for s in e["seeds"]:
+      ran = s.get("base_accuracy")
+      if ran is not None and s["seed"] in shown and abs(ran - shown[s["seed"]]) > 1e-9:
+        notes.append(f"seed {s['seed']} started from a {row.base} run at {100 * ran:.2f}% "
+                     f"(the {row.base} row's seed {s['seed']}: {100 * shown[s['seed']]:.2f}%)")
   return "; ".join(notes)
 
 
 def markdown(summary: dict, readme: bool = False) -> str:
   """The table as markdown (README's shorter form with `readme`)."""
+  ran = machines(summary)
+  where = (ran[0][0] if len(ran) == 1 else ", ".join(f"{m} ({n} seeds)" for m, n in ran)
+           + ("" if readme else "; the notes say which"))
   head = (f"{summary['data']}, generated {summary['date']} at commit {summary['commit']} on "
-          f"{summary['machine']} by `python benchmarks/quality.py` (test accuracy: mean +- "
+          f"{where} by `python benchmarks/quality.py` (test accuracy: mean +- "
           "standard deviation over seeds; bytes: the exported artifact).")
   lines = [head, ""]
   if readme:
@@ -562,7 +598,7 @@ def markdown(summary: dict, readme: bool = False) -> str:
     cells = [e["label"], _acc(e), drop, size, ratio]
     if not readme:
       wall = f"{e['wall_seconds']:.0f}" if "wall_seconds" in e else ""
-      cells += [wall, f"`{e['command']}`", _status(e)]
+      cells += [wall, f"`{e['command']}`", _status(e, summary)]
     elif e["stale_seeds"]:
       cells[0] += " (stale)"
     lines.append("| " + " | ".join(cells) + " |")

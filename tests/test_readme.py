@@ -328,3 +328,35 @@ def test_quality_workers_prepare_the_dataset_once_before_they_start(tmp_path, mo
   quality.main(["--data=digits_hard", "--rows=float", "--seeds=1", "--workers=2",
                 f"--root={tmp_path}/runs", f"--out_dir={tmp_path}/out"])
   assert calls == [("prepare", "digits_hard"), ("workers", 2)]
+
+
+def test_quality_table_says_where_seeds_ran_and_from_which_base_run():
+  """The table names every machine its seeds ran on (the notes say which rows ran on the
+  others), and a seed that started from a base run other than the one its base row shows
+  (the base rerun on another machine, say) is noted with both accuracies."""
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  def row(name, accs, machine, base=None):
+    return {"row": name, "label": name, "command": "c", "missing": [], "stale_seeds": [],
+            "seeds": [{"seed": i, "test_accuracy": a, "machine": machine,
+                       "base_accuracy": None if base is None else base[i]}
+                      for i, a in enumerate(accs)],
+            "accuracy_mean": 100 * sum(accs) / len(accs), "accuracy_std": 0.0}
+
+  summary = {"data": "digits", "date": "d", "commit": "c", "machine": "A", "rows": [
+      row("float", [1.0, 0.99], "A"), row("prune90", [0.98, 0.98], "A", base=[1.0, 0.99]),
+      row("bnn_w1a1_kd", [0.99, 0.99], "B", base=[0.9944, 0.99])]}
+  table = quality.markdown(summary)
+  assert "on A (4 seeds), B (2 seeds); the notes say which" in table
+  notes = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1]
+           for line in table.splitlines() if line.startswith("| ")}
+  assert "started from" not in notes["prune90"]
+  assert "ran on B" in notes["bnn_w1a1_kd"] and "ran on" not in notes["prune90"]
+  assert ("seed 0 started from a float run at 99.44% (the float row's seed 0: 100.00%)"
+          in notes["bnn_w1a1_kd"]) and "seed 1 started" not in notes["bnn_w1a1_kd"]
+  assert "the notes say which" not in quality.markdown(summary, readme=True)
+  one = {**summary, "rows": summary["rows"][:2]}
+  assert "on A by" in quality.markdown(one)
