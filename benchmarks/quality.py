@@ -627,7 +627,7 @@ def main(argv=None) -> int:
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--quick", action="store_true", help="one seed, the main rows")
   ap.add_argument("--rows", default="", help="comma-separated row names (default: all); the "
-                  "table file keeps its other rows")
+                  "table file keeps its other rows, and its base rows unless named")
   ap.add_argument("--root", default=os.path.join(ROOT, "runs", "quality"))
   ap.add_argument("--point", type=int, default=-1, help="run this point only")
   ap.add_argument("--workers", type=int, default=1,
@@ -702,7 +702,12 @@ def main(argv=None) -> int:
   stem = os.path.join(args.out_dir, args.data + ("_quick" if args.quick else ""))
   if args.rows and os.path.exists(stem + ".json"):   # a subset updates its rows, keeps the rest
     with open(stem + ".json") as f:
-      summary = merge(summary, json.load(f), commit, args.root)
+      previous = json.load(f)
+    # the base rows a subset needs (run or reused) replace the table's only where named: the
+    # table's other rows started from its own base runs
+    have = {e["row"] for e in previous.get("rows", []) if e["seeds"]}
+    summary["rows"] = [e for e in summary["rows"] if e["row"] in names or e["row"] not in have]
+    summary = merge(summary, previous, commit, args.root)
   with open(stem + ".json", "w") as f:
     json.dump(summary, f, indent=1)
   with open(stem + ".md", "w") as f:

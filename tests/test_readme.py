@@ -360,3 +360,32 @@ def test_quality_table_says_where_seeds_ran_and_from_which_base_run():
   assert "the notes say which" not in quality.markdown(summary, readme=True)
   one = {**summary, "rows": summary["rows"][:2]}
   assert "on A by" in quality.markdown(one)
+
+
+def test_quality_rows_subset_keeps_the_tables_base_row_unless_named(tmp_path, monkeypatch):
+  """`--rows=X` runs the base rows X needs but leaves the table file's base row as it was
+  (the table's other rows started from it) unless the base row is named too."""
+  import json
+  import sys
+
+  from jcompress import runtime
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  monkeypatch.setattr(runtime, "configure_cpu", lambda *a, **k: {})
+  out = tmp_path / "out"
+  out.mkdir()
+  kept = {"row": "float", "label": "float", "command": "c", "missing": [], "stale_seeds": [],
+          "seeds": [{"seed": 0, "test_accuracy": 1.0, "commit": "abc"}],
+          "accuracy_mean": 100.0, "accuracy_std": 0.0}
+  (out / "digits.json").write_text(json.dumps({"data": "digits", "machine": "M", "rows": [kept]}))
+  args = ["--data=digits", "--seeds=1", "--summarize", f"--root={tmp_path}/runs",
+          f"--out_dir={out}"]
+  quality.main([*args, "--rows=prune90"])
+  rows = {e["row"]: e for e in json.loads((out / "digits.json").read_text())["rows"]}
+  assert rows["float"]["seeds"] == [{**kept["seeds"][0], "machine": "M"}]
+  assert rows["prune90"]["missing"] == [{"seed": 0, "reason": "not run"}]
+  quality.main([*args, "--rows=float,prune90"])
+  rows = {e["row"]: e for e in json.loads((out / "digits.json").read_text())["rows"]}
+  assert rows["float"]["seeds"] == [] and rows["float"]["missing"][0]["reason"] == "not run"
