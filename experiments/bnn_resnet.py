@@ -30,8 +30,8 @@ xnor, ternary: -1/0/+1 weights, TWN's threshold, two bit planes in the artifact)
 steps (total_steps; 0: the data's default), float_steps (`binary.float_steps`: steps with
 float kernels before they are binarized, ReActNet's two stages in one run), teacher
 (the teacher's workdir; empty: no distillation; "default": see above), loss, temperature, alpha
-(the `distill` sub-config; temperature 0 and alpha -1 mean 1 and 1 with a teacher, the
-library's defaults without one, where they are unused), seed, runlocal.
+(the `distill` sub-config; temperature 0 and alpha -1 mean 1 and 1 for loss kd with a
+teacher, the library's defaults otherwise), seed, runlocal.
 """
 
 import os
@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.teacher = config_lib.default_workdir(c.teacher_config)
   c.distill = distill.default_config()
   c.distill.loss = arg.loss
-  if c.teacher:   # ReActNet's distributional loss: the teacher's softmax only, at T 1
+  if c.teacher and arg.loss == "kd":   # ReActNet's distributional loss: the softmax only, T 1
     c.distill.temperature, c.distill.alpha = 1.0, 1.0
   if arg.temperature:
     c.distill.temperature = arg.temperature

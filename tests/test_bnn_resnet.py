@@ -225,3 +225,27 @@ def test_gradients_reach_every_param_through_the_ste(images):
     assert np.all(np.isfinite(g)), path
     # bn1 / bn2 / shortcut_bn feed only a quantizer: their gradient exists only through the STE.
     assert np.any(g != 0), path
+
+
+def test_experiment_distills_with_the_distributional_loss_by_default():
+  """bnn_resnet.py with a teacher: KD at T 1 with no hard-label term (ReActNet's distributional
+  loss) unless temperature or alpha is given; other losses and configs without a teacher keep
+  the `distill` defaults."""
+  import os
+
+  from jcompress import config as config_lib
+  from jcompress import distill
+
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "bnn_resnet.py")
+
+  def dist(arg):
+    c = config_lib.load_config_file(f"{spec}:data=digits,{arg}").distill
+    return c.loss, c.temperature, c.alpha
+
+  base = distill.default_config()
+  assert dist("teacher=runs/t") == ("kd", 1.0, 1.0)
+  assert dist("teacher=runs/t,temperature=4.0,alpha=0.9") == ("kd", 4.0, 0.9)
+  assert dist("teacher=runs/t,alpha=0.5") == ("kd", 1.0, 0.5)
+  assert dist("teacher=") == ("kd", base.temperature, base.alpha)
+  assert dist("teacher=runs/t,loss=dkd") == ("dkd", base.temperature, base.alpha)

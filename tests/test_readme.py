@@ -266,17 +266,18 @@ def test_quality_merge_judges_a_gone_run_on_the_config_it_ran_with(tmp_path, mon
 
   lr = {"experiments": {"float": 0.1, "prune90": 0.2, "qat_w4a4": 0.3},     # the checkout's
         "old": {"float": 0.1, "prune90": 0.2, "qat_w4a4": 0.4}}             # at commit "expt"
-  monkeypatch.setattr(quality, "build_config", lambda p, data, experiments="experiments":
-                      ml_collections.ConfigDict({"lr": lr[experiments][p["row"]],
+  monkeypatch.setattr(quality, "build_config", lambda p, data, experiments=None:
+                      ml_collections.ConfigDict({"lr": lr[experiments or "experiments"][p["row"]],
                                                  "init": p["float"]}))
   monkeypatch.setattr(quality, "experiments_at", lambda commit, cache: "old")
   monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
                       point_commit == "lib" or (point_commit == "expt" and not config_unchanged))
 
-  def row(name, commit, digest=None, seeds=(0,)):
+  def row(name, commit, digest=None, seeds=(0,), stale=()):
     spec = quality.ROW_BY_NAME[name].spec
-    return {"row": name, "label": name, "command": spec, "missing": [], "stale_seeds": [],
-            "seeds": [{"seed": s, "test_accuracy": 0.9, "commit": commit, "config": digest}
+    config = {} if digest is None else {"config": digest}   # an entry from before the digests
+    return {"row": name, "label": name, "command": spec, "missing": [], "stale_seeds": [*stale],
+            "seeds": [{"seed": s, "test_accuracy": 0.9, "commit": commit, **config}
                       for s in seeds], "accuracy_mean": 90.0, "accuracy_std": 0.0}
 
   def digest(name):
@@ -291,12 +292,19 @@ def test_quality_merge_judges_a_gone_run_on_the_config_it_ran_with(tmp_path, mon
       "float": [], "prune90": [], "qat_w4a4": [0]}
   # a fresh seed's digest is recorded and used next time, without the old experiment files
   seed0 = {e["row"]: e["seeds"][0] for e in merged["rows"]}
-  assert seed0["prune90"]["config"] == digest("prune90") and seed0["qat_w4a4"]["config"] is None
+  assert seed0["prune90"]["config"] == digest("prune90") and "config" not in seed0["qat_w4a4"]
   previous = {"data": "digits", "rows": [row("float", "expt", digest("float")),
                                          row("prune90", "expt", "0" * 16)]}
   by = {e["row"]: e["stale_seeds"] for e in quality.merge(summary, previous, "new",
                                                            str(tmp_path))["rows"]}
   assert by == {"float": [], "prune90": [0]}
+  # a seed that ran with another config than its checkout built, or that the table already
+  # marks stale, stays stale though the experiment files of its commit build today's config
+  previous = {"data": "digits", "rows": [row("float", "expt", quality.CHANGED),
+                                         row("prune90", "expt", stale=(0,))]}
+  by = {e["row"]: e["stale_seeds"] for e in quality.merge(summary, previous, "new",
+                                                           str(tmp_path))["rows"]}
+  assert by == {"float": [0], "prune90": [0]}
   # a library change stales the base seed, and with it the seed that started from it
   previous = {"data": "digits", "rows": [row("float", "lib", seeds=(0, 1)),
                                          row("prune90", "expt", seeds=(0,))]}
@@ -360,6 +368,11 @@ def test_quality_table_says_where_seeds_ran_and_from_which_base_run():
   assert "the notes say which" not in quality.markdown(summary, readme=True)
   one = {**summary, "rows": summary["rows"][:2]}
   assert "on A by" in quality.markdown(one)
+  # a kept seed that does not say where it ran ran on the machine of the table it came from
+  unsaid = {**summary["rows"][1], "seeds": [{**summary["rows"][1]["seeds"][0], "machine": None}]}
+  merged = quality.merge({**summary, "rows": [], "seeds": []},
+                         {**summary, "machine": "A", "rows": [unsaid]}, "c")
+  assert quality.machines({**merged, "machine": "B"}) == [("A", 1)]
 
 
 def test_quality_rows_subset_keeps_the_tables_base_row_unless_named(tmp_path, monkeypatch):
@@ -380,6 +393,10 @@ def test_quality_rows_subset_keeps_the_tables_base_row_unless_named(tmp_path, mo
           "seeds": [{"seed": 0, "test_accuracy": 1.0, "commit": "abc"}],
           "accuracy_mean": 100.0, "accuracy_std": 0.0}
   (out / "digits.json").write_text(json.dumps({"data": "digits", "machine": "M", "rows": [kept]}))
+  run = tmp_path / "runs" / "digits" / "seed0" / "float"   # a finished float run of the subset's
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps({"test_accuracy": 0.5, "model_bytes": 1,
+                                                "compression_ratio": 1.0, "wall_seconds": 1.0}))
   args = ["--data=digits", "--seeds=1", "--summarize", f"--root={tmp_path}/runs",
           f"--out_dir={out}"]
   quality.main([*args, "--rows=prune90"])
@@ -388,4 +405,4 @@ def test_quality_rows_subset_keeps_the_tables_base_row_unless_named(tmp_path, mo
   assert rows["prune90"]["missing"] == [{"seed": 0, "reason": "not run"}]
   quality.main([*args, "--rows=float,prune90"])
   rows = {e["row"]: e for e in json.loads((out / "digits.json").read_text())["rows"]}
-  assert rows["float"]["seeds"] == [] and rows["float"]["missing"][0]["reason"] == "not run"
+  assert [s["test_accuracy"] for s in rows["float"]["seeds"]] == [0.5]
