@@ -601,7 +601,7 @@ def markdown(summary: dict, readme: bool = False) -> str:
   """The table as markdown (README's shorter form with `readme`)."""
   ran = machines(summary)
   where = (ran[0][0] if len(ran) == 1 else ", ".join(f"{m} ({n} seeds)" for m, n in ran)
-           + ("" if readme else "; the notes say which"))
+           + ("" if readme else " (the notes say which)"))
   head = (f"{summary['data']}, generated {summary['date']} at commit {summary['commit']} on "
           f"{where} by `python benchmarks/quality.py` (test accuracy: mean +- "
           "standard deviation over seeds; bytes: the exported artifact).")

@@ -358,7 +358,7 @@ def test_quality_table_says_where_seeds_ran_and_from_which_base_run():
       row("float", [1.0, 0.99], "A"), row("prune90", [0.98, 0.98], "A", base=[1.0, 0.99]),
       row("bnn_w1a1_kd", [0.99, 0.99], "B", base=[0.9944, 0.99])]}
   table = quality.markdown(summary)
-  assert "on A (4 seeds), B (2 seeds); the notes say which" in table
+  assert "on A (4 seeds), B (2 seeds) (the notes say which) by" in table
   notes = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1]
            for line in table.splitlines() if line.startswith("| ")}
   assert "started from" not in notes["prune90"]
