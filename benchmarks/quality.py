@@ -659,6 +659,9 @@ def main(argv=None) -> int:
                   help="a directory for jax's persistent compilation cache, shared by the points")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--summarize", action="store_true", help="only write the tables")
+  ap.add_argument("--recheck", action="store_true",
+                  help="only rewrite the table file with its seeds' staleness checked again "
+                       "against the checkout (its runs under --root where they still are)")
   ap.add_argument("--readme", action="store_true",
                   help="rewrite README's results table from this table's json (after a run)")
   ap.add_argument("--out_dir", default=os.path.join(ROOT, "docs", "results"))
@@ -695,7 +698,7 @@ def main(argv=None) -> int:
   if args.compile_cache:
     runtime.compilation_cache(args.compile_cache)
   failed = 0
-  if not args.summarize:
+  if not args.summarize and not args.recheck:
     todo = pts if args.point < 0 else [p for p in pts if p["index"] == args.point]
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
@@ -720,10 +723,20 @@ def main(argv=None) -> int:
       failed += status["status"] == "failed"
     if args.point >= 0:
       return 1 if failed else 0
-  summary = summarize(rows, pts, args.data, commit)
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, args.data + ("_quick" if args.quick else ""))
-  if args.rows and os.path.exists(stem + ".json"):   # a subset updates its rows, keeps the rest
+  if args.recheck:
+    if not os.path.exists(stem + ".json"):
+      raise SystemExit(f"--recheck: there is no table file {stem}.json")
+    with open(stem + ".json") as f:
+      previous = json.load(f)
+    summary = merge({"data": args.data, "date": datetime.date.today().isoformat(),
+                     "commit": commit, "machine": previous.get("machine"), "seeds": [],
+                     "rows": []}, previous, commit, args.root)
+  else:
+    summary = summarize(rows, pts, args.data, commit)
+  if args.rows and not args.recheck and os.path.exists(stem + ".json"):
+    # a subset updates its rows, keeps the rest
     with open(stem + ".json") as f:
       previous = json.load(f)
     summary = merge(summary, previous, commit, args.root, named=names)

@@ -406,3 +406,37 @@ def test_quality_rows_subset_keeps_the_tables_base_row_unless_named(tmp_path, mo
   quality.main([*args, "--rows=float,prune90"])
   rows = {e["row"]: e for e in json.loads((out / "digits.json").read_text())["rows"]}
   assert [s["test_accuracy"] for s in rows["float"]["seeds"]] == [0.5]
+
+
+def test_quality_recheck_marks_the_table_files_stale_seeds(tmp_path, monkeypatch):
+  """`--recheck` rewrites a table file with its seeds judged again against the checkout, its
+  figures unchanged; without a table file it says which file is missing."""
+  import json
+  import sys
+
+  from jcompress import runtime
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  monkeypatch.setattr(runtime, "configure_cpu", lambda *a, **k: {})
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      point_commit == "lib")
+  out = tmp_path / "out"
+  out.mkdir()
+
+  def row(name, commit):
+    return {"row": name, "label": name, "command": "c", "missing": [], "stale_seeds": [],
+            "seeds": [{"seed": 0, "test_accuracy": 0.9, "commit": commit, "machine": "M"}],
+            "accuracy_mean": 90.0, "accuracy_std": 0.0}
+
+  (out / "digits.json").write_text(json.dumps({"data": "digits", "machine": "M", "rows": [
+      row("float", "ok"), row("prune90", "lib")]}))
+  args = [f"--root={tmp_path}/runs", f"--out_dir={out}", "--recheck"]
+  quality.main(["--data=digits", *args])
+  table = json.loads((out / "digits.json").read_text())
+  assert [(e["row"], e["stale_seeds"], e["accuracy_mean"]) for e in table["rows"]] == [
+      ("float", [], 90.0), ("prune90", [0], 90.0)]
+  assert "STALE: seeds [0]" in (out / "digits.md").read_text()
+  with pytest.raises(SystemExit, match="digits_hard.json"):
+    quality.main(["--data=digits_hard", *args])
