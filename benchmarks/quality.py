@@ -7,6 +7,7 @@ r"""The quality table: every compression method of jcompress trained and evaluat
   python benchmarks/quality.py --point=7                # one point (a job array, a larger machine)
   python benchmarks/quality.py --workers=2              # points in 2 processes, one core each
   python benchmarks/quality.py --summarize              # the tables from what has finished
+  python benchmarks/quality.py --recheck                # the table file's stale marks, redone
 
 Each row is one experiment config of `experiments/` (the command a user would run), each point
 one (row, seed) in its own workdir `ROOT/DATA/seedS/ROW`; the compressed rows start from the
