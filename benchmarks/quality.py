@@ -574,7 +574,7 @@ def machines(summary: dict) -> list[tuple[str, int]]:
 def _status(e: dict, summary: dict) -> str:
   notes = []
   if e["stale_seeds"]:
-    notes.append(f"STALE: seeds {e['stale_seeds']} ran at another commit")
+    notes.append(f"STALE: seeds {e['stale_seeds']} ran at another library commit or config")
   for m in e["missing"]:
     notes.append(f"seed {m['seed']} {m['reason']}")
   main_machine = machines(summary)[0][0]
