@@ -70,9 +70,12 @@ def main():
   def step():
     train_step().numpy()
 
+  # Trainable weights only, as the jcompress side counts `params` (Keras' count_params() adds
+  # the BatchNorms' moving means and variances, which jcompress keeps in `batch_stats`).
+  params = int(sum(v.shape.num_elements() for v in model.trainable_variables))
   protocol.serve(step, {"framework": f"larq {lq.__version__}, tf {tf.__version__}",
                         "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
-                        "binary": True, "params": int(model.count_params())})
+                        "binary": True, "params": params})
 
 
 if __name__ == "__main__":
