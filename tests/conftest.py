@@ -101,6 +101,17 @@ def default_emitters():
   return _default_emitters
 
 
+@pytest.fixture
+def optimized_env():
+  """os.environ without what a plumbing module sets for its `launch.py` subprocesses
+  (JAX_DISABLE_MOST_OPTIMIZATIONS, the legacy-emitter XLA flag): for a subprocess whose numbers
+  must be those of programs compiled as users' runs compile them."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if f not in _PLUMBING_XLA_FLAGS]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _plumbing_without_xla_optimizations(request):
   """A module marked `plumbing` (`pytestmark = pytest.mark.plumbing`: it checks the loop,
@@ -134,24 +145,41 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-#: The test files that take longest, longest first (one process, each file from its first test's
-#: start to its last test's end, fixtures included; measured before plumbing modules took the
-#: legacy emitters, which shortened most of them: test_train 100 s, test_narrow_binary 98 s,
-#: test_export 78 s, ... test_hessian 35 s, test_runtime 34 s). xdist's `--dist loadfile`
-#: (pyproject.toml) hands the files to its two workers in collection order (`pytest_configure`
-#: turns its reordering off), each taking the next when it is done: a long file collected last
-#: leaves one worker running it alone at the end. Running the long ones first leaves only short
-#: files for the end.
-LONG_FILES = ("test_train.py", "test_narrow_binary.py", "test_export.py", "test_models.py",
-              "test_fastconv.py", "test_analysis.py", "test_quantize.py", "test_intinfer.py",
-              "test_bnn_infer.py", "test_quantize_reference.py", "test_pq.py",
-              "test_pretrained.py", "test_actquant.py", "test_structured.py", "test_hessian.py",
-              "test_runtime.py")
+#: The test files that take longest in the default run (`-m 'not slow'`), longest first (each
+#: file's summed test times, fixtures included, from `python -m pytest -q --durations=0` on a
+#: 2-core AMD EPYC). xdist's `--dist loadfile` (pyproject.toml) hands the files to its two
+#: workers in collection order (`pytest_configure` turns its reordering off), each taking the
+#: next when it is done: a long file collected last leaves one worker running it alone at the
+#: end. Running the long ones first leaves only short files for the end.
+LONG_FILES = ("test_export.py", "test_train.py", "test_analysis.py", "test_models.py",
+              "test_runtime.py", "test_quantize.py", "test_pq.py", "test_fastconv.py",
+              "test_bnn_infer.py", "test_mixed_precision.py", "test_narrow_binary.py",
+              "test_intinfer.py", "test_structured.py", "test_hessian.py", "test_binarize.py",
+              "test_quantize_reference.py")
 
 
+def _other_cases_are_slow(items):
+  """Marks `slow` every case of a parametrized test function but its first one not already
+  marked slow: the default run (README's test command, `-m 'not slow'`) checks each test
+  function once, `-m slow` the other cases (CI runs both). Deterministic (collection order),
+  so every xdist worker selects the same tests."""
+  seen = set()
+  for item in items:
+    if getattr(item, "callspec", None) is None or item.get_closest_marker("slow") is not None:
+      continue
+    key = (str(item.path), item.originalname)
+    if key in seen:
+      item.add_marker(pytest.mark.slow)
+    else:
+      seen.add(key)
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest's own hook deselects by `-m`
 def pytest_collection_modifyitems(session, config, items):
-  """Long files first (`LONG_FILES`), the rest in their usual order; tests within a file keep
-  their order (the sort is stable). Deterministic, so every xdist worker collects the same
-  order."""
+  """The first case of each parametrized test in the default run, the others slow
+  (`_other_cases_are_slow`); long files first (`LONG_FILES`), the rest in their usual order;
+  tests within a file keep their order (the sort is stable). Deterministic, so every xdist
+  worker collects the same order."""
+  _other_cases_are_slow(items)
   rank = {name: i for i, name in enumerate(LONG_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -116,6 +116,7 @@ def test_signed_pact_calibrate_picks_the_mse_clip_over_both_signs():
     A.make_quantizer({"kind": "pact", "bits": 1, "signed": True})
 
 
+@pytest.mark.slow
 def test_mobilenetv2_quantizes_its_linear_bottleneck_with_signed_codes():
   """MobileNetV2's expand convolutions and conv_last read the linear bottleneck (negative
   values): their quantizers are signed, the depthwise and projection inputs (after ReLU6) are

@@ -225,6 +225,7 @@ def test_binary_run_has_1_bit_layers_and_binary_macs(runs, reports):
   assert 0.5 < summary["binary_mac_share"] < 1.0
 
 
+@pytest.mark.slow
 def test_binary_layers_really_read_binary_activations(runs, reports):
   """The activation bits are the model's declared quantizer; check them on real inputs: every
   conv the analysis calls 1-bit-input sees only -1 and +1."""
@@ -355,6 +356,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
     analysis.analyze(workdir, plots=False)
 
 
+@pytest.mark.slow
 def test_launch_analyze_prints_the_table(runs):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--mode=analyze",
                          f"--workdir={runs['quant']}"], cwd=ROOT, capture_output=True,

@@ -138,6 +138,7 @@ def test_packed_apply_matches_latent_model(nets, images, num_bits, method):
   assert_matches_latent(bnn_infer.packed_apply(runtime, images), net.latent)
 
 
+@pytest.mark.slow
 def test_imagenet_stem_bnn_resnet18_matches_latent_model():
   """bnn_resnet18: 7x7/2 stem folded with its BN, then the 3x3/2 max pool; 4 stages."""
   x = jax.random.normal(jax.random.key(4, impl="rbg"), (4, 32, 32, 3), jnp.float32)
@@ -426,6 +427,7 @@ def test_freeze_and_load_accept_the_same_computes_per_bit_width(nets):
 
 
 @pytest.mark.parametrize("num_bits", [1, 2])
+@pytest.mark.slow
 def test_ternary_weights_every_compute_is_exact_with_two_planes(nets, images, num_bits):
   """Ternary kernels (-1/0/+1) store a sign plane and a nonzero plane (2 bits a weight); the
   XNOR route ANDs both nonzero planes; int8, bf16, f32 and xnor give the same logits, from the

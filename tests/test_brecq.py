@@ -68,6 +68,7 @@ def tiny():
   return model, params, stats, x, labels, bits
 
 
+@pytest.mark.slow
 def test_block_error_below_nearest_and_codes_floor_or_ceil(tiny):
   model, params, stats, x, _, bits = tiny
   out, rep = brecq.brecq_tree(model, params, stats, x, bits, iters=100, batch=32)

@@ -48,6 +48,7 @@ def mnv2():
   return model, params, stats, x
 
 
+@pytest.mark.slow
 def test_equalized_mobilenetv2_has_the_same_logits(mnv2):
   model, params, stats, x = mnv2
   new, report = equalize.equalize(params, stats, model, x)

@@ -315,6 +315,7 @@ def test_layer_of_groups_tensors_by_the_layer_they_belong_to(runs):
   assert len(export.manifest_bytes(manifest)) < 100 * len(arrays) + 1500
 
 
+@pytest.mark.slow
 def test_activation_quantized_model_rebuilds_from_the_manifest(runs, tmp_path):
   """Model fields beyond the name (act_quant, from model_kwargs) and scalar params (PACT's
   clip alpha, shape ()) survive the manifest; W4A4 logits equal the eval path's exactly."""

@@ -114,8 +114,9 @@ def test_falls_back_where_it_does_not_apply():
 
 
 @pytest.mark.plumbing   # a whole model's wiring: XLA optimizations off (tests/conftest.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [
-    pytest.param("resnet18_cifar", {"width": 0.125}, marks=pytest.mark.slow),   # about 30 s
+    ("resnet18_cifar", {"width": 0.125}),   # about 30 s
     ("bnn_resnet18_cifar", {"width": 0.125})])
 def test_model_loss_and_gradients_equal_xla(name, kwargs):
   """A whole model with conv_impl='fast': the same logits and parameter gradients as 'xla', and

@@ -375,6 +375,7 @@ def _explicit_gn_traces(apply_fn, params, x):
   return {path: float(np.trace(g[sl, sl])) for path, sl in _blocks(params).items()}
 
 
+@pytest.mark.slow
 def test_gauss_newton_traces_are_the_exact_traces_of_g():
   params, apply_fn, x = _tanh_mlp_apply()
   want = _explicit_gn_traces(apply_fn, params, x)

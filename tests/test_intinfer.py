@@ -191,6 +191,7 @@ def test_float_route_is_the_fake_quant_model_exactly(w8a8):
 
 
 @pytest.mark.parametrize("kind,abits,wbits", [("lsq", 4, 4), ("dorefa", 2, 8)])
+@pytest.mark.slow
 def test_other_activation_quantizers_and_bits(data_dir, kind, abits, wbits):
   manifest, arrays, images, reference = _artifact(
       _config(data_dir, act_kind=kind, abits=abits, wbits=wbits))
@@ -223,6 +224,7 @@ def test_int_conv_exports_with_a_symbolic_batch():
   np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(f(x)))
 
 
+@pytest.mark.slow
 def test_signed_activation_codes_run_on_integers(data_dir):
   """MobileNetV2's expand convolutions read signed activation codes (`conv(signed_input=True)`:
   the linear bottleneck): the integer route takes each layer's code range from its quantizer,

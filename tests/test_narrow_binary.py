@@ -204,13 +204,11 @@ def _loss(model, transform, params, batch_stats, x):
   return jnp.sum(out[0] ** 2), out[0]
 
 
+@pytest.mark.slow        # whole BNNs, 1-2 minutes in all (their convolutions alone are checked by
+                         # test_narrow_conv_equals_float32_conv and the xnor tests above)
 @pytest.mark.plumbing   # a whole model's wiring: XLA optimizations off (tests/conftest.py)
 @pytest.mark.parametrize("bits,compute", [
-    (1, "bf16"), pytest.param(1, "int8", marks=pytest.mark.slow), (1, "xnor"), (2, "xnor"),
-    # the 1-bit model on int8 and the 2-bit model on bf16 and int8 (their convolutions alone
-    # are checked by test_narrow_conv_equals_float32_conv): long, so with -m slow
-    pytest.param(2, "bf16", marks=pytest.mark.slow),
-    pytest.param(2, "int8", marks=pytest.mark.slow)])
+    (1, "xnor"), (1, "bf16"), (1, "int8"), (2, "xnor"), (2, "bf16"), (2, "int8")])
 def test_bnn_with_narrow_forward_gives_the_float32_logits_and_gradients(bnn, compute, bits):
   x, nets, computed = bnn
   v, transform = nets[bits]
@@ -322,6 +320,7 @@ def test_narrow_binary_compute_with_lowrank_is_refused(data_dir):
     train.make_experiment(c, load_teacher=False)
 
 
+@pytest.mark.slow
 def test_graph_walkers_count_the_xnor_convolutions_as_convolutions():
   """MACs and the channel graph (analysis reports, structured pruning) see the block convs of an
   XNOR-popcount BNN as the float32 convolutions they equal."""

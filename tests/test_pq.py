@@ -332,6 +332,7 @@ def test_transform_state_shapes_from_abstract_params(cnn):
                        axis=0)) <= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["sum", "mean"])
 def test_update_is_sgd_on_the_codebooks(cnn, rule):
   model, variables, images, labels = cnn

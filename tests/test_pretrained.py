@@ -88,11 +88,12 @@ def _logits(model, params, batch_stats, x):
 # Keras Applications.
 
 
+@pytest.mark.slow   # Keras builds and runs each network: 10-15 s a case
 @pytest.mark.parametrize(
     "name, size, other_fields",
     [
         # Keras's ResNet50 is v1: with the stride on the 3x3 instead, the logits must differ.
-        pytest.param("ResNet50", 64, {"stride_in_1x1": False}, marks=pytest.mark.slow),  # 10 s
+        ("ResNet50", 64, {"stride_in_1x1": False}),  # 10 s
         # Keras's MobileNetV2 pads as TF "SAME": symmetric padding must give other logits.
         ("MobileNetV2", 96, {"padding": "torch"}),
     ],
@@ -458,6 +459,7 @@ def digits_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("digits")
 
 
+@pytest.mark.slow
 def test_init_from_safetensors_runs_with_the_sources_preprocessing(resnet18_file, digits_dir):
   from jcompress import data as data_lib  # noqa: PLC0415
   from jcompress import train  # noqa: PLC0415

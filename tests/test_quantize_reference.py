@@ -227,9 +227,8 @@ def _kmeans_cases():
   }
 
 
-@pytest.mark.parametrize("bits", [pytest.param(1, marks=pytest.mark.slow),
-                                  pytest.param(2, marks=pytest.mark.slow), 3,
-                                  pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_kmeans_sse_is_within_5_percent_of_sklearn_per_tensor(bits):
   k = 2 ** bits
   for name, x in _kmeans_cases().items():

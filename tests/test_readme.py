@@ -42,8 +42,38 @@ def test_library_example_runs_and_compresses():
 
 
 def test_readme_test_command_is_what_ci_runs():
-  ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-  assert ci in _section("Set-up: the two commands")
+  """CI runs the README's test command (the line after its marker in .ci/run), then the
+  tests that command leaves out (`-m slow`), so the whole suite runs."""
+  lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+  marker = [i for i, line in enumerate(lines) if line.startswith("# --- README test command")]
+  assert len(marker) == 1
+  assert lines[marker[0] + 1] in _section("Set-up: the two commands")
+  assert lines[marker[0] + 1].endswith("python -m pytest -q")
+  assert "python -m pytest -q -m slow" in lines[marker[0] + 2:]
+
+
+def test_default_run_checks_each_parametrized_test_once():
+  """The README command's selection (tests/conftest.py): the first case of a parametrized test
+  not already marked slow stays, its other cases become slow; unparametrized tests and tests
+  marked slow are left as they are."""
+  from conftest import _other_cases_are_slow  # tests/ is on sys.path (pytest's rootdir import)
+
+  class Item:
+    def __init__(self, name, case, slow=False):
+      self.path, self.originalname = pathlib.Path("tests/test_x.py"), name
+      self.callspec = case
+      self.marks = ["slow"] if slow else []
+
+    def get_closest_marker(self, name):
+      return name if name in self.marks else None
+
+    def add_marker(self, mark):
+      self.marks.append(mark.name)
+
+  items = [Item("a", 1, slow=True), Item("a", 2), Item("a", 3), Item("b", None),
+           Item("c", 1), Item("a", 4)]
+  _other_cases_are_slow(items)
+  assert [bool(item.marks) for item in items] == [True, False, True, False, False, True]
 
 
 def test_adding_a_method_shows_a_real_method_module():

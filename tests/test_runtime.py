@@ -69,6 +69,7 @@ def test_configure_cpu_puts_cpu_convolutions_on_eigen_and_auto_picks_staged():
   assert _fresh_process(plain) == [repr(""), "fast"]
 
 
+@pytest.mark.slow
 def test_user_setting_a_running_backend_or_an_unknown_option_is_left_alone():
   own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
   flags, impl = _fresh_process(REPORT.format(pre=""), own)
@@ -107,6 +108,7 @@ GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc settings")
+@pytest.mark.slow
 def test_configure_cpu_lets_xla_temporaries_reuse_the_heap_unless_opted_out():
   # A 64 MB temporary is 16384 pages: mapped afresh on every call, each one faults.
   # Fewest page faults of calls 5-24: with the heap reused some call has none (while the heap

@@ -107,6 +107,7 @@ def test_mobilenet_depthwise_follows_expand(built):
       f"stage3_block{b}/project_conv" for b in range(3)]
 
 
+@pytest.mark.slow
 def test_shufflenet_groups_and_shuffle_permutation(built):
   _, _, _, g = built["shufflenetv2"]
   assert g.groups["stem_conv"].prunable

@@ -196,6 +196,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses(reference_run, experi
     assert results["test_accuracy"] == pytest.approx(json.load(f)["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(experiment_file, data_dir, tmp_path):
   workdir = str(tmp_path / "term")
   proc = launch([f"--config={experiment_file}:data_dir={data_dir},steps=100000",
@@ -305,6 +306,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_follow_the_one_device_trajectory(experiment_file, data_dir, tmp_path):
   script = SHARDING_SCRIPT.format(root=ROOT, experiment=experiment_file, data_dir=data_dir,
                                   tmp=str(tmp_path))
@@ -356,6 +358,7 @@ def test_sgd_weight_decay_reaches_kernels_only():
 # ----------------------------------------------------------------------------- compression wiring
 
 
+@pytest.mark.slow
 def test_binary_subconfig_trains_binary_weights_and_sizes_the_packed_artifact(
     experiment_file, data_dir, tmp_path):
   import ml_collections  # noqa: PLC0415
@@ -451,6 +454,7 @@ def test_offline_teacher_runs_forward_only(student_runs):
   assert n_with == n_alone + 3
 
 
+@pytest.mark.slow
 def test_mixup_step_feeds_student_teacher_and_labels_the_mixed_batch(student_runs):
   """With `mixup`, the student and the teacher both see the mixed images and the hard-label
   term the mixed labels. Beta(a, a) with a = 1e6 puts the ratio at 0.5 (within ~1e-3), so the
@@ -660,6 +664,7 @@ def test_init_from_a_float_run_into_a_model_with_activation_quantizers(
   assert results["test_accuracy"] < results["float_test_accuracy"]
 
 
+@pytest.mark.slow
 def test_structured_subconfig_removes_filters_of_init_from_and_resumes(
     reference_run, experiment_file, data_dir, tmp_path):
   from jcompress import structured  # noqa: PLC0415

@@ -278,6 +278,7 @@ def qat_run(data_dir, tmp_path_factory):
   return workdir, results, summary
 
 
+@pytest.mark.slow
 def test_qat_trains_every_dense_kernel_on_the_4_bit_grid(qat_run):
   workdir, results, _ = qat_run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -309,6 +310,7 @@ def _leaf(tree, path):
   return tree
 
 
+@pytest.mark.slow
 def test_export_predicts_what_the_trained_model_predicts(qat_run, data_dir):
   workdir, results, summary = qat_run
   assert summary["compressed"] and summary["artifact_bytes"] == results["model_bytes"]

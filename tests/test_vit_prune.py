@@ -127,6 +127,7 @@ def test_errors_name_the_field(vit):
   assert ViT(num_classes=5, embed_dim=32, depth=2, num_heads=4, heads=[1, 2]).heads == (1, 2)
 
 
+@pytest.mark.slow
 def test_apply_to_config():
   """The `structured` method's entry point on the registered `vit_digits` (at width 0.5, 16x16
   images: D 32, 4 heads of 8, MLP 64, 4 blocks)."""
