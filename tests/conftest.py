@@ -84,13 +84,18 @@ def _without_xla_optimizations():
       jax.config.update("jax_disable_most_optimizations", before)
 
 
+def _xla_flags_without_plumbing() -> str:
+  """XLA_FLAGS of this process less the legacy-emitter flag a plumbing module adds."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if f not in _PLUMBING_XLA_FLAGS)
+
+
 @contextlib.contextmanager
 def _default_emitters():
   with pytest.MonkeyPatch.context() as mp:
     get = compiler.get_compile_options
     mp.setattr(compiler, "get_compile_options", getattr(get, "unpatched", get))
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in _PLUMBING_XLA_FLAGS]
-    mp.setenv("XLA_FLAGS", " ".join(flags))
+    mp.setenv("XLA_FLAGS", _xla_flags_without_plumbing())
     yield
 
 
@@ -107,8 +112,7 @@ def optimized_env():
   (JAX_DISABLE_MOST_OPTIMIZATIONS, the legacy-emitter XLA flag): for a subprocess whose numbers
   must be those of programs compiled as users' runs compile them."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if f not in _PLUMBING_XLA_FLAGS]
-  env["XLA_FLAGS"] = " ".join(flags)
+  env["XLA_FLAGS"] = _xla_flags_without_plumbing()
   return env
 
 
