@@ -525,11 +525,16 @@ def test_linear_batchnorm_equals_conv_then_batchnorm():
   """`linear_batch_norm_train(x, w, ...)` (statistics from the input's Gram matrix, BatchNorm
   folded into the kernel) against `batch_norm_train(x @ w, ...)`: the same output, batch mean
   and variance, and the same gradients for x, w, scale and bias, with cotangents on the
-  statistics too (inputs with a large mean, a zero-scale channel as zero_init gives)."""
+  statistics too (a zero-scale channel as zero_init gives), for inputs of moderate mean and for
+  inputs whose mean is hundreds of times their spread (post-ReLU channels), where statistics from
+  the uncentred Gram matrix cancel in float32. The two-step form cancels there too (its variance
+  is E[z^2] - mean^2, as flax's), so that case is checked against it on the input less its
+  offset: BatchNorm's output, variance and the gradients of x, scale and bias do not change when
+  a constant c is added to x; the mean moves by c colsum(w) and w's gradient by c dmean."""
   from jcompress.models.common import batch_norm_train  # noqa: PLC0415
   from jcompress.models.common import linear_batch_norm_train  # noqa: PLC0415
   ks = jax.random.split(jax.random.key(7, impl="rbg"), 6)
-  x = jax.random.normal(ks[0], (4, 6, 6, 8)) * 2 + 0.5
+  x0 = jax.random.normal(ks[0], (4, 6, 6, 8))
   w = jax.random.normal(ks[1], (8, 40)) / 3
   scale = jax.random.uniform(ks[2], (40,), minval=0.5, maxval=1.5).at[3].set(0.0)
   bias = jax.random.normal(ks[3], (40,))
@@ -545,12 +550,18 @@ def test_linear_batchnorm_equals_conv_then_batchnorm():
   ref = loss(lambda x, w, s, b: batch_norm_train(
       jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST), s, b, 1e-5))
   ours = loss(lambda x, w, s, b: linear_batch_norm_train(x, w, s, b, 1e-5))
-  (_, out_r), g_r = ref(x, w, scale, bias)
-  (_, out_o), g_o = ours(x, w, scale, bias)
-  for a, b in zip(out_o, out_r):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
-  for a, b in zip(g_o, g_r):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+  for spread, offset, ref_offset in ((2.0, 0.5, 0.5), (0.05, 20.0, 0.0)):
+    x, c = x0 * spread + offset, offset - ref_offset
+    (_, out_r), g_r = ref(x - c, w, scale, bias)   # x - c is exact in float32 here
+    (_, out_o), g_o = ours(x, w, scale, bias)
+    out_r = (out_r[0], out_r[1] + c * jnp.sum(w, axis=0), out_r[2])
+    g_r = (g_r[0], g_r[1] + c * u[None, :], g_r[2], g_r[3])
+    for name, a, b in zip(("y", "mean", "var"), out_o, out_r):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))),
+                                 err_msg=f"{name}, offset {offset}")
+    for name, a, b in zip(("dx", "dw", "dscale", "dbias"), g_o, g_r):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))),
+                                 err_msg=f"{name}, offset {offset}")
 
 
 @pytest.mark.parametrize("name,kwargs,fused", [

@@ -303,16 +303,20 @@ def linear_batch_norm_train(x: jnp.ndarray, w: jnp.ndarray, scale: jnp.ndarray,
   """`batch_norm_train(x @ w, scale, bias, epsilon)` for `x` (..., Cin) and `w` (Cin, Cout) (a
   1x1 convolution and its BatchNorm), without storing or re-reading `x @ w`.
 
-  The statistics come from the input's Gram matrix: with `xa = [x, 1]` (M rows),
-  `G = xa^T xa` holds `x^T x`, the column sums of x and M, so `mean = sum(x) w / M` and
-  `E[(x w)^2] = diag(w^T x^T x w) / M`; the output is one product, `xa @ [w a; b - mean a]` with
-  `a = scale / sqrt(var + eps)` (BatchNorm folded into the kernel). The gradient needs `P =
-  xa^T dy` (the kernel gradient's product, with the column sums of dy in its last row):
-  `sum(dy * x w) = colsum(w * P)`, and with the BatchNorm input gradient written per channel as
-  `dy a + (x w) beta + gamma`, `dx = dy (w a)^T + x (w beta w^T) + gamma w^T` and
-  `dw = P a + (x^T x) w beta + sum(x) gamma`. Where Cout is several times Cin (MobileNetV2's
-  expansion) this reads and writes the Cout-wide tensor 2 times a step instead of about 15.
-  Same values as the two-step form within float32 rounding (tests/test_models.py).
+  The statistics come from the centred input's Gram matrix: with `mu` the column means of x,
+  `xc = x - mu` (M rows) and `xa = [xc, 1]`, `G = xa^T xa` holds `xc^T xc`, so `mean = mu w` and
+  `var = diag(w^T xc^T xc w) / M`; since `x w - mean = xc w`, the output is one product,
+  `xa @ [w a; b]` with `a = scale / sqrt(var + eps)` (BatchNorm folded into the kernel).
+  Centring first keeps float32 exact where the channels' means are large against their spread
+  (after a ReLU): the uncentred form, `E[(x w)^2] - mean^2` and `x w a - mean a`, cancels there
+  (0.018 of ResNet-50's largest gradient against XLA's 0.0004, tests/test_depthwise.py). The
+  gradient needs `P = xa^T dy` (the kernel gradient's product, with the column sums of dy in its
+  last row): `sum(dy * (x w - mean)) = colsum(w * P)`, and with the BatchNorm input gradient
+  written per channel as `dy a + (xc w) beta + gamma`, `dx = dy (w a)^T + xc (w beta w^T) +
+  gamma w^T` and `dw = P a + (xc^T xc) w beta + mu dmean^T` (the rows of the input gradient sum to
+  `dmean`). Where Cout is several times Cin (MobileNetV2's expansion) this reads and writes the
+  Cout-wide tensor 2 times a step instead of about 15. Same values as the two-step form within
+  float32 rounding (tests/test_models.py).
   """
   return _linear_bn_fwd(x, w, scale, bias, epsilon)[0]
 
@@ -327,33 +331,37 @@ def _mm(a, b):
 
 def _linear_bn_fwd(x, w, scale, bias, epsilon):
   m = x.size // x.shape[-1]
-  xa = _with_ones(x.reshape(m, x.shape[-1]))
+  x2 = x.reshape(m, x.shape[-1])
+  mu = jnp.mean(x2, axis=0)
+  xa = _with_ones(x2 - mu)
   g = _mm(xa.T, xa)
   gram, sx = g[:-1, :-1], g[-1, :-1]
-  mean = _mm(sx, w) / m
-  var = jnp.maximum(jnp.sum(w * _mm(gram, w), axis=0) / m - mean * mean, 0.0)
+  mean_c = _mm(sx, w) / m     # the centred input's batch mean: mu's rounding, not zero
+  var = jnp.maximum(jnp.sum(w * _mm(gram, w), axis=0) / m - mean_c * mean_c, 0.0)
   rstd = lax.rsqrt(var + epsilon)
   a = scale * rstd
-  y = _mm(xa, jnp.concatenate([w * a, (bias - mean * a)[None]], axis=0))
-  return (y.reshape(*x.shape[:-1], w.shape[-1]), mean, var), (xa, gram, sx, w, scale, mean, rstd)
+  y = _mm(xa, jnp.concatenate([w * a, (bias - mean_c * a)[None]], axis=0))
+  return ((y.reshape(*x.shape[:-1], w.shape[-1]), mean_c + _mm(mu, w), var),
+          (xa, gram, sx, mu, w, scale, mean_c, rstd))
 
 
 def _linear_bn_bwd(epsilon, res, cts):
   del epsilon
-  xa, gram, sx, w, scale, mean, rstd = res
+  xa, gram, sx, mu, w, scale, mean_c, rstd = res
   dy, dmean, dvar = cts
   m = xa.shape[0]
   dy2 = dy.reshape(m, dy.shape[-1])
   pa = _mm(xa.T, dy2)
   p, dbias = pa[:-1], pa[-1]
-  dscale = rstd * (jnp.sum(w * p, axis=0) - mean * dbias)
+  dscale = rstd * (jnp.sum(w * p, axis=0) - mean_c * dbias)
   a = scale * rstd
-  # batch_norm_train's input gradient dy a + xhat slope + shift, with xhat = (x w - mean) rstd
+  # batch_norm_train's input gradient dy a + xhat slope + shift, with xhat = (xc w - mean_c) rstd
   beta = rstd * (2.0 * dvar / rstd - a * dscale) / m
-  gamma = (dmean - a * dbias) / m - mean * beta
+  gamma = (dmean - a * dbias) / m - mean_c * beta
   dx_w = jnp.concatenate([_mm(w * beta, w.T), _mm(gamma, w.T)[None]], axis=0)
   dx = _mm(dy2, (w * a).T) + _mm(xa, dx_w)
-  dw = p * a + _mm(gram, w) * beta + sx[:, None] * gamma[None, :]
+  # x = xc + mu: the input gradient's rows sum to dmean
+  dw = p * a + _mm(gram, w) * beta + sx[:, None] * gamma[None, :] + mu[:, None] * dmean[None, :]
   return (dx.reshape(*dy.shape[:-1], w.shape[0]).astype(xa.dtype), dw.astype(w.dtype),
           dscale.astype(scale.dtype), dbias.astype(scale.dtype))
 
