@@ -466,16 +466,25 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
                     "machine": meta.get("machine"), "base_accuracy": base})
     entry = {"row": row.name, "label": row.label, "command": row.spec, "seeds": seeds,
              "missing": missing, "stale_seeds": stale}
-    if seeds:
-      acc = [100 * s["test_accuracy"] for s in seeds]
-      entry["accuracy_mean"], entry["accuracy_std"] = _mean_std(acc)
-      entry["model_bytes"] = round(_mean_std([s["model_bytes"] for s in seeds])[0])
-      entry["compression_ratio"] = _mean_std([s["compression_ratio"] for s in seeds])[0]
-      entry["wall_seconds"] = _mean_std([s["wall_seconds"] for s in seeds])[0]
-    table.append(entry)
+    table.append(_aggregate(entry))
   set_drops(table)
   return {"data": data, "date": datetime.date.today().isoformat(), "commit": commit,
           "machine": device_name(), "seeds": sorted({p["seed"] for p in pts}), "rows": table}
+
+
+def _aggregate(entry: dict) -> dict:
+  """`entry` with its seeds' mean / std of the test accuracy and means of the other figures."""
+  seeds = entry["seeds"]
+  for key in ("accuracy_mean", "accuracy_std", "model_bytes", "compression_ratio",
+              "wall_seconds"):
+    entry.pop(key, None)
+  if seeds:
+    acc = [100 * s["test_accuracy"] for s in seeds]
+    entry["accuracy_mean"], entry["accuracy_std"] = _mean_std(acc)
+    entry["model_bytes"] = round(_mean_std([s["model_bytes"] for s in seeds])[0])
+    entry["compression_ratio"] = _mean_std([s["compression_ratio"] for s in seeds])[0]
+    entry["wall_seconds"] = _mean_std([s["wall_seconds"] for s in seeds])[0]
+  return entry
 
 
 def set_drops(entries: list[dict]) -> None:
@@ -499,7 +508,10 @@ def merge(summary: dict, previous: dict, commit: str, root: str = "",
   experiment files of its commit build) against the config the checkout builds, as
   `point_stale` does; and a seed whose base row's seed is stale is stale. With `named` (the
   rows the subset named), the subset's other rows (the base rows it needed) replace only rows
-  the table lacks: the table's other rows started from its own base runs."""
+  the table lacks: the table's other rows started from its own base runs. A seed of a subset
+  row that has no run under `root` (never run there: another machine's, or gone with a fresh
+  checkout) keeps its figures from `previous`, checked again as a kept row's are; a seed that
+  failed there is listed as failed."""
   if previous.get("data") != summary["data"]:
     return summary
   data = summary["data"]
@@ -540,14 +552,31 @@ def merge(summary: dict, previous: dict, commit: str, root: str = "",
     for s in e["seeds"]:
       if not s.get("machine"):
         s["machine"] = previous.get("machine")
+  restored = {}   # subset row -> its seeds kept from `previous`
+  old_rows = {e["row"]: e for e in previous.get("rows", [])}
+  for name, e in list(mine.items()):
+    not_run = {m["seed"] for m in e.get("missing", []) if m["reason"] == "not run"}
+    back = [dict(s) for s in old_rows.get(name, {}).get("seeds", []) if s["seed"] in not_run]
+    if not back:
+      continue
+    for s in back:
+      s["machine"] = s.get("machine") or previous.get("machine")
+    old_stale = [s["seed"] for s in back if stale(old_rows[name], s)]
+    seeds = {s["seed"] for s in back}
+    mine[name] = _aggregate({
+        **e, "seeds": sorted(e["seeds"] + back, key=lambda s: s["seed"]),
+        "missing": [m for m in e["missing"] if m["seed"] not in seeds],
+        "stale_seeds": sorted(set(e["stale_seeds"]) | set(old_stale))})
+    restored[name] = seeds
   rows = [mine.get(r.name) or kept.get(r.name) for r in ROWS if r.runs_on(data)]
   rows = [e for e in rows if e is not None]
   stale_seeds = {e["row"]: set(e["stale_seeds"]) for e in rows}
-  for e in kept.values():
+  for e in rows:
+    ours = ({s["seed"] for s in e["seeds"]} if e["row"] in kept
+            else restored.get(e["row"], set()))
     base = ROW_BY_NAME[e["row"]].base if e["row"] in ROW_BY_NAME else None
-    if base:
-      e["stale_seeds"] = sorted(set(e["stale_seeds"]) | (
-          stale_seeds.get(base, set()) & {s["seed"] for s in e["seeds"]}))
+    if base and ours:
+      e["stale_seeds"] = sorted(set(e["stale_seeds"]) | (stale_seeds.get(base, set()) & ours))
   set_drops(rows)
   seeds = sorted({s["seed"] for e in rows for s in e["seeds"]} | set(summary["seeds"]))
   return {**summary, "seeds": seeds, "rows": rows}

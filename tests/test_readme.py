@@ -136,6 +136,45 @@ def test_quality_rows_subset_keeps_the_other_rows_of_the_table():
   assert quality.merge(summary, {**previous, "data": "digits_hard"}, "abc") == summary
 
 
+def test_quality_rows_subset_keeps_the_seeds_it_has_no_run_of(monkeypatch):
+  """`--rows` over a checkout holding only some seeds' runs (the others ran on another machine,
+  or went with a fresh checkout) keeps those seeds' figures from the table file, re-checked
+  for staleness, and the row's mean over all of them; a seed whose run failed here is listed as
+  failed, not replaced by its old figure."""
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      point_commit != commit)
+
+  def seed(s, acc, commit):
+    return {"seed": s, "test_accuracy": acc / 100, "model_bytes": 100, "compression_ratio": 4.0,
+            "wall_seconds": 10.0, "commit": commit}
+
+  def row(name, seeds, missing=()):
+    return quality._aggregate({"row": name, "label": name, "command": "c", "seeds": seeds,
+                               "missing": [*missing], "stale_seeds": []})
+
+  previous = {"data": "digits", "seeds": [0, 1, 2], "rows": [
+      row("float", [seed(s, 99.0, "old") for s in (0, 1, 2)]),
+      row("ptq_uniform8", [seed(s, 98.0, "old") for s in (0, 1, 2)])]}
+  summary = {"data": "digits", "seeds": [0], "commit": "new", "rows": [
+      row("float", [seed(0, 99.5, "new")], [{"seed": 1, "reason": "not run"},
+                                            {"seed": 2, "reason": "failed: OSError: disk"}]),
+      row("ptq_uniform8", [seed(0, 99.5, "new")], [{"seed": 1, "reason": "not run"},
+                                                   {"seed": 2, "reason": "not run"}])]}
+  merged = quality.merge(summary, previous, "new")
+  by = {e["row"]: e for e in merged["rows"]}
+  assert [s["seed"] for s in by["ptq_uniform8"]["seeds"]] == [0, 1, 2]
+  assert by["ptq_uniform8"]["missing"] == [] and by["ptq_uniform8"]["stale_seeds"] == [1, 2]
+  assert by["ptq_uniform8"]["accuracy_mean"] == pytest.approx(98.5)
+  assert [s["seed"] for s in by["float"]["seeds"]] == [0, 1]
+  assert by["float"]["missing"] == [{"seed": 2, "reason": "failed: OSError: disk"}]
+  assert by["float"]["stale_seeds"] == [1]
+  assert by["ptq_uniform8"]["drop"] == pytest.approx(by["float"]["accuracy_mean"] - 98.5)
+
+
 def test_quality_vit_rows_run_on_digits_only(capsys):
   """The ViT rows are left out of the digits_hard table (and its --quick subset), a table file
   that still lists them loses them on the next --rows update, and --rows naming one there is
