@@ -1,6 +1,7 @@
 """README.md's library example runs as written and does what it says; its two set-up commands
 are the ones CI runs."""
 
+import copy
 import os
 import pathlib
 import re
@@ -173,6 +174,17 @@ def test_quality_rows_subset_keeps_the_seeds_it_has_no_run_of(monkeypatch):
   assert by["float"]["missing"] == [{"seed": 2, "reason": "failed: OSError: disk"}]
   assert by["float"]["stale_seeds"] == [1]
   assert by["ptq_uniform8"]["drop"] == pytest.approx(by["float"]["accuracy_mean"] - 98.5)
+  # a kept seed that is fresh itself is stale where the base seed it started from is; it keeps
+  # the table's machine; the table file's entry of that row is not changed
+  previous["machine"] = "cpu: M"
+  previous["rows"][1]["seeds"][1]["commit"] = "new"
+  before = copy.deepcopy(previous)
+  for named in (None, ["ptq_uniform8"]):
+    merged = quality.merge(summary, previous, "new", named=named)
+    by = {e["row"]: e for e in merged["rows"]}
+    assert by["ptq_uniform8"]["stale_seeds"] == [1, 2], named
+    assert all(s["machine"] == "cpu: M" for s in by["ptq_uniform8"]["seeds"][1:])
+    assert previous["rows"][1] == before["rows"][1]
 
 
 def test_quality_vit_rows_run_on_digits_only(capsys):
