@@ -27,7 +27,8 @@ commit and the machine; `--readme` also rewrites README.md's results table (betw
 `results:begin` and `results:end` markers) from that file, and tests/test_readme.py checks that
 README's table is what the file it names gives. The ViT rows run on digits only (`VIT_DATA`). A
 point is marked stale in the tables, never mixed in silently, where it ran at a commit whose
-library (jcompress/, pyproject.toml) differs from the checkout's, or with uncommitted changes
+library (jcompress/, pyproject.toml) differs from the checkout's (a change to comments and
+docstrings only is no difference), or with uncommitted changes
 in the code below, or with another config than the checkout builds for it (its workdir's
 config.json against the config its row and experiment file give now; where the run is gone, the
 digest of that config kept in the table file, or for an older entry the config the experiment
@@ -38,8 +39,10 @@ not run again by itself: remove its workdir (or the row's, every seed) and run t
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -166,17 +169,54 @@ def is_stale(point_commit: str | None, commit: str, config_unchanged: bool = Fal
   """Whether a point run at `point_commit` is not what the code at `commit` gives: a dirty or
   unknown commit, or one whose CODE_PATHS differ from `commit`'s; with `config_unchanged` (the
   config the point ran with is the one `commit` builds for it: `same_config`), one whose
-  SHARED_PATHS differ."""
+  SHARED_PATHS differ. A Python file whose code is the same at both commits, only its comments
+  and docstrings changed (`_same_code`), is no difference."""
   if not point_commit or "+" in point_commit or point_commit == "unknown":
     return True
   if point_commit == commit:
     return False
   if "+" in commit or commit == "unknown":
     return True
-  paths = SHARED_PATHS if config_unchanged else CODE_PATHS
-  diff = subprocess.run(["git", "diff", "--quiet", point_commit, commit, "--", *paths],
-                        cwd=ROOT, capture_output=True)
-  return diff.returncode != 0
+  return _code_differs(point_commit, commit, SHARED_PATHS if config_unchanged else CODE_PATHS)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_differs(old: str, new: str, paths: tuple[str, ...]) -> bool:
+  diff = subprocess.run(["git", "diff", "--name-only", old, new, "--", *paths], cwd=ROOT,
+                        capture_output=True, text=True)
+  if diff.returncode != 0:
+    return True
+  return not all(f.endswith(".py") and _same_code(_git_show(old, f), _git_show(new, f))
+                 for f in diff.stdout.split() if f)
+
+
+def _git_show(commit: str, path: str) -> str | None:
+  """The text of `path` at `commit`, or None where it is not there."""
+  out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True)
+  return out.stdout.decode("utf-8", "replace") if out.returncode == 0 else None
+
+
+def _same_code(a: str | None, b: str | None) -> bool:
+  """Whether two versions of a Python file differ in their comments and docstrings only (the
+  same syntax tree once each module, class and function body's leading string is dropped);
+  False where either is missing or does not parse. Only .py files are compared this way."""
+  if a is None or b is None:
+    return False
+
+  def code(text):
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+      body = getattr(node, "body", None)
+      if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+          and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+          and isinstance(body[0].value.value, str)):
+        node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+  try:
+    return code(a) == code(b)
+  except (SyntaxError, ValueError):
+    return False
 
 
 def same_config(point: dict, data: str) -> bool:

@@ -5,6 +5,7 @@ import copy
 import os
 import pathlib
 import re
+import textwrap
 
 import jax
 import numpy as np
@@ -185,6 +186,56 @@ def test_quality_rows_subset_keeps_the_seeds_it_has_no_run_of(monkeypatch):
     assert by["ptq_uniform8"]["stale_seeds"] == [1, 2], named
     assert all(s["machine"] == "cpu: M" for s in by["ptq_uniform8"]["seeds"][1:])
     assert previous["rows"][1] == before["rows"][1]
+
+
+def test_quality_staleness_ignores_comment_and_docstring_changes(tmp_path, monkeypatch):
+  """A library file whose comments or docstrings alone changed leaves the points fresh; any
+  change to its code (a docstring turned into a value, a constant, an added statement), a file
+  that is gone, or a change to a file that is not Python, does not."""
+  import subprocess
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  old = textwrap.dedent('''\
+      """Module doc."""
+      import math  # a comment
+
+      class A:
+        """Class doc."""
+        def f(self, x):
+          """f's doc."""
+          return math.sqrt(x) * 2
+      ''')
+  docs = (old.replace("Module doc.", "Another module doc.\n\nLonger.")
+          .replace("# a comment", "# another").replace('"""f\'s doc."""', "# f computes"))
+  assert quality._same_code(old, docs)
+  for code in (old.replace("* 2", "* 3"), old.replace('"""Class doc."""', 'x = "Class doc."'),
+               old.replace("return", "y = 1\n    return")):
+    assert not quality._same_code(old, code), code
+  assert not quality._same_code(old, None) and not quality._same_code("x = (", "x = (")
+
+  # the same through git, in a repository of its own
+  def git(*args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+  git("init", "-q")
+  (tmp_path / "jcompress").mkdir()
+  commits = []
+  for text, toml in ((old, "a = 1"), (docs, "a = 1"), (docs, "a = 2  # b"),
+                     (old.replace("* 2", "* 3"), "a = 2  # b")):
+    (tmp_path / "jcompress" / "m.py").write_text(text)
+    (tmp_path / "pyproject.toml").write_text(toml)
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    commits.append(git("rev-parse", "--short=12", "HEAD"))
+  monkeypatch.setattr(quality, "ROOT", str(tmp_path))
+  assert not quality.is_stale(commits[0], commits[1], True)        # docstrings and comments
+  assert quality.is_stale(commits[1], commits[2], True)            # pyproject.toml
+  assert quality.is_stale(commits[2], commits[3], True)            # code
+  assert quality.is_stale(commits[0], commits[3], True)
 
 
 def test_quality_vit_rows_run_on_digits_only(capsys):
