@@ -304,19 +304,21 @@ def linear_batch_norm_train(x: jnp.ndarray, w: jnp.ndarray, scale: jnp.ndarray,
   1x1 convolution and its BatchNorm), without storing or re-reading `x @ w`.
 
   The statistics come from the centred input's Gram matrix: with `mu` the column means of x,
-  `xc = x - mu` (M rows) and `xa = [xc, 1]`, `G = xa^T xa` holds `xc^T xc`, so `mean = mu w` and
-  `var = diag(w^T xc^T xc w) / M`; since `x w - mean = xc w`, the output is one product,
-  `xa @ [w a; b]` with `a = scale / sqrt(var + eps)` (BatchNorm folded into the kernel).
-  Centring first keeps float32 exact where the channels' means are large against their spread
-  (after a ReLU): the uncentred form, `E[(x w)^2] - mean^2` and `x w a - mean a`, cancels there
-  (0.018 of ResNet-50's largest gradient against XLA's 0.0004, tests/test_depthwise.py). The
-  gradient needs `P = xa^T dy` (the kernel gradient's product, with the column sums of dy in its
-  last row): `sum(dy * (x w - mean)) = colsum(w * P)`, and with the BatchNorm input gradient
-  written per channel as `dy a + (xc w) beta + gamma`, `dx = dy (w a)^T + xc (w beta w^T) +
-  gamma w^T` and `dw = P a + (xc^T xc) w beta + mu dmean^T` (the rows of the input gradient sum to
-  `dmean`). Where Cout is several times Cin (MobileNetV2's expansion) this reads and writes the
-  Cout-wide tensor 2 times a step instead of about 15. Same values as the two-step form within
-  float32 rounding (tests/test_models.py).
+  `xc = x - mu` (M rows) and `xa = [xc, 1]`, `G = xa^T xa` holds `xc^T xc` and the column sums
+  `s` of xc (zero but for the rounding of mu), so `mean_c = s w / M`, `mean = mu w + mean_c` and
+  `var = diag(w^T xc^T xc w) / M - mean_c^2`; since `x w - mean = xc w - mean_c`, the output is
+  one product, `xa @ [w a; b - mean_c a]` with `a = scale / sqrt(var + eps)` (BatchNorm folded
+  into the kernel). Centring first keeps float32 accurate where the channels' means are large
+  against their spread (after a ReLU): the uncentred form, `E[(x w)^2] - mean^2` and
+  `x w a - mean a`, cancels there (0.018 of ResNet-50's largest gradient against XLA's 0.0004,
+  tests/test_depthwise.py). The gradient needs `P = xa^T dy` (the kernel gradient's product,
+  with the column sums of dy in its last row): `sum(dy * (x w - mean)) = colsum(w * P) - mean_c
+  colsum(dy)`, and with the BatchNorm input gradient written per channel as `dy a + (xc w) beta
+  + gamma`, `dx = dy (w a)^T + xc (w beta w^T) + gamma w^T` and `dw = P a + (xc^T xc) w beta +
+  s gamma + mu dmean^T` (the gradient with respect to x w sums over the rows to `dmean`). Where
+  Cout is several times Cin (MobileNetV2's expansion) this reads and writes the Cout-wide tensor
+  2 times a step instead of about 15. Same values as the two-step form within float32 rounding
+  (tests/test_models.py).
   """
   return _linear_bn_fwd(x, w, scale, bias, epsilon)[0]
 
@@ -360,7 +362,7 @@ def _linear_bn_bwd(epsilon, res, cts):
   gamma = (dmean - a * dbias) / m - mean_c * beta
   dx_w = jnp.concatenate([_mm(w * beta, w.T), _mm(gamma, w.T)[None]], axis=0)
   dx = _mm(dy2, (w * a).T) + _mm(xa, dx_w)
-  # x = xc + mu: the input gradient's rows sum to dmean
+  # x = xc + mu: the gradient with respect to x w sums over the rows to dmean
   dw = p * a + _mm(gram, w) * beta + sx[:, None] * gamma[None, :] + mu[:, None] * dmean[None, :]
   return (dx.reshape(*dy.shape[:-1], w.shape[0]).astype(xa.dtype), dw.astype(w.dtype),
           dscale.astype(scale.dtype), dbias.astype(scale.dtype))
