@@ -22,8 +22,9 @@ the input of every binary conv to `num_bits` (1: sign). Adam, lr 1e-3 cosine, no
 (decay would pull latent weights to 0 and make signs flip-flop).
 
 CIFAR-10 (default): BNN ResNet-18 with a CIFAR stem, batch 128, 64k steps, crop and flip.
-`data=digits`: BNN ResNet-20 on the 32x32x3 digits, 1500 steps of batch 64 (about 3 minutes on
-a 2-core CPU; a shorter schedule moves W1A1 by a point or more between seeds).
+`data=digits`: BNN ResNet-20 on the 32x32x3 digits, 1500 steps of batch 64 (with KD 1,333 s on
+one core of a 2-core Zen 1 AMD EPYC: docs/results/digits_quick.md's wall column; a shorter
+schedule moves W1A1 by a point or more between seeds).
 
 Args: data, model, num_bits (activation bits, 1..8), method (ste_sign, approx_sign, swish_sign,
 xnor, ternary: -1/0/+1 weights, TWN's threshold, two bit planes in the artifact), width,

@@ -21,8 +21,9 @@ lr 0.05, cosine): with a teacher the batch is mixed (`mixup=1.0`: Beta(1, 1) rat
 image with its neighbour) and the teacher labels the mixed images, Beyer et al.'s "function
 matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
 test split, 3 seeds, the quality table (docs/results/digits.md, one thread per run): hard labels
-96.30 +- 0.98, KD 98.80 +- 0.42, ~470 and ~500 s a run on one core. A KD run alone on the 2-core
-Intel Xeon takes 265 s from start to exit. The 900-step recipe gave 96.20 +- 1.67 and
+96.30 +- 0.98, KD 98.80 +- 0.42, ~470 and ~500 s a run on one core. A KD run alone takes 265 s from
+start to exit on a 2-core Intel Xeon, 560 s on a 2-core Zen 1 AMD EPYC (its MobileNetV2 step
+1.25 s there). The 900-step recipe gave 96.20 +- 1.67 and
 99.44 +- 0.73 at twice the time; both students' validation accuracy had levelled off by step
 300-400 of it. Over 300 steps (cosine over 300) without mixup KD stayed at 98.33%, with mixup
 too. On digits_hard the students train on 1,000 labelled images over 1,200 steps
