@@ -8,6 +8,7 @@ r"""The quality table: every compression method of jcompress trained and evaluat
   python benchmarks/quality.py --workers=2              # points in 2 processes, one core each
   python benchmarks/quality.py --summarize              # the tables from what has finished
   python benchmarks/quality.py --recheck                # the table file's stale marks, redone
+  python benchmarks/quality.py --rerun_stale            # stale points moved aside and run again
 
 Each row is one experiment config of `experiments/` (the command a user would run), each point
 one (row, seed) in its own workdir `ROOT/DATA/seedS/ROW`; the compressed rows start from the
@@ -33,7 +34,8 @@ in the code below, or with another config than the checkout builds for it (its w
 config.json against the config its row and experiment file give now; where the run is gone, the
 digest of that config kept in the table file, or for an older entry the config the experiment
 files of its commit build), or where its base run is stale. A stale point is
-not run again by itself: remove its workdir (or the row's, every seed) and run the row.
+not run again by itself: `--rerun_stale` moves the stale points' workdirs (and those of the
+stale base runs they start from) to ROOT/stale/ and runs them again.
 """
 
 from __future__ import annotations
@@ -393,6 +395,40 @@ def _done(point: dict) -> bool:
   return os.path.exists(os.path.join(point["workdir"], "results.json"))
 
 
+def set_aside_stale(todo: list[dict], pts: list[dict], data: str, commit: str,
+                    root: str) -> list[tuple[str, str]]:
+  """Moves the workdir of each finished point of `todo` that is stale at `commit`
+  (`point_stale`: its commit, its config, its base run's staleness) to
+  ROOT/stale/DATA/seedS/ROW-COMMIT (COMMIT: the one it ran at; `-2`, `-3`... where that is
+  taken), so that the run that follows trains it again from a fresh base; nothing is deleted.
+  Every staleness is decided before anything moves. Returns (from, to) pairs."""
+  cache: dict = {}
+  by_workdir = {p["workdir"]: p for p in pts}
+  stale = [p for p in todo if _done(p) and point_stale(p, data, commit, cache)]
+  for p in todo:   # a base it starts from that is stale and finished moves too
+    base = by_workdir.get(p["float"])
+    if (base is not None and base is not p and base not in stale and _done(base)
+        and point_stale(base, data, commit, cache)):
+      stale.append(base)
+  moved = []
+  for p in stale:
+    meta_path = os.path.join(p["workdir"], "point.json")
+    ran = "unknown"
+    if os.path.exists(meta_path):
+      with open(meta_path) as f:
+        ran = str(json.load(f).get("commit") or "unknown")
+    dest = os.path.join(root, "stale", data, f"seed{p['seed']}",
+                        f"{p['row']}-{ran.replace('+', '_')}")
+    target, k = dest, 1
+    while os.path.exists(target):
+      k += 1
+      target = f"{dest}-{k}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(p["workdir"], target)
+    moved.append((p["workdir"], target))
+  return moved
+
+
 def run_workers(todo: list[dict], pts: list[dict], workers: int, command,
                 poll_seconds: float = 2.0) -> dict[int, str]:
   """Runs the `todo` points, `workers` at a time, each as the process `command(point)` (an argv
@@ -727,6 +763,9 @@ def main(argv=None) -> int:
                   help="points run at a time, each in its own process (see the top of this file)")
   ap.add_argument("--compile_cache", default="",
                   help="a directory for jax's persistent compilation cache, shared by the points")
+  ap.add_argument("--rerun_stale", action="store_true",
+                  help="move the finished points that are stale (their commit, their config or "
+                       "their base run's) to ROOT/stale/ and run them again")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--summarize", action="store_true", help="only write the tables")
   ap.add_argument("--recheck", action="store_true",
@@ -772,6 +811,9 @@ def main(argv=None) -> int:
     todo = pts if args.point < 0 else [p for p in pts if p["index"] == args.point]
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
+    if args.rerun_stale:
+      for src, dst in set_aside_stale(todo, pts, args.data, commit, args.root):
+        print(f"stale, moved aside to run again: {src} -> {dst}", flush=True)
     if args.workers > 1 and args.point < 0:
       from jcompress import data as data_lib  # noqa: PLC0415
       # Prepared here, once: workers that each find it missing (a fresh machine) would build

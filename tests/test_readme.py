@@ -238,6 +238,62 @@ def test_quality_staleness_ignores_comment_and_docstring_changes(tmp_path, monke
   assert quality.is_stale(commits[0], commits[3], True)
 
 
+def test_quality_rerun_stale_moves_stale_points_and_their_stale_bases_aside(tmp_path,
+                                                                           monkeypatch):
+  """`--rerun_stale` moves each finished stale point's workdir (and a stale finished base run
+  of a point it runs) under ROOT/stale/, keeping its files, so that the run trains it again;
+  fresh and unfinished points stay where they are."""
+  import json
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      point_commit != commit)
+  monkeypatch.setattr(quality, "same_config", lambda point, data: True)
+  root = str(tmp_path / "q")
+  rows = [quality.ROW_BY_NAME[n] for n in ("float", "ptq_uniform8", "qat_w4a4")]
+  pts = quality.points(rows, 3, root, "digits")
+  at = {(p["row"], p["seed"]): p for p in pts}
+
+  def finish(row, seed, commit):
+    d = at[row, seed]["workdir"]
+    os.makedirs(d)
+    with open(os.path.join(d, "results.json"), "w") as f:
+      json.dump({"test_accuracy": 0.9}, f)
+    with open(os.path.join(d, "point.json"), "w") as f:
+      json.dump({"commit": commit}, f)
+
+  finish("float", 0, "old")        # stale base: it and its fresh dependent move
+  finish("ptq_uniform8", 0, "new")
+  finish("float", 1, "new")        # fresh base: only its stale dependent moves
+  finish("ptq_uniform8", 1, "old")
+  finish("qat_w4a4", 1, "new")
+  os.makedirs(at["qat_w4a4", 0]["workdir"])   # unfinished: left to resume
+  moved = quality.set_aside_stale(pts, pts, "digits", "new", root)
+  stale_dir = os.path.join(root, "stale", "digits")
+  assert sorted(moved) == sorted([
+      (at["float", 0]["workdir"], os.path.join(stale_dir, "seed0", "float-old")),
+      (at["ptq_uniform8", 0]["workdir"], os.path.join(stale_dir, "seed0", "ptq_uniform8-new")),
+      (at["ptq_uniform8", 1]["workdir"], os.path.join(stale_dir, "seed1", "ptq_uniform8-old"))])
+  for src, dst in moved:
+    assert not os.path.exists(src) and os.path.exists(os.path.join(dst, "results.json"))
+  for key in (("float", 1), ("qat_w4a4", 1), ("qat_w4a4", 0)):
+    assert os.path.isdir(at[key]["workdir"]), key
+  assert quality.set_aside_stale(pts, pts, "digits", "new", root) == []
+  # the same point stale again at the same commit: kept beside the first, not over it
+  finish("ptq_uniform8", 1, "old")
+  assert quality.set_aside_stale([at["ptq_uniform8", 1]], pts, "digits", "new", root) == [
+      (at["ptq_uniform8", 1]["workdir"], os.path.join(stale_dir, "seed1", "ptq_uniform8-old-2"))]
+  # a point run alone (`--point`) whose finished base is stale: the base moves too, so that
+  # the point waits for a fresh base instead of training from the stale one
+  finish("float", 2, "old")
+  finish("qat_w4a4", 2, "old")
+  assert sorted(quality.set_aside_stale([at["qat_w4a4", 2]], pts, "digits", "new", root)) == [
+      (at["float", 2]["workdir"], os.path.join(stale_dir, "seed2", "float-old")),
+      (at["qat_w4a4", 2]["workdir"], os.path.join(stale_dir, "seed2", "qat_w4a4-old"))]
+
+
 def test_quality_vit_rows_run_on_digits_only(capsys):
   """The ViT rows are left out of the digits_hard table (and its --quick subset), a table file
   that still lists them loses them on the next --rows update, and --rows naming one there is
