@@ -290,12 +290,8 @@ def point_stale(point: dict, data: str, commit: str, cache: dict | None = None) 
   any change in CODE_PATHS counts), or its base run (`point["float"]`) is stale."""
   cache = {} if cache is None else cache
   if point["workdir"] not in cache:
-    meta_path = os.path.join(point["workdir"], "point.json")
-    meta = {}
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        meta = json.load(f)
-    stale = is_stale(meta.get("commit"), commit, same_config(point, data))
+    stale = is_stale(point_meta(point["workdir"]).get("commit"), commit,
+                     same_config(point, data))
     row = ROW_BY_NAME.get(point["row"])
     if not stale and row is not None and row.base:
       base = {"row": row.base, "seed": point["seed"], "workdir": point["float"],
@@ -391,6 +387,16 @@ def base_point(point: dict, pts: list[dict]) -> dict | None:
   return next((q for q in pts if q["workdir"] == point["float"]), None)
 
 
+def point_meta(workdir: str) -> dict:
+  """The `point.json` a finished point wrote in `workdir` (its commit, machine, date,
+  seconds); {} where there is none."""
+  path = os.path.join(workdir, "point.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def _done(point: dict) -> bool:
   return os.path.exists(os.path.join(point["workdir"], "results.json"))
 
@@ -412,11 +418,7 @@ def set_aside_stale(todo: list[dict], pts: list[dict], data: str, commit: str,
       stale.append(base)
   moved = []
   for p in stale:
-    meta_path = os.path.join(p["workdir"], "point.json")
-    ran = "unknown"
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        ran = str(json.load(f).get("commit") or "unknown")
+    ran = str(point_meta(p["workdir"]).get("commit") or "unknown")
     dest = os.path.join(root, "stale", data, f"seed{p['seed']}",
                         f"{p['row']}-{ran.replace('+', '_')}")
     target, k = dest, 1
@@ -525,8 +527,7 @@ def summarize(rows, pts: list[dict], data: str, commit: str) -> dict:
         continue
       with open(path) as f:
         r = json.load(f)
-      meta_path = os.path.join(p["workdir"], "point.json")
-      meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+      meta = point_meta(p["workdir"])
       if point_stale(p, data, commit, cache):
         stale.append(p["seed"])
       digest = built_digest(p, data) if same_config(p, data) else CHANGED
@@ -606,11 +607,9 @@ def merge(summary: dict, previous: dict, commit: str, root: str = "",
     if s["seed"] in e.get("stale_seeds", []):   # a stale seed stays so until it runs again
       return True
     p = make_point(root, data, row, s["seed"])
-    meta_path = os.path.join(p["workdir"], "point.json")
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        if json.load(f).get("commit") == s.get("commit"):
-          return point_stale(p, data, commit, cache)
+    meta = point_meta(p["workdir"])
+    if meta and meta.get("commit") == s.get("commit"):
+      return point_stale(p, data, commit, cache)
     unchanged = False   # the run is gone: the config it ran with against today's
     if e.get("command") == row.spec and not is_stale(s.get("commit"), commit, True):
       now = built_digest(p, data)

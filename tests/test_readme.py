@@ -292,6 +292,26 @@ def test_quality_rerun_stale_moves_stale_points_and_their_stale_bases_aside(tmp_
   assert sorted(quality.set_aside_stale([at["qat_w4a4", 2]], pts, "digits", "new", root)) == [
       (at["float", 2]["workdir"], os.path.join(stale_dir, "seed2", "float-old")),
       (at["qat_w4a4", 2]["workdir"], os.path.join(stale_dir, "seed2", "qat_w4a4-old"))]
+  # the flag of main: without it a stale point stays; with it, it is moved, then run
+  from jcompress import runtime  # noqa: PLC0415
+  monkeypatch.setattr(runtime, "configure_cpu", lambda: {})   # leave this process's tuning be
+  monkeypatch.setattr(quality, "git_commit", lambda: "new")
+  ran = []
+  monkeypatch.setattr(quality, "run_point", lambda point, data, commit: (
+      ran.append((point["workdir"], _done(point))) or {"status": "done"}))
+  _done = quality._done
+  root2 = str(tmp_path / "q2")
+  at = {(p["row"], p["seed"]): p
+        for p in quality.points([rows[0], rows[1]], 1, root2, "digits")}
+  finish("float", 0, "new")
+  finish("ptq_uniform8", 0, "old")
+  args = ["--data=digits", "--seeds=1", "--rows=ptq_uniform8", f"--root={root2}", "--point=1"]
+  assert quality.main(args) == 0
+  assert ran == [(at["ptq_uniform8", 0]["workdir"], True)]   # left in place: skipped as done
+  assert quality.main([*args, "--rerun_stale"]) == 0
+  assert ran[1] == (at["ptq_uniform8", 0]["workdir"], False)  # moved aside, then run again
+  assert os.path.exists(os.path.join(root2, "stale", "digits", "seed0", "ptq_uniform8-old",
+                                     "results.json"))
 
 
 def test_quality_vit_rows_run_on_digits_only(capsys):
