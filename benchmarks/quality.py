@@ -388,8 +388,10 @@ def base_point(point: dict, pts: list[dict]) -> dict | None:
 
 
 def point_meta(workdir: str) -> dict:
-  """The `point.json` a finished point wrote in `workdir` (its commit, machine, date,
-  seconds); {} where there is none."""
+  """The `point.json` a finished point wrote in `workdir` (its commit, machine, date, and
+  `seconds`: the run time of the process that finished it, the last segment only where the point
+  was resumed; the whole run's time is results.json's `wall_seconds`, which the table shows);
+  {} where there is none."""
   path = os.path.join(workdir, "point.json")
   if not os.path.exists(path):
     return {}
