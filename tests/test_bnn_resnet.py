@@ -249,3 +249,25 @@ def test_experiment_distills_with_the_distributional_loss_by_default():
   assert dist("teacher=runs/t,alpha=0.5") == ("kd", 1.0, 0.5)
   assert dist("teacher=") == ("kd", base.temperature, base.alpha)
   assert dist("teacher=runs/t,loss=dkd") == ("dkd", base.temperature, base.alpha)
+
+
+def test_experiment_trains_digits_hard_w1a1_in_two_stages_only():
+  """bnn_resnet.py: digits_hard W1A1 keeps float kernels for the first 1500 of its 3000 steps;
+  digits, W1A2 and an explicit float_steps keep theirs; the config validates."""
+  import os
+
+  from jcompress import config as config_lib
+
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "bnn_resnet.py")
+
+  def stages(arg):
+    c = config_lib.load_config_file(f"{spec}:teacher=,{arg}")
+    config_lib.validate(c)
+    return c.binary.float_steps, c.total_steps
+
+  assert stages("data=digits_hard,num_bits=1") == (1500, 3000)
+  assert stages("data=digits_hard,num_bits=2") == (0, 3000)
+  assert stages("data=digits,num_bits=1") == (0, 1500)
+  assert stages("data=digits_hard,num_bits=1,float_steps=0") == (0, 3000)
+  assert stages("data=digits_hard,num_bits=1,float_steps=500") == (500, 3000)
