@@ -35,15 +35,25 @@ from jcompress.methods import binary as binary_method
 
 
 def cpu_model() -> str:
-  """The CPU model from /proc/cpuinfo (or platform.processor()), e.g. 'AMD EPYC 7B13'."""
+  """The CPU model from /proc/cpuinfo (or platform.processor()), e.g. 'AMD EPYC 7B13'; where
+  the name has no model number (a virtual machine's 'AMD EPYC' covers several generations), its
+  family and model numbers are added: 'AMD EPYC (family 25, model 1)'."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():   # the first processor's block is enough
+          break
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  name = fields.get("model name")
+  if not name:
+    return platform.processor() or platform.machine()
+  if not any(ch.isdigit() for ch in name) and "cpu family" in fields and "model" in fields:
+    name += f" (family {fields['cpu family']}, model {fields['model']})"
+  return name
 
 
 def device_info() -> dict:
