@@ -187,13 +187,22 @@ def is_stale(point_commit: str | None, commit: str, config_unchanged: bool = Fal
   config the point ran with is the one `commit` builds for it: `same_config`), one whose
   SHARED_PATHS differ. A Python file whose code is the same at both commits, only its comments
   and docstrings changed (`_same_code`), is no difference."""
+  decided = _commits_decide(point_commit, commit)
+  if decided is not None:
+    return decided
+  return _code_differs(point_commit, commit, SHARED_PATHS if config_unchanged else CODE_PATHS)
+
+
+def _commits_decide(point_commit: str | None, commit: str) -> bool | None:
+  """Stale or not where the two commits alone tell (a dirty or unknown one: stale; the same
+  clean one: not), None where their code must be compared."""
   if not point_commit or "+" in point_commit or point_commit == "unknown":
     return True
   if point_commit == commit:
     return False
   if "+" in commit or commit == "unknown":
     return True
-  return _code_differs(point_commit, commit, SHARED_PATHS if config_unchanged else CODE_PATHS)
+  return None
 
 
 def code_stale(point_commit: str | None, commit: str, config_unchanged: bool,
@@ -205,12 +214,9 @@ def code_stale(point_commit: str | None, commit: str, config_unchanged: bool,
   changed file that is not Python still does."""
   if not code or not config_unchanged:
     return is_stale(point_commit, commit, config_unchanged)
-  if not point_commit or "+" in point_commit or point_commit == "unknown":
-    return True
-  if point_commit == commit:
-    return False
-  if "+" in commit or commit == "unknown":
-    return True
+  decided = _commits_decide(point_commit, commit)
+  if decided is not None:
+    return decided
   for f in _changed_files(point_commit, commit, SHARED_PATHS):
     if f is None or not f.endswith(".py"):
       return True
