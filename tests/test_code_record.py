@@ -17,6 +17,8 @@ LIB = textwrap.dedent('''\
     """Module doc."""
     import functools
 
+    import jax
+
     SCALE = 2
 
 
@@ -36,6 +38,11 @@ LIB = textwrap.dedent('''\
     @functools.lru_cache(maxsize=None)
     def cached_unused(x):
       return x
+
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def vjp_unused(x, n):
+      return x * n
 
 
     class Block:
@@ -77,7 +84,7 @@ def test_recorder_lists_the_definitions_that_ran(tmp_path):
   for ran in ("<module>", "used", "helper", "helper.<locals>.<listcomp>", "Block",
               "Block.__call__", "Block.__call__.<locals>.<lambda>"):
     assert ran in names, (ran, names)
-  for idle in ("unused", "cached_unused", "Block.other"):
+  for idle in ("unused", "cached_unused", "vjp_unused", "Block.other"):
     assert idle not in names
   assert code["pkg/__init__.py"] == ["<module>"]
   # a file under `whole` is compared whole once it ran at all
@@ -121,6 +128,9 @@ def test_a_change_counts_where_it_touches_what_ran(tmp_path):
   assert differs(LIB.replace("import functools", "import functools\nimport math"))
   assert differs(LIB + "\n\n@register\ndef added(x):\n  return x\n")   # a decorator runs
   assert differs(LIB.replace("def unused(x):", "def helper(x):"))     # a second `helper`
+  # a custom_vjp's body need not run where its fwd / bwd do: its header always counts
+  assert differs(LIB.replace("nondiff_argnums=(1,)", "nondiff_argnums=(0,)"))
+  assert not differs(LIB.replace("return x * n", "return x * n * 1"))
   # what did not run, comments and docstrings
   assert not differs(LIB.replace("return x - 1", "return x - 2"))
   assert not differs(LIB.replace("def unused(x):", "def unused(x, y=1):"))
