@@ -9,7 +9,10 @@ Runs `--steps` steps of jcompress's train step (the runner of benchmarks/suite.p
 (`--xla_cpu_enable_xprof_traceme`, added to XLA_FLAGS here, before jax starts), reads the trace
 back with `jax.profiler.ProfileData` and prints milliseconds per step by operation kind (the HLO
 name without its number: `transpose_copy_fusion`, `wrapped_reduce-window`, `dot`, ...) and the
-`--top` single operations. What XLA emits itself (fusions, copies, transposes, reductions) is
+`--top` single operations, then the same time by the JAX operation each came from (the op_name
+XLA keeps in the optimized HLO, which it dumps to a temporary directory: "backward:
+dw_conv/while/body/closed_call/reduce_sum" sums every block's depthwise kernel-gradient
+reductions). What XLA emits itself (fusions, copies, transposes, reductions) is
 timed whole; a convolution or matmul handed to a library (Eigen, YNNPACK) shows only while it is
 dispatched, so the step's wall time minus the traced operations is printed as "library calls
 and gaps": mostly the convolutions.
@@ -22,11 +25,16 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import sys
 import tempfile
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG}".strip()
+#: XLA writes each compiled module's optimized HLO here: its op names lead back to the JAX
+#: operations (and the model's layers) that each traced operation came from (`source_times`).
+DUMP_DIR = tempfile.mkdtemp(prefix="step_profile_hlo_")
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG} "
+                           f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text").strip()
 
 from jcompress import runtime  # noqa: E402
 
@@ -71,6 +79,39 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
   return by_op, by_kind
 
 
+def source_times(by_op: collections.Counter, hlo_text: str) -> collections.Counter:
+  """Nanoseconds of the traced operations `by_op` summed by the JAX operation each came from:
+  the op_name of its HLO instruction in `hlo_text` (an optimized module's text), with the jit
+  name left out, the layer's stage / block indices dropped (one line for every block's
+  depthwise kernel gradient) and "jvp(...)" / "transpose(jvp(...))" read as forward / backward.
+  An operation without an op_name is listed under its kind ("copy", "while", ...)."""
+  import re  # noqa: PLC0415
+
+  names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo_text))
+  out = collections.Counter()
+  for op, ns in by_op.items():
+    name = names.get(op)
+    if name is None:
+      out[f"({op.split('.')[0]})"] += ns
+      continue
+    name = re.sub(r"^jit\([^)]*\)/", "", name)
+    name = re.sub(r"stage\d+_block\d+/", "", name)
+    name = re.sub(r"^transpose\(jvp\(\w+\)\)/", "backward: ", name)
+    name = re.sub(r"^jvp\(\w+\)/", "forward: ", name)
+    out[name] += ns
+  return out
+
+
+def _train_step_hlo() -> str:
+  """The optimized HLO text of the largest train-step module XLA dumped (DUMP_DIR)."""
+  files = [os.path.join(DUMP_DIR, f) for f in os.listdir(DUMP_DIR)
+           if "train_step" in f and f.endswith("cpu_after_optimizations.txt")]
+  if not files:
+    return ""
+  with open(max(files, key=os.path.getsize)) as f:
+    return f.read()
+
+
 def main(argv):
   del argv
   model = _MODEL.value or ("bnn_resnet18_cifar" if _BINARY.value else "resnet18_cifar")
@@ -99,6 +140,11 @@ def main(argv):
   print(f"\n| top {_TOP.value} operations | ms per step |\n|---|---|")
   for op, ns in by_op.most_common(_TOP.value):
     print(f"| {op} | {ns / 1e6 / n:.1f} |")
+  by_source = source_times(by_op, _train_step_hlo())
+  shutil.rmtree(DUMP_DIR, ignore_errors=True)
+  print(f"\n| top {_TOP.value} JAX operations (every block's together) | ms per step |\n|---|---|")
+  for name, ns in by_source.most_common(_TOP.value):
+    print(f"| {name} | {ns / 1e6 / n:.1f} |")
 
 
 if __name__ == "__main__":
