@@ -3,7 +3,7 @@
 A quality-table point (benchmarks/quality.py) records, while it trains, every function, class
 body and module of the checkout's library that Python entered (`Recorder`: a `sys.settrace`
 hook that sees each new frame's code object and asks for no line events). Later, a change to
-the library makes the point stale only if it touches what the point ran (`record_differs`):
+the library makes the point stale only if it touches what the point ran (`file_differs`):
 for each changed file, the code of each recorded definition and of the scopes around it (the
 class body with its fields, the module's own statements) is compared between the two commits,
 comments and docstrings aside. A definition that never ran is compared only by its header
