@@ -257,3 +257,35 @@ def test_quality_run_point_keeps_the_record_across_a_resumed_run(tmp_path, monke
   assert run("b", "c1", True) is None          # resumed at another commit
   os.makedirs(tmp_path / "c" / "checkpoints" / "3")
   assert run("c", "c1", True) is None          # resumed from a run that recorded nothing
+
+
+def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
+  """A table file keeps the record of each seed (packed, by digest): where the run is gone,
+  `--recheck` (merge) judges the seed on that record, and the rewritten file keeps it."""
+  import quality  # noqa: PLC0415
+
+  code = {"jcompress/train.py": ["<module>", "train_and_evaluate"]}
+  digest, text = code_record.pack(code)
+  row = quality.ROW_BY_NAME["ptq_uniform8"]
+  previous = {"data": "digits", "seeds": [0], "code": {digest: text, "unused": "x"},
+              "rows": [{"row": row.name, "label": row.label, "command": row.spec,
+                        "seeds": [{"seed": 0, "test_accuracy": 0.99, "model_bytes": 1,
+                                   "compression_ratio": 1.0, "wall_seconds": 1.0,
+                                   "commit": "old", "config": "cfg", "code": digest}],
+                        "missing": [], "stale_seeds": [], "accuracy_mean": 99.0}]}
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      False)
+  monkeypatch.setattr(quality, "built_digest", lambda p, data, experiments=None: "cfg")
+  seen = []
+
+  def code_stale(point_commit, commit, config_unchanged, recorded):
+    seen.append((point_commit, config_unchanged, recorded))
+    return False
+
+  monkeypatch.setattr(quality, "code_stale", code_stale)
+  summary = {"data": "digits", "date": "d", "commit": "new", "machine": "m", "seeds": [],
+             "rows": []}
+  out = quality.merge(summary, previous, "new", str(tmp_path))
+  assert seen == [("old", True, code)]
+  assert out["code"] == {digest: text}            # the seeds' records, no other
+  assert out["rows"][0]["seeds"][0]["code"] == digest and not out["rows"][0]["stale_seeds"]
