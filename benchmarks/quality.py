@@ -9,6 +9,7 @@ r"""The quality table: every compression method of jcompress trained and evaluat
   python benchmarks/quality.py --summarize              # the tables from what has finished
   python benchmarks/quality.py --recheck                # the table file's stale marks, redone
   python benchmarks/quality.py --rerun_stale            # stale points moved aside and run again
+  python benchmarks/quality.py --rerun_unrecorded       # the same, and points without a record
 
 Each row is one experiment config of `experiments/` (the command a user would run), each point
 one (row, seed) in its own workdir `ROOT/DATA/seedS/ROW`; the compressed rows start from the
@@ -488,19 +489,25 @@ def _done(point: dict) -> bool:
 
 
 def set_aside_stale(todo: list[dict], pts: list[dict], data: str, commit: str,
-                    root: str) -> list[tuple[str, str]]:
+                    root: str, unrecorded: bool = False) -> list[tuple[str, str]]:
   """Moves the workdir of each finished point of `todo` that is stale at `commit`
-  (`point_stale`: its commit, its config, its base run's staleness) to
+  (`point_stale`: its commit, its config, its base run's staleness), and with `unrecorded` each
+  one without a record of what it ran (point.json's `code`), to
   ROOT/stale/DATA/seedS/ROW-COMMIT (COMMIT: the one it ran at; `-2`, `-3`... where that is
   taken), so that the run that follows trains it again from a fresh base; nothing is deleted.
   Every staleness is decided before anything moves. Returns (from, to) pairs."""
   cache: dict = {}
   by_workdir = {p["workdir"]: p for p in pts}
-  stale = [p for p in todo if _done(p) and point_stale(p, data, commit, cache)]
-  for p in todo:   # a base it starts from that is stale and finished moves too
+
+  def moves(p):
+    return point_stale(p, data, commit, cache) or (
+        unrecorded and not point_meta(p["workdir"]).get("code"))
+
+  stale = [p for p in todo if _done(p) and moves(p)]
+  for p in todo:   # a base it starts from that moves, finished, moves too
     base = by_workdir.get(p["float"])
     if (base is not None and base is not p and base not in stale and _done(base)
-        and point_stale(base, data, commit, cache)):
+        and moves(base)):
       stale.append(base)
   moved = []
   for p in stale:
@@ -865,6 +872,10 @@ def main(argv=None) -> int:
   ap.add_argument("--rerun_stale", action="store_true",
                   help="move the finished points that are stale (their commit, their config or "
                        "their base run's) to ROOT/stale/ and run them again")
+  ap.add_argument("--rerun_unrecorded", action="store_true",
+                  help="--rerun_stale, and also the finished points that have no record of what "
+                       "they ran (run before quality.py recorded it): once rerun, a library "
+                       "change stales them only where it touches what they ran")
   ap.add_argument("--list", action="store_true")
   ap.add_argument("--summarize", action="store_true", help="only write the tables")
   ap.add_argument("--recheck", action="store_true",
@@ -923,8 +934,9 @@ def _run(args, rows, names, seeds, pts, commit) -> int:
     todo = pts if args.point < 0 else [p for p in pts if p["index"] == args.point]
     if not todo:
       raise SystemExit(f"--point={args.point}: there are {len(pts)} points (see --list)")
-    if args.rerun_stale:
-      for src, dst in set_aside_stale(todo, pts, args.data, commit, args.root):
+    if args.rerun_stale or args.rerun_unrecorded:
+      for src, dst in set_aside_stale(todo, pts, args.data, commit, args.root,
+                                      args.rerun_unrecorded):
         print(f"stale, moved aside to run again: {src} -> {dst}", flush=True)
     if args.workers > 1 and args.point < 0:
       from jcompress import data as data_lib  # noqa: PLC0415

@@ -289,3 +289,33 @@ def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
   assert seen == [("old", True, code)]
   assert out["code"] == {digest: text}            # the seeds' records, no other
   assert out["rows"][0]["seeds"][0]["code"] == digest and not out["rows"][0]["stale_seeds"]
+
+
+def test_quality_rerun_unrecorded_moves_the_points_without_a_record(tmp_path, monkeypatch):
+  """`--rerun_unrecorded` sets aside, beside the stale points, the fresh finished points that
+  have no record of what they ran (and a base of theirs that moves), not the recorded ones."""
+  import quality  # noqa: PLC0415
+
+  monkeypatch.setattr(quality, "point_stale", lambda p, data, commit, cache=None: False)
+  root = str(tmp_path / "q")
+  rows = [quality.ROW_BY_NAME[n] for n in ("float", "ptq_uniform8")]
+  pts = quality.points(rows, 2, root, "digits")
+  at = {(p["row"], p["seed"]): p for p in pts}
+
+  def finish(row, seed, code):
+    d = at[row, seed]["workdir"]
+    os.makedirs(d)
+    with open(os.path.join(d, "results.json"), "w") as f:
+      json.dump({}, f)
+    with open(os.path.join(d, "point.json"), "w") as f:
+      json.dump({"commit": "c", **({"code": code} if code is not None else {})}, f)
+
+  rec = {"jcompress/train.py": ["<module>"]}
+  finish("float", 0, None)           # unrecorded base: it moves, its recorded dependent stays
+  finish("ptq_uniform8", 0, rec)
+  finish("float", 1, rec)            # recorded base: only its unrecorded dependent moves
+  finish("ptq_uniform8", 1, None)
+  assert quality.set_aside_stale(pts, pts, "digits", "c", root) == []   # all fresh
+  moved = quality.set_aside_stale(pts, pts, "digits", "c", root, unrecorded=True)
+  assert sorted(src for src, _ in moved) == sorted(
+      at[k]["workdir"] for k in (("float", 0), ("ptq_uniform8", 1)))
