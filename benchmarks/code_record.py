@@ -155,6 +155,11 @@ def _strip_docstring(body: list) -> list:
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
+def _with_body(node, body: list):
+  """A copy of the def or class statement `node` with `body` as its body."""
+  return type(node)(**{**{f: getattr(node, f, None) for f in node._fields}, "body": body})
+
+
 def definitions(text: str, ran: set[str]) -> dict[str, str] | None:
   """{qualname: the code of that scope alone} for a module's text: the module (MODULE), every
   class and function, each without its docstring and with the bodies of the definitions
@@ -180,17 +185,13 @@ def definitions(text: str, ran: set[str]) -> dict[str, str] | None:
           inner = f"{qualname}.<locals>.{stmt.name}"
         own(stmt, inner, stmt.body)
         if inner in ran or _impure_decorators(stmt):
-          header = ast.copy_location(type(stmt)(**{**{f: getattr(stmt, f, None)
-                                                        for f in stmt._fields},
-                                                     "body": [ast.Pass()]}), stmt)
-          kept.append(header)
+          kept.append(_with_body(stmt, [ast.Pass()]))   # its header
       else:
         kept.append(stmt)
     if node is tree:
       code = ast.dump(ast.Module(body=kept, type_ignores=[]), include_attributes=False)
     else:
-      copy = type(node)(**{**{f: getattr(node, f, None) for f in node._fields}, "body": kept})
-      code = ast.dump(copy, include_attributes=False)
+      code = ast.dump(_with_body(node, kept), include_attributes=False)
     out.setdefault(qualname, []).append(code)
 
   own(tree, MODULE, tree.body)
