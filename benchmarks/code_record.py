@@ -61,7 +61,8 @@ class Recorder:
   added ~14% to a BRECQ point (jit tracing and its Python dispatch); this costs one set insertion
   per call of a library function. A lambda's or a comprehension's code is not marked itself: it
   runs only inside, or after, a run of the function around it, which `definition` folds it into.
-  The instrumented code is never written to a bytecode cache. Modules imported before the
+  The instrumented code is never written to a bytecode cache. `root` is where the package is
+  imported from: each prefix begins with a top-level package's directory (or module's file). Modules imported before the
   recording began are recorded whole (`early`); on exit the added statements stop recording.
   """
 
@@ -185,8 +186,12 @@ class _Finder(importlib.abc.MetaPathFinder):
 
   def __init__(self, recorder: Recorder):
     self.recorder = recorder
+    # the top-level names a recorded file can be imported under ("jcompress/" -> "jcompress")
+    self.tops = {p.split("/")[0].removesuffix(".py") for p in recorder.prefixes}
 
   def find_spec(self, fullname, path, target=None):
+    if fullname.partition(".")[0] not in self.tops:
+      return None
     spec = importlib.machinery.PathFinder.find_spec(fullname, path)
     if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
       return None
