@@ -62,8 +62,9 @@ class Recorder:
   per call of a library function. A lambda's or a comprehension's code is not marked itself: it
   runs only inside, or after, a run of the function around it, which `definition` folds it into.
   The instrumented code is never written to a bytecode cache. `root` is where the package is
-  imported from: each prefix begins with a top-level package's directory (or module's file). Modules imported before the
-  recording began are recorded whole (`early`); on exit the added statements stop recording.
+  imported from: each prefix begins with a top-level package's directory (or module's file).
+  Modules imported before the recording began are recorded whole (`early`); on exit the added
+  statements stop recording.
   """
 
   MARK = "__code_record__"
@@ -141,8 +142,7 @@ class _Marker(ast.NodeTransformer):
   def _scope(self, node, inner: str):
     name = self.prefix + node.name
     saved, self.prefix = self.prefix, name + inner
-    for field in ("body",):
-      setattr(node, field, [self.visit(n) for n in getattr(node, field)])
+    node.body = [self.visit(n) for n in node.body]
     self.prefix = saved
     # decorators, defaults and bases belong to the scope around (already visited there)
     node.body = self._mark(node.body, name)
