@@ -126,8 +126,8 @@ class _Marker(ast.NodeTransformer):
       while at < len(body) and isinstance(body[at], ast.ImportFrom) and \
           body[at].module == "__future__":
         at += 1
-    line, col = (body[min(at, len(body) - 1)].lineno,
-                 body[min(at, len(body) - 1)].col_offset) if body else (1, 0)
+    anchor = body[min(at, len(body) - 1)] if body else None
+    line, col = (anchor.lineno, anchor.col_offset) if anchor else (1, 0)
     call = ast.Expr(ast.Call(ast.Name(Recorder.MARK, ast.Load()), [ast.Constant(name)], []))
     for node in ast.walk(call):
       if "lineno" in node._attributes:   # noqa: SLF001  (not the Load context)
@@ -251,8 +251,7 @@ def _impure_decorators(node) -> bool:
 
 
 def _strip_docstring(body: list) -> list:
-  if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-      and isinstance(body[0].value.value, str)):
+  if body and _is_docstring(body[0]):
     return body[1:] or [ast.Pass()]
   return body
 
