@@ -119,11 +119,11 @@ ROWS = (
         quick=True),
     Row("bnn_w1a2", "BNN W1A2", "bnn_resnet.py:data={data},num_bits=2,teacher="),
     Row("bnn_w1a2_kd", "BNN W1A2 with KD", "bnn_resnet.py:data={data},num_bits=2,teacher={float}"),
-    Row("student_hard", "MobileNetV2 on 200 labels (digits_hard: 1,000), hard labels",
+    Row("student_hard", "MobileNetV2 x0.5 on 200 labels (digits_hard: 1,000), hard labels",
         "kd_mobilenet.py:data={data},teacher="),
-    Row("student_kd", "MobileNetV2 on 200 labels (digits_hard: 1,000), KD",
+    Row("student_kd", "MobileNetV2 x0.5 on 200 labels (digits_hard: 1,000), KD",
         "kd_mobilenet.py:data={data},teacher={float}"),
-    # --quick distills through this row: the two students take ~16 minutes a seed on one core
+    # --quick distills through this row: the two student rows take longer a seed on one core
     Row("combined", "KD + 90% pruning + W4A4 QAT in one step",
         "quant_resnet.py:data={data},bits=4,abits=4,init_from={float}", combined=True,
         quick=True),

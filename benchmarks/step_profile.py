@@ -53,6 +53,7 @@ _MODEL = flags.DEFINE_string("model", None, "Model (default resnet18_cifar, or "
 _BINARY = flags.DEFINE_integer("binary_bits", 0, "BNN activation bits (0: no BNN).")
 _QAT = flags.DEFINE_integer("qat_bits", 0, "QAT weight and activation bits (0: none).")
 _IMPL = flags.DEFINE_string("conv_impl", None, "Model field conv_impl (default: the model's).")
+_WIDTH = flags.DEFINE_float("width", 1.0, "Width multiplier (config.width).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Traced steps (after one untraced).")
 _TOP = flags.DEFINE_integer("top", 20, "Single operations listed.")
@@ -118,6 +119,7 @@ def main(argv):
   kwargs = {"conv_impl": _IMPL.value} if _IMPL.value else None
   config = common.train_config(model, binary_bits=_BINARY.value, qat_bits=_QAT.value,
                                model_kwargs=kwargs)
+  config.width = _WIDTH.value
   run, _ = common.make_train_runner(config, batch_size=_BATCH.value)
   run(1)
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -128,7 +130,7 @@ def main(argv):
   n = _STEPS.value
   step_ms = 1e3 * seconds / n
   traced_ms = sum(by_kind.values()) / 1e6 / n
-  print(f"{model}, batch {_BATCH.value}, {common.device_name()}; XLA_FLAGS "
+  print(f"{model}" + (f" x{_WIDTH.value:g}" if _WIDTH.value != 1.0 else "") + f", batch {_BATCH.value}, {common.device_name()}; XLA_FLAGS "
         f"`{os.environ.get('XLA_FLAGS', '')}`")
   print(f"step {step_ms:.0f} ms under the trace ({_BATCH.value / step_ms * 1e3:.1f} images/s); "
         f"traced operations {traced_ms:.0f} ms; library calls and gaps "

@@ -16,20 +16,20 @@ student's jit-compiled step on the same augmented batch (`train.make_train_step`
 tf_kd (the seed's sigmoid CE + logit MSE), mse, fitnet (hints through a learned 1x1 regressor)
 or dkd (Decoupled KD). Several teachers: `teacher=dirA;dirB` (their logits are averaged).
 
+The default student is MobileNetV2 at width 0.5 with the CIFAR stem (`mobilenetv2_cifar`,
+`width=0.5`): the "MobileNetV2" student of CRD / RepDistiller (their `mobile_half`) and of the
+DKD tables, 0.70 M parameters, a third of the full width's MACs and half its step time on a
+CPU; `width=1.0` gives the full-width network.
+
 Digits recipe (200 labelled images, batch 64, 400 steps of SGD with Nesterov momentum,
 lr 0.05, cosine): with a teacher the batch is mixed (`mixup=1.0`: Beta(1, 1) ratio, each
 image with its neighbour) and the teacher labels the mixed images, Beyer et al.'s "function
-matching"; the hard-label student is not mixed, which served it better. MobileNetV2, digits
-test split, 3 seeds, the quality table (docs/results/digits.md, one thread per run): hard labels
-96.30 +- 0.98, KD 98.80 +- 0.42, ~470 and ~500 s a run on one core. A KD run alone takes 265 s from
-start to exit on a 2-core Intel Xeon, 560 s on a 2-core Zen 1 AMD EPYC (its MobileNetV2 step
-1.25 s there). The 900-step recipe gave 96.20 +- 1.67 and
-99.44 +- 0.73 at twice the time; both students' validation accuracy had levelled off by step
-300-400 of it. Over 300 steps (cosine over 300) without mixup KD stayed at 98.33%, with mixup
-too. On digits_hard the students train on 1,000 labelled images over 1,200 steps
-(200 left them at chance): hard labels 69.91 +- 4.73, KD 91.80 +- 0.26 over 3 seeds
-(docs/results/digits_hard.md), ~1,300 s a run on one core. docs/results.md ("Distillation")
-has the commands and every seed.
+matching"; the hard-label student is not mixed, which served it better. At full width the
+900-step recipe took twice the time for the same ranking (both students' validation accuracy
+had levelled off by step 300-400 of it). On digits_hard the students train on 1,000 labelled
+images over 1,200 steps (200 left them at chance). The quality table's student rows are this
+experiment with and without a teacher, 3 seeds each (docs/results/digits.md and
+digits_hard.md; docs/results.md, "Distillation", has the commands and every seed).
 
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
 loss, temperature, alpha, beta, train_examples (0: all; digits default 200,
@@ -43,7 +43,7 @@ from jcompress import sweep
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, data="cifar10", model="mobilenetv2_cifar", width=1.0,
+  arg = config_lib.parse_arg(arg, data="cifar10", model="mobilenetv2_cifar", width=0.5,
                              teacher="", loss="kd", temperature=4.0, alpha=0.9, beta=8.0,
                              train_examples=-1, mixup=-1.0, seed=0, runlocal=False)
   c = config_lib.base_config()
