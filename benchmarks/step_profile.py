@@ -130,7 +130,8 @@ def main(argv):
   n = _STEPS.value
   step_ms = 1e3 * seconds / n
   traced_ms = sum(by_kind.values()) / 1e6 / n
-  print(f"{model}" + (f" x{_WIDTH.value:g}" if _WIDTH.value != 1.0 else "") + f", batch {_BATCH.value}, {common.device_name()}; XLA_FLAGS "
+  width = f" x{_WIDTH.value:g}" if _WIDTH.value != 1.0 else ""
+  print(f"{model}{width}, batch {_BATCH.value}, {common.device_name()}; XLA_FLAGS "
         f"`{os.environ.get('XLA_FLAGS', '')}`")
   print(f"step {step_ms:.0f} ms under the trace ({_BATCH.value / step_ms * 1e3:.1f} images/s); "
         f"traced operations {traced_ms:.0f} ms; library calls and gaps "
