@@ -31,7 +31,8 @@ images over 1,200 steps (200 left them at chance). The quality table's student r
 experiment with and without a teacher, 3 seeds each (docs/results/digits.md and
 digits_hard.md; docs/results.md, "Distillation", has the commands and every seed).
 
-Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width, teacher,
+Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width (0.5 for
+whichever model; 1.0: full width), teacher,
 loss, temperature, alpha, beta, train_examples (0: all; digits default 200,
 digits_hard 1,000 over 1,200 steps), mixup (Beta
 concentration; 0: off; -1: 1.0 when distilling on offline data, else 0), seed, runlocal.
