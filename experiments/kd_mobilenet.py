@@ -27,9 +27,9 @@ image with its neighbour) and the teacher labels the mixed images, Beyer et al.'
 matching"; the hard-label student is not mixed, which served it better. At full width a
 900-step recipe took three times the time for the same ranking (both students' validation
 accuracy had levelled off by step 300-400 of it); 400 steps gave the half-width KD student
-the same test accuracy on seed 0 as 300 (98.33%). On digits_hard the students train on 1,000 labelled
-images over 1,200 steps (200 left them at chance). The quality table's student rows are this
-experiment with and without a teacher, 3 seeds each (docs/results/digits.md and
+the same test accuracy on seed 0 as 300 (98.33%). On digits_hard the students train on 1,000
+labelled images over 1,200 steps (200 left them at chance). The quality table's student rows
+are this experiment with and without a teacher, 3 seeds each (docs/results/digits.md and
 digits_hard.md; docs/results.md, "Distillation", has the commands and every seed).
 
 Args: data, model (mobilenetv2_cifar, shufflenetv2_cifar, small_cnn, ...), width (0.5 for
