@@ -19,7 +19,9 @@ error and the others run on (a row whose float run failed is listed as waiting f
 `point.json` beside each result records the commit it ran at. `--workers=N` runs N points at a
 time, each a `--point=I` process of this script pinned to its share of the CPUs (two one-core
 processes train about twice as many points an hour as one process on two cores: compiles and
-small convolutions use one core), a point starting once its base run has finished.
+small convolutions use one core), a point starting once its base run has finished; of the
+points ready to start, the one heading the longest chain of expected run times (each row's
+wall time in the table files already written) starts first.
 
 At the end (and with `--summarize`), for each row over its seeds: mean and standard deviation
 of the test accuracy (the test split read once at the end of each run; every choice inside a
@@ -524,18 +526,55 @@ def set_aside_stale(todo: list[dict], pts: list[dict], data: str, commit: str,
   return moved
 
 
+def expected_seconds(pts: list[dict], tables: list[str]) -> dict[int, float]:
+  """{index: seconds} each point is expected to run: its row's mean wall time in the first of
+  the table files `tables` (json) that has the row; a row none has gets the median of the
+  rows that do (1 where no file has any)."""
+  known: dict[str, float] = {}
+  for path in tables:
+    try:
+      with open(path) as f:
+        rows = json.load(f).get("rows", [])
+    except (OSError, ValueError):
+      continue
+    for e in rows:
+      if e.get("wall_seconds") and e["row"] not in known:
+        known[e["row"]] = float(e["wall_seconds"])
+  walls = sorted(known.values())
+  fallback = walls[len(walls) // 2] if walls else 1.0
+  return {p["index"]: known.get(p["row"], fallback) for p in pts}
+
+
+def critical_path(todo: list[dict], pts: list[dict], cost: dict[int, float]) -> dict[int, float]:
+  """{index: seconds} from a todo point's start to the end of the longest chain of points that
+  start from it (its own `cost` plus its longest dependent's): the order in which
+  `run_workers` starts the points that are ready, longest first (list scheduling by this
+  "bottom level"), so that the long runs that wait on a base run start as soon as it ends."""
+  longest_after: dict[int, float] = {}
+  level: dict[int, float] = {}
+  for p in reversed(pts):   # a base run comes before the points that start from it
+    level[p["index"]] = cost.get(p["index"], 1.0) + longest_after.get(p["index"], 0.0)
+    base = base_point(p, pts)
+    if base is not None:
+      longest_after[base["index"]] = max(longest_after.get(base["index"], 0.0), level[p["index"]])
+  return {p["index"]: level[p["index"]] for p in todo}
+
+
 def run_workers(todo: list[dict], pts: list[dict], workers: int, command,
-                poll_seconds: float = 2.0) -> dict[int, str]:
+                poll_seconds: float = 2.0, cost: dict[int, float] | None = None) -> dict[int, str]:
   """Runs the `todo` points, `workers` at a time, each as the process `command(point)` (an argv
   list) with its output in WORKDIR/log.txt; a point starts once its base point (`base_point`)
-  has its results, and is skipped when its base failed or will not run. Where there are at
-  least as many CPUs as workers, each process is pinned to its own share of them. Returns
-  {index: "done" | "failed" | "skipped: why"} for every todo point."""
+  has its results, and is skipped when its base failed or will not run. Of the points ready
+  to start, the one with the longest `critical_path` under `cost` ({index: expected seconds};
+  default 1 each) starts first. Where there are at least as many CPUs as workers, each process
+  is pinned to its own share of them. Returns {index: "done" | "failed" | "skipped: why"} for
+  every todo point."""
   import signal  # noqa: PLC0415
   cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
   share = len(cpus) // workers if workers <= len(cpus) else 0
   free = [set(cpus[k * share:(k + 1) * share]) if share else None for k in range(workers)]
-  pending = [p for p in todo if not _done(p)]
+  level = critical_path(todo, pts, cost or {})
+  pending = sorted((p for p in todo if not _done(p)), key=lambda p: -level[p["index"]])
   status = {p["index"]: "done" for p in todo if _done(p)}
   running = {}    # index -> (process, point, cpus, log file)
 
@@ -947,7 +986,11 @@ def _run(args, rows, names, seeds, pts, commit) -> int:
                    f"--seeds={seeds}", f"--root={args.root}", *(["--quick"] if args.quick else []),
                    *([f"--rows={args.rows}"] if args.rows else []),
                    *([f"--compile_cache={args.compile_cache}"] if args.compile_cache else [])]
-      status = run_workers(todo, pts, args.workers, lambda p: [*argv_base, f"--point={p['index']}"])
+      # the longest chains first, as long as the table files say each row takes
+      cost = expected_seconds(pts, [os.path.join(args.out_dir, args.data + q + ".json")
+                                    for q in ("", "_quick")])
+      status = run_workers(todo, pts, args.workers, lambda p: [*argv_base, f"--point={p['index']}"],
+                           cost=cost)
       failed = sum(s != "done" for s in status.values())
       todo = []
     for p in todo:

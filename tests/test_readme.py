@@ -408,6 +408,47 @@ def test_quality_workers_start_a_point_after_its_base_and_skip_it_when_the_base_
       p["index"]: "done" for p in finished}
 
 
+def test_quality_workers_start_the_longest_chain_first(tmp_path):
+  """Of the points ready to start, `run_workers` starts first the one heading the longest
+  chain of expected run times (`critical_path`), those taken from the table files' wall times
+  (`expected_seconds`: a row no file has gets the median of those that do)."""
+  import json
+  import sys
+
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import quality  # noqa: PLC0415
+
+  rows = [quality.ROW_BY_NAME[n] for n in ("float", "ptq_uniform8", "qat_w4a4", "bnn_w1a1_kd")]
+  pts = quality.points(rows, 2, str(tmp_path / "runs"), "digits")
+  table = tmp_path / "digits.json"
+  table.write_text(json.dumps({"rows": [{"row": "float", "wall_seconds": 300.0},
+                                        {"row": "ptq_uniform8", "wall_seconds": 20.0},
+                                        {"row": "bnn_w1a1_kd", "wall_seconds": 750.0}]}))
+  cost = quality.expected_seconds(pts, [str(tmp_path / "missing.json"), str(table)])
+  by_row = {p["row"]: cost[p["index"]] for p in pts if p["seed"] == 0}
+  assert by_row == {"float": 300.0, "ptq_uniform8": 20.0, "qat_w4a4": 300.0,
+                    "bnn_w1a1_kd": 750.0}
+  level = quality.critical_path(pts, pts, cost)
+  assert {p["row"]: level[p["index"]] for p in pts if p["seed"] == 1} == {
+      "float": 1050.0, "ptq_uniform8": 20.0, "qat_w4a4": 300.0, "bnn_w1a1_kd": 750.0}
+  log = tmp_path / "order.txt"
+  fake = ("import json, os, sys; w = sys.argv[1];"
+          "open(sys.argv[2], 'a').write(os.path.relpath(w, sys.argv[3]) + '\\n');"
+          "json.dump({}, open(os.path.join(w, 'results.json'), 'w'))")
+
+  def command(p):
+    return [sys.executable, "-c", fake, p["workdir"], str(log), str(tmp_path / "runs")]
+
+  status = quality.run_workers(pts, pts, 1, command, poll_seconds=0.02, cost=cost)
+  assert set(status.values()) == {"done"}
+  order = log.read_text().split()
+  # both float runs head chains of 1,050 s, then the long BNN runs, then the rest by length
+  assert order[:2] == ["digits/seed0/float", "digits/seed1/float"]
+  assert order[2:4] == ["digits/seed0/bnn_w1a1_kd", "digits/seed1/bnn_w1a1_kd"]
+  assert order[4:] == ["digits/seed0/qat_w4a4", "digits/seed1/qat_w4a4",
+                       "digits/seed0/ptq_uniform8", "digits/seed1/ptq_uniform8"]
+
+
 def test_quality_point_is_stale_where_its_config_or_its_base_changed(tmp_path, monkeypatch):
   """A finished point whose config is the one the checkout builds for it is judged on the
   library's code alone (SHARED_PATHS); one whose config changed on every code path; the
@@ -539,7 +580,7 @@ def test_quality_workers_prepare_the_dataset_once_before_they_start(tmp_path, mo
   calls = []
   monkeypatch.setattr(runtime, "configure_cpu", lambda *a, **k: {})
   monkeypatch.setattr(data_lib, "dataset_info", lambda name, **k: calls.append(("prepare", name)))
-  monkeypatch.setattr(quality, "run_workers", lambda todo, pts, workers, command: (
+  monkeypatch.setattr(quality, "run_workers", lambda todo, pts, workers, command, cost: (
       calls.append(("workers", workers)) or {p["index"]: "done" for p in todo}))
   quality.main(["--data=digits_hard", "--rows=float", "--seeds=1", "--workers=2",
                 f"--root={tmp_path}/runs", f"--out_dir={tmp_path}/out"])
