@@ -22,10 +22,11 @@ the input of every binary conv to `num_bits` (1: sign). Adam, lr 1e-3 cosine, no
 (decay would pull latent weights to 0 and make signs flip-flop).
 
 CIFAR-10 (default): BNN ResNet-18 with a CIFAR stem, batch 128, 64k steps, crop and flip.
-`data=digits`: BNN ResNet-20 on the 32x32x3 digits, 1500 steps of batch 64 (with KD 1,333 s on
-one core of a 2-core Zen 1 AMD EPYC: docs/results/digits_quick.md's wall column; a shorter
-schedule moves W1A1 by a point or more between seeds). `data=digits_hard`: 3000 steps; W1A1
-(num_bits=1) trains in two stages, float kernels for the first 1500 (`float_steps`).
+`data=digits`: BNN ResNet-20 on the 32x32x3 digits, 1500 steps of batch 64 (W1A1 with KD
+752-761 s a point on one core of a 2-core Zen 3 AMD EPYC: docs/results/digits.md's wall
+column; a shorter schedule moves W1A1 by a point or more between seeds). `data=digits_hard`:
+3000 steps; W1A1 (num_bits=1) trains in two stages, float kernels for the first 1500
+(`float_steps`).
 
 Args: data, model, num_bits (activation bits, 1..8), method (ste_sign, approx_sign, swish_sign,
 xnor, ternary: -1/0/+1 weights, TWN's threshold, two bit planes in the artifact), width,
