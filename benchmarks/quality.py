@@ -125,7 +125,7 @@ ROWS = (
         "kd_mobilenet.py:data={data},teacher="),
     Row("student_kd", "MobileNetV2 x0.5 on 200 labels (digits_hard: 1,000), KD",
         "kd_mobilenet.py:data={data},teacher={float}"),
-    # --quick distills through this row rather than the students' (5-7 minutes a point each)
+    # --quick distills through this row rather than the students' (4-6 minutes a point each)
     Row("combined", "KD + 90% pruning + W4A4 QAT in one step",
         "quant_resnet.py:data={data},bits=4,abits=4,init_from={float}", combined=True,
         quick=True),
