@@ -15,7 +15,11 @@ there, one is trained first through the codebase's trainer (`train.train_and_eva
 2. HAWQ-V2's Omega_l(b) = Tr(H_ll)/n_l ||Q_b(W_l) - W_l||^2 at --bits (`hessian.quant_sensitivity`).
 3. The measured sensitivity: each layer alone quantized to --bits (per-channel symmetric uniform,
    as PTQ does: `hessian.ptq_weight`), the others float, and the accuracy (and mean
-   cross-entropy) on the validation split; drop = float - quantized (the loss increase too).
+   cross-entropy) on the validation split (--drop_split: on the test split, or on both
+   together, where the validation split is too small to tell layers apart: on digits 144
+   images, a drop moves in steps of 0.69 points); drop = float - quantized (the loss increase
+   too). The rank correlations against the drops on each split (validation, test, both) are
+   printed as well, from the same quantized models.
 4. Spearman's rank correlation (`scipy.stats.spearmanr`) of trace and of Omega with the accuracy
    drops (target >= 0.7) and with the loss increases; and of Omega with the increase of the
    loss whose Hessian it is (the --images training images), which Omega estimates to second
@@ -103,6 +107,9 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no_quadratic", action="store_true",
                  help="skip the exact 1/2 dW^T H dW at the first width (one HVP per layer)")
+  p.add_argument("--drop_split", default="validation", choices=("validation", "test", "both"),
+                 help="the held-out images of the measured drops: the run's validation split, the "
+                      "test split, or both")
   p.add_argument("--out", default="", help="write the figures to this JSON file")
   args = p.parse_args(argv)
   bits_list = [int(b) for b in args.bits.split(",") if b]
@@ -147,9 +154,18 @@ def main(argv=None) -> dict:
     quad = hessian.quadratic_sensitivity(loss_fn, params, bits_list[:1])
     quad_seconds = time.perf_counter() - t0
 
-  val = list(data_lib.eval_iterator(c.data, batch_size=c.eval_batch_size,
-                                    split=exp.info.eval_split, image_size=image_size,
-                                    data_dir=data_dir))
+  held_out = {"validation": exp.info.eval_split, "test": exp.info.test_split}
+  batches = {name: list(data_lib.eval_iterator(c.data, batch_size=c.eval_batch_size,
+                                               split=split, image_size=image_size,
+                                               data_dir=data_dir))
+             for name, split in held_out.items()}
+  if exp.info.eval_split == exp.info.test_split:   # a run evaluated on its test split
+    del batches["test"]
+  choices = {"validation": ["validation"], "test": [k for k in batches if k == "test"],
+             "both": list(batches)}
+  if not choices[args.drop_split]:
+    raise SystemExit(f"--drop_split={args.drop_split}: the run {args.workdir} evaluates on its "
+                     "test split (eval_split='test'); use --drop_split=validation")
 
   @jax.jit
   def sums(p, batch):
@@ -161,13 +177,21 @@ def main(argv=None) -> dict:
     return (jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m), jnp.sum(ce * m),
             jnp.sum(m))
 
-  def evaluate(p):
-    tot = np.zeros(3)
-    for b in val:
-      tot += np.asarray(jax.device_get(sums(p, b)), np.float64)
-    return tot[0] / tot[2], tot[1] / tot[2], int(tot[2])
+  def evaluate_all(p) -> dict:
+    """{choice: (accuracy, mean cross-entropy, images)} for each --drop_split choice."""
+    tot = {name: np.zeros(3) for name in batches}
+    for name, bs in batches.items():
+      for b in bs:
+        tot[name] += np.asarray(jax.device_get(sums(p, b)), np.float64)
+    out = {}
+    for choice, names in choices.items():
+      if names:
+        t = sum(tot[n] for n in names)
+        out[choice] = (t[0] / t[2], t[1] / t[2], int(t[2]))
+    return out
 
-  base_acc, base_loss, n_val = evaluate(params)
+  base_all = evaluate_all(params)
+  base_acc, base_loss, n_val = base_all[args.drop_split]
   train_loss = jax.jit(loss_fn)
   base_train_loss = float(train_loss(params))
   paths = list(ht.traces)
@@ -181,7 +205,10 @@ def main(argv=None) -> dict:
       wq = hessian.ptq_weight(flat[path], b, name=path)
       trial = transforms.map_with_path(
           lambda name, w, path=path, wq=wq: wq if name == path else w, params)
-      acc, loss, _ = evaluate(trial)
+      acc_all = evaluate_all(trial)
+      acc, loss, _ = acc_all[args.drop_split]
+      for choice, (a, _, _) in acc_all.items():
+        row[f"drop{b}_{choice}"] = base_all[choice][0] - a
       row[f"omega{b}"] = omega[path][b]
       row[f"omega_gn{b}"] = omega_gn[path][b]
       if b in quad.get(path, {}):
@@ -203,7 +230,8 @@ def main(argv=None) -> dict:
       "trace_seconds": trace_seconds, "drops_seconds": drops_seconds,
       "quadratic_seconds": quad_seconds, "gn_trace_seconds": gn_seconds,
       "max_rel_stderr": max(ht.stderr[q] / abs(ht.traces[q]) for q in paths),
-      "val_examples": n_val, "float_val_accuracy": base_acc, "float_val_loss": base_loss,
+      "drop_split": args.drop_split, "val_examples": n_val, "float_val_accuracy": base_acc,
+      "float_val_loss": base_loss,
       "float_trace_images_loss": base_train_loss,
   }
   for b in bits_list:
@@ -227,8 +255,19 @@ def main(argv=None) -> dict:
       out[f"spearman_quadratic_loss{b}"] = _spearman(qd, li)
       out[f"spearman_quadratic_train_loss{b}"] = _spearman(
           qd, [r[f"train_loss_increase{b}"] for r in rows])
-  out["rows"] = rows
   b0 = bits_list[0]
+  by_split = {}
+  for choice, (_, _, n) in base_all.items():
+    dr = [r[f"drop{b0}_{choice}"] for r in rows]
+    est = {"trace": tr, "omega": [r[f"omega{b0}"] for r in rows],
+           "gn_trace": [r["gn_trace"] for r in rows],
+           "omega_gn": [r[f"omega_gn{b0}"] for r in rows]}
+    if quad:
+      est["quadratic"] = [r[f"quadratic{b0}"] for r in rows]
+    by_split[choice] = {"images": n, "float_accuracy": base_all[choice][0],
+                        **{k: _spearman(v, dr) for k, v in est.items()}}
+  out[f"spearman_drop{b0}_by_split"] = by_split
+  out["rows"] = rows
   print(f"{c.model} on {c.data} (step {step}), {out['device']}: traces of {len(rows)} layers "
         f"on {out['images']} training images")
   print(f"{'layer':36s} {'params':>6s} {'trace':>7s} {'+-se':>6s} {'omega' + str(b0):>9s} "
@@ -237,7 +276,8 @@ def main(argv=None) -> dict:
     print(f"{r['layer']:36s} {r['params']:6d} {r['trace']:7.3f} {r['trace_stderr']:6.2f} "
           f"{r[f'omega{b0}']:9.3g} {r['gn_trace']:8.3f} {100 * r[f'accuracy{b0}']:6.2f}% "
           f"{100 * r[f'drop{b0}']:5.2f}% {r[f'loss_increase{b0}']:7.4f}")
-  print(f"float validation accuracy {100 * base_acc:.2f}% ({n_val} images), loss {base_loss:.4f}")
+  print(f"float accuracy on the drops' images ({args.drop_split}) {100 * base_acc:.2f}% "
+        f"({n_val} images), loss {base_loss:.4f}")
   print(f"trace time {trace_seconds:.1f} s ({ht.probes} probes, converged={ht.converged}, "
         f"tol {args.tol}, max relative se {out['max_rel_stderr']:.3f}); exact Gauss-Newton "
         f"traces {gn_seconds:.1f} s; one-layer evaluations {drops_seconds:.1f} s")
@@ -256,6 +296,10 @@ def main(argv=None) -> dict:
             f"vs accuracy drop {out[f'spearman_quadratic_drop{b}']:.3f}, vs loss increase "
             f"{out[f'spearman_quadratic_loss{b}']:.3f}, vs the trace images' loss increase "
             f"{out[f'spearman_quadratic_train_loss{b}']:.3f}")
+  print(f"{b0} bits, Spearman vs the accuracy drop on each held-out split:")
+  for choice, v in by_split.items():
+    print(f"  {choice:10s} ({v['images']} images, float {100 * v['float_accuracy']:.2f}%): "
+          + ", ".join(f"{k} {v[k]:.3f}" for k in v if k not in ("images", "float_accuracy")))
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
