@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
              for name, split in held_out.items()}
   if exp.info.eval_split == exp.info.test_split:   # a run evaluated on its test split
     del batches["test"]
-  choices = {"validation": ["validation"], "test": [k for k in batches if k == "test"],
+  choices = {"validation": ["validation"], "test": ["test"] if "test" in batches else [],
              "both": list(batches)}
   if not choices[args.drop_split]:
     raise SystemExit(f"--drop_split={args.drop_split}: the run {args.workdir} evaluates on its "
