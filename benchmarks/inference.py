@@ -9,7 +9,9 @@ For each --models (CIFAR-stem ResNets at 32x32x3, 10 classes), builds the artifa
 * `w8a8`: 8-bit symmetric per-channel weight codes, 8-bit PACT activations at every conv input
   but the stem (the int8 PTQ artifact of `experiments/quant_resnet.py:mode=ptq,bits=8,abits=8`);
   `w4a8`, `w4a4`: 4-bit weight codes with 8- or 4-bit activations; these compute on integers
-  where `intinfer.integer_layers` says so (int8 products, int32 sums);
+  where `intinfer.integer_layers` says so (int8 products, int32 sums), by the AVX-512 VNNI
+  kernel of `jcompress.native` where it runs (`--native`), and then also by XLA's int8
+  `dot_general` as `<kind>_xla` (`--xla_route`);
 * `w1a1`, `w1a2`: the binary ResNet of the same shape (`bnn_<model>`: binary weights, 1- or
   2-bit activations), its packed artifact (`bnn_infer`, XNOR-popcount on a CPU);
   `ternary_a1`, `ternary_a2`: the same with ternary (-1/0/+1) weights, two bit planes;
@@ -71,6 +73,11 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Calls per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed blocks per runner (median reported).")
 _FLOAT_ROUTE = flags.DEFINE_bool("float_route", False,
                                  "Also time the quantized artifacts on float (integer=False).")
+_NATIVE = flags.DEFINE_enum("native", "auto", ["auto", "true", "false"],
+                           "The integer layers' matmuls by jcompress.native's AVX-512 VNNI kernel "
+                           "(export.inference_fn native=...; auto: where it runs).")
+_XLA_ROUTE = flags.DEFINE_bool("xla_route", True, "Where the native kernel runs, also time the "
+                               "quantized artifacts with XLA's int8 dot_general (`<kind>_xla`).")
 _PER_CALL = flags.DEFINE_bool("decode_per_call", False, "Decode the stored tensors inside every "
                               "call (export.inference_fn decode_once=False).")
 _MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Integer layers' least matmul depth "
@@ -191,17 +198,24 @@ def main(argv):
     for kind in _KINDS.value:
       arrays, manifest, reference, macs = build(model, kind, images)
       quantized = kind[0] == "w" and kind not in ("w1a1", "w1a2")
-      routes = [True] + ([False] if quantized and _FLOAT_ROUTE.value else [])
-      for integer in routes:
-        name = kind if integer else f"{kind}_float_route"
+      native = {"auto": "auto", "true": True, "false": False}[_NATIVE.value]
+      routes = [(True, native)] + ([(True, False)] if quantized and native and
+                                   _XLA_ROUTE.value else [])
+      routes += [(False, False)] if quantized and _FLOAT_ROUTE.value else []
+      for integer, nat in routes:
+        name = kind if integer is True and nat is native else (
+            f"{kind}_xla" if integer else f"{kind}_float_route")
         fn = export.inference_fn((manifest, arrays), integer=integer,
                                  min_depth=_MIN_DEPTH.value,
-                                 decode_once=not _PER_CALL.value)
+                                 decode_once=not _PER_CALL.value, native=nat)
+        if name.endswith("_xla") and not rows[kind]["native"]:
+          continue   # the native kernel does not run here: the first row was XLA's already
         logits = np.asarray(fn(images))
         agree = float(np.mean(logits.argmax(1) == reference.argmax(1)))
         rows[name] = {"artifact_bytes": export.artifact_nbytes(arrays, manifest),
                       "integer_layers": len(fn.apply.integer_layers)
                       if hasattr(fn.apply, "integer_layers") else 0,
+                      "native": bool(getattr(fn, "native", False)),
                       "argmax_agreement": agree,
                       "max_abs_logit_diff": float(np.max(np.abs(logits - reference))),
                       "macs_per_image": macs,
@@ -247,6 +261,7 @@ def main(argv):
       vs = f"{r['vs_float']['median']:.2f}x float" if "vs_float" in r else ""
       print(f"  {name:20s} {r['images_per_second']:8.1f} images/s  {vs:12s} "
             f"{r['artifact_bytes']:>10,} B  int layers {r['integer_layers']:2d}  "
+            f"{'(native)' if r['native'] else '        '}  "
             f"argmax agree {r['argmax_agreement']:.3f}  max|dlogit| "
             f"{r['max_abs_logit_diff']:.2e}"
             + (f"  MACs {r['macs_ratio']:.2f}x" if "macs_ratio" in r else "")
@@ -297,7 +312,8 @@ def markdown(out: dict) -> str:
         continue
       extra = f" (MACs {r['macs_ratio']:.2f}x)" if "macs_ratio" in r else ""
       lines.append(f"| {name}{extra} | {r['images_per_second']:.1f} | {vs} | "
-                   f"{r['artifact_bytes']:,} | {r['integer_layers']} | "
+                   f"{r['artifact_bytes']:,} | {r['integer_layers']}"
+                   f"{' (native)' if r.get('native') else ''} | "
                    f"{r['argmax_agreement']:.3f} | {common.utilisation_cells(r)} |")
     lines.append("")
   return "\n".join(lines)

@@ -375,7 +375,7 @@ def decode_variables(manifest: dict, arrays: dict) -> dict:
 
 
 def make_apply(manifest: dict, model=None, integer: bool | str = "auto",
-               min_depth: int | None = None) -> Callable:
+               min_depth: int | None = None, native: bool = False) -> Callable:
   """`apply(arrays, images) -> logits`, pure jnp: the stored tensors decoded inside the graph,
   then the model in eval mode (an artifact in a method's own layout: its `artifact_apply`, e.g.
   `bnn_infer.packed_apply`).
@@ -388,7 +388,9 @@ def make_apply(manifest: dict, model=None, integer: bool | str = "auto",
   on a GPU the im2col int8 products ran at 0.53-0.59x the float artifact's speed, where cuDNN
   runs the float convolutions (docs/performance.md, "On a GPU"). `min_depth` (default
   `intinfer.MIN_DEPTH`): shallower layers stay float. `apply.integer_layers` lists the layers
-  that run on integers (on a CPU, for "auto")."""
+  that run on integers (on a CPU, for "auto"). `native`: their matmuls by the AVX-512 VNNI
+  kernel of `jcompress.native` (registered in this process; a StableHLO export must not
+  hold it), else XLA's int8 `dot_general`."""
   for method in _methods_of(manifest):
     own = method.artifact_apply(manifest) if method.artifact_apply is not None else None
     if own is not None:
@@ -415,7 +417,7 @@ def make_apply(manifest: dict, model=None, integer: bool | str = "auto",
   def run_integer(decoded, images):
     variables, codes = decoded
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
-    with intinfer.intercept(layers, flat, codes.__getitem__):
+    with intinfer.intercept(layers, flat, codes.__getitem__, native=native):
       return model.apply(variables, images, train=False)[0]
 
   def run(decoded, images):
@@ -466,7 +468,7 @@ def check_against_model(manifest: dict, arrays: dict, model=None) -> None:
 
 
 def inference_fn(source, integer: bool | str = "auto", min_depth: int | None = None,
-                 decode_once: bool = True) -> Callable:
+                 decode_once: bool = True, native: bool | str = "auto") -> Callable:
   """`fn(images) -> logits` from an artifact directory or a loaded `(manifest, arrays)`.
 
   The model is rebuilt from the manifest alone and checked against the stored tensors;
@@ -476,32 +478,48 @@ def inference_fn(source, integer: bool | str = "auto", min_depth: int | None = N
   decoded once, here, by a compiled function, and every call runs the model on the decoded
   tensors, as a runtime unpacks weights when it loads them (the packed BNN: its kernels
   unpacked, or repacked for the XNOR route, as `bnn_infer.load` does); False: decoded inside
-  every call (what the StableHLO export does). `fn.manifest`, `fn.arrays` and `fn.apply` (the pure
-  `apply(arrays, images)`, what `export_stablehlo` serializes) are set.
+  every call (what the StableHLO export does). `native` ("auto", True, False): the integer
+  layers' matmuls by `jcompress.native.int8_matmul` where the CPU has AVX-512 VNNI and the
+  kernel builds ("auto"; True: required, an error naming why not), else XLA's `dot_general`;
+  the same int32 sums, so the same logits. `fn.manifest`, `fn.arrays`, `fn.apply` (the pure
+  `apply(arrays, images)` without the native kernel, what `export_stablehlo` serializes) and
+  `fn.native` (whether the native kernel runs) are set.
   """
   manifest, arrays = load_artifact(source) if isinstance(source, str) else source
   own_layout = manifest.get("kind") not in ("float", "compressed")
   model = None if own_layout else build_model(manifest)
   check_against_model(manifest, arrays, model)
+  if native not in (True, False, "auto"):
+    raise ConfigError(f"native={native!r}: expected True, False or 'auto'")
   apply = make_apply(manifest, model, integer=integer, min_depth=min_depth)
   if integer == "auto" and getattr(apply, "integer_layers", None) and \
       jax.default_backend() != "cpu":
     logging.info("%d quantized layers compute in float on %s (int8 products only on a CPU; "
                  "integer=True forces them)", len(apply.integer_layers), jax.default_backend())
+  use_native = False
+  if native and getattr(apply, "integer_layers", None) and (
+      integer is True or jax.default_backend() == "cpu"):
+    from jcompress import native as native_kernels  # noqa: PLC0415
+    why = native_kernels.unavailable_reason()
+    if why and native is True:
+      raise ConfigError(f"native=True: the int8 kernel of jcompress.native is unavailable: {why}")
+    use_native = why is None
+  runner = make_apply(manifest, model, integer=integer, min_depth=min_depth,
+                      native=True) if use_native else apply
   device_arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
-  if decode_once and hasattr(apply, "decode"):
-    decoded = jax.jit(apply.decode)(device_arrays)
-    run = jax.jit(apply.run)
+  if decode_once and hasattr(runner, "decode"):
+    decoded = jax.jit(runner.decode)(device_arrays)
+    run = jax.jit(runner.run)
 
     def fn(images):
       return run(decoded, jnp.asarray(images, jnp.float32))
   else:
-    jitted = jax.jit(apply)
+    jitted = jax.jit(runner)
 
     def fn(images):
       return jitted(device_arrays, jnp.asarray(images, jnp.float32))
 
-  fn.manifest, fn.arrays, fn.apply = manifest, arrays, apply
+  fn.manifest, fn.arrays, fn.apply, fn.native = manifest, arrays, apply, use_native
   return fn
 
 

@@ -11,6 +11,7 @@ import pytest
 from jcompress import config as config_lib
 from jcompress import export
 from jcompress import intinfer
+from jcompress import native
 from jcompress import packing
 from jcompress import train
 from jcompress.errors import ConfigError
@@ -18,6 +19,9 @@ from jcompress.errors import ConfigError
 pytestmark = pytest.mark.plumbing
 
 _DN = ("NHWC", "HWIO", "NHWC")
+#: The matmul routes: XLA's int8 dot_general, and the AVX-512 VNNI kernel where it runs here.
+_ROUTES = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not native.available(), reason=f"jcompress.native: {native.unavailable_reason()}"))]
 
 
 def _reference(codes, wq, strides, padding):
@@ -28,6 +32,7 @@ def _reference(codes, wq, strides, padding):
       dimension_numbers=_DN, precision=lax.Precision.HIGHEST)).astype(np.int64)
 
 
+@pytest.mark.parametrize("native_route", _ROUTES)
 @pytest.mark.parametrize("code_range", [(0, 255), (0, 15), (-128, 127)])
 @pytest.mark.parametrize("kernel,strides,padding,chunk", [
     (3, (1, 1), ((1, 1), (1, 1)), None),
@@ -35,26 +40,30 @@ def _reference(codes, wq, strides, padding):
     (1, (2, 2), ((0, 0), (0, 0)), None),
     (3, (1, 1), "SAME", 1),
 ])
-def test_int_conv_is_exact(code_range, kernel, strides, padding, chunk):
+def test_int_conv_is_exact(code_range, kernel, strides, padding, chunk, native_route):
   """Unsigned 8-bit codes (shifted into int8, the shift put back through the weight sums and
-  the padding), 4-bit and signed codes; strides, 1x1, string padding, chunked or not."""
+  the padding), 4-bit and signed codes; strides, 1x1, string padding, chunked or not; by
+  XLA's dot_general and by the native kernel (depth 45 or 5: padded to a multiple of 4)."""
   rng = np.random.RandomState(0)
   codes = rng.randint(code_range[0], code_range[1] + 1, (4, 7, 7, 5))
   wq = rng.randint(-127, 128, (kernel, kernel, 5, 6)).astype(np.int8)
   xq, shift = intinfer.to_int8(jnp.asarray(codes), code_range)
   assert shift == (128 if code_range[1] > 127 else 0)
-  got = intinfer.int_conv(xq, shift, jnp.asarray(wq), strides, padding, chunk=chunk)
+  got = intinfer.int_conv(xq, shift, jnp.asarray(wq), strides, padding, chunk=chunk,
+                          native=native_route)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), _reference(codes, wq, strides, padding))
 
 
-def test_int_dense_is_exact():
+@pytest.mark.parametrize("native_route", _ROUTES)
+@pytest.mark.parametrize("code_range", [(0, 255), (-128, 127)])
+def test_int_dense_is_exact(code_range, native_route):
   rng = np.random.RandomState(1)
-  codes = rng.randint(0, 256, (3, 4, 9))
+  codes = rng.randint(code_range[0], code_range[1] + 1, (3, 4, 9))
   wq = rng.randint(-127, 128, (9, 5)).astype(np.int8)
-  xq, shift = intinfer.to_int8(jnp.asarray(codes), (0, 255))
-  np.testing.assert_array_equal(np.asarray(intinfer.int_dense(xq, shift, jnp.asarray(wq))),
-                                codes.astype(np.int64) @ wq.astype(np.int64))
+  xq, shift = intinfer.to_int8(jnp.asarray(codes), code_range)
+  got = intinfer.int_dense(xq, shift, jnp.asarray(wq), native=native_route)
+  np.testing.assert_array_equal(np.asarray(got), codes.astype(np.int64) @ wq.astype(np.int64))
 
 
 def test_codes_that_do_not_fit_int8_are_refused():
@@ -144,6 +153,39 @@ def test_quantized_artifact_computes_on_int8_and_predicts_as_trained(w8a8):
   assert len(int8) >= len(layers)
   assert sorted(float_ops) == [("conv_general_dilated", ("float32", "float32")),
                                ("dot_general", ("float32", "float32"))]
+
+
+@pytest.mark.skipif(not native.available(),
+                    reason=f"jcompress.native: {native.unavailable_reason()}")
+def test_native_kernel_gives_the_xla_routes_logits_bitwise(w8a8):
+  """inference_fn's default on an AVX-512 VNNI CPU: the integer layers' matmuls by the native
+  kernel (uint8 x int8 products in its jaxpr, one per layer), the same int32 sums as XLA's
+  int8 dot_general, so bitwise the same logits; fn.apply (what export_stablehlo serializes)
+  holds no custom call."""
+  manifest, arrays, images, _ = w8a8
+  fast = export.inference_fn((manifest, arrays), min_depth=0)
+  plain = export.inference_fn((manifest, arrays), min_depth=0, native=False)
+  assert fast.native and not plain.native
+  np.testing.assert_array_equal(np.asarray(fast(images)), np.asarray(plain(images)))
+  run = export.make_apply(manifest, integer=True, min_depth=0, native=True)
+  arrays_j = {k: jnp.asarray(v) for k, v in arrays.items()}
+  ops = intinfer.products(jax.make_jaxpr(run)(arrays_j, jnp.asarray(images)))
+  kernel = [o for o in ops if o[0] == "int8_matmul"]
+  assert kernel and all(o[1] == ("uint8", "int8") for o in kernel)
+  assert len(kernel) == len(fast.apply.integer_layers)
+  assert not [o for o in ops if o[1] == ("int8", "int8")]   # no XLA int8 dot left
+  portable = intinfer.products(jax.make_jaxpr(fast.apply)(arrays_j, jnp.asarray(images)))
+  assert not [o for o in portable if o[0] == "int8_matmul"]
+
+
+def test_native_true_where_the_kernel_cannot_run_names_why(w8a8, monkeypatch):
+  manifest, arrays, _, _ = w8a8
+  monkeypatch.setattr(native, "unavailable_reason", lambda: "the CPU lacks avx512_vnni")
+  with pytest.raises(ConfigError, match="native=True.*lacks avx512_vnni"):
+    export.inference_fn((manifest, arrays), min_depth=0, native=True)
+  assert not export.inference_fn((manifest, arrays), min_depth=0, native="auto").native
+  with pytest.raises(ConfigError, match="native='fast'"):
+    export.inference_fn((manifest, arrays), native="fast")
 
 
 def _int8_products_in_stablehlo(apply, arrays, images, platform: str) -> int:

@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jcompress"
 
 #: Layers, bottom (0) to top: a module may import its own layer or lower ones, never higher.
 LAYERS = {
-    0: ("errors", "config", "transforms", "runtime", "packing", "jaxpr_utils"),
+    0: ("errors", "config", "transforms", "runtime", "packing", "jaxpr_utils", "native"),
     # algorithms, models, data: the pure math each method uses
     1: ("quantize", "prune", "binary", "pq", "lowrank", "distill", "structured", "fastconv",
         "bias_correction", "equalize", "brecq",
