@@ -20,7 +20,8 @@ Why im2col and a matmul: on XLA:CPU an int8 convolution is not routed to a fast 
 (about 10 GOP/s against 300 for float32), while an int8 matrix product reaches 400-750 GOP/s
 where XLA hands standalone dots to YNNPACK (`runtime.XLA_CPU_FLAG` does), with VNNI where the
 CPU has it. Where the CPU has AVX-512 VNNI, `jcompress.native.int8_matmul` (built on first use)
-does the products instead, at up to 2.7x YNNPACK's rate (`export.inference_fn(native=...)`). Convolving the int8 codes
+does the products instead, at 1.7-2.7x YNNPACK's rate on the Zen 5 EPYC
+(benchmarks/int_rates.py; `export.inference_fn(native=...)`). Convolving the int8 codes
 directly was measured too, in a process whose convolutions go to YNNPACK (which has int8
 convolutions, where Eigen has none: 3.8 images/s): resnet18_cifar W8A8 at batch 64 ran at 396
 images/s against 397 by im2col, and YNNPACK's float convolutions took the float artifact from

@@ -3,9 +3,10 @@
 `int8_matmul` is the exact int8 product of `jcompress.intinfer` (uint8 activation codes times
 int8 weight codes, int32 sums) as an XLA FFI custom call, written for AVX-512 VNNI
 (`SOURCE`: one VPDPBUSD instruction sums four uint8 x int8 products into each of 16 int32
-lanes). XLA:CPU hands an int8 `dot_general` to YNNPACK, which ran it at 650-750 GOP/s on the
-2-core AVX-512 VNNI EPYC (Zen 5), against 1,500-1,900 for PyTorch's `torch._int_mm` there; this
-kernel is the difference (benchmarks/inference.py, docs/performance.md).
+lanes). XLA:CPU hands an int8 `dot_general` to YNNPACK, which ran resnet18_cifar's im2col
+products at 660-745 GOP/s on the 2-core AVX-512 VNNI EPYC (Zen 5), this kernel at 1,200-1,880
+(`python benchmarks/int_rates.py`, 2026-12-08), taking the int8 ResNet-18 artifact from 1.15x
+to 1.80x the float one's images/s (benchmarks/inference.py, docs/inference_zen5.md).
 
 Nothing happens at import. `load()` (called by `available()`) compiles `SOURCE` with the
 system's C++ compiler (`CXX`, default g++) against jaxlib's FFI headers into a cache directory
