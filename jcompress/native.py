@@ -4,8 +4,8 @@
 int8 weight codes, int32 sums) as an XLA FFI custom call, written for AVX-512 VNNI
 (`SOURCE`: one VPDPBUSD instruction sums four uint8 x int8 products into each of 16 int32
 lanes). XLA:CPU hands an int8 `dot_general` to YNNPACK, which ran resnet18_cifar's im2col
-products at 660-745 GOP/s on the 2-core AVX-512 VNNI EPYC (Zen 5), this kernel at 1,200-1,880
-(`python benchmarks/int_rates.py`, 2026-12-08), taking the int8 ResNet-18 artifact from 1.15x
+products at 570-755 GOP/s on the 2-core AVX-512 VNNI EPYC (Zen 5), this kernel at 1,140-1,880
+(`python benchmarks/int_rates.py`, four runs on 2026-12-08), taking the int8 ResNet-18 artifact from 1.15x
 to 1.80x the float one's images/s (benchmarks/inference.py, docs/inference_zen5.md).
 
 Nothing happens at import. `load()` (called by `available()`) compiles `SOURCE` with the
@@ -169,71 +169,34 @@ namespace {
 // panel p at offset p * K * 64.
 constexpr int kNR = 64;
 
-// Six rows x 64 columns of C, 24 accumulators in registers.
+// Six rows x 64 columns of C, 24 accumulators in registers: named variables, one macro per
+// row (GCC kept an array of accumulators on the stack).
+#define JC_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define JC_INIT(r)                                                          \
+  __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, \
+          c##r##3 = c##r##0;                                                \
+  const uint8_t* a##r = a + r * lda;
+#define JC_FMA(r)                                                           \
+  {                                                                         \
+    int32_t w;                                                              \
+    std::memcpy(&w, a##r + 4 * k, 4);                                       \
+    const __m512i v = _mm512_set1_epi32(w);                                 \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, v, b0);                          \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, v, b1);                          \
+    c##r##2 = _mm512_dpbusd_epi32(c##r##2, v, b2);                          \
+    c##r##3 = _mm512_dpbusd_epi32(c##r##3, v, b3);                          \
+  }
+#define JC_STORE(r) \
+  store(r, 0, c##r##0); store(r, 1, c##r##1); store(r, 2, c##r##2); store(r, 3, c##r##3);
+
 inline void micro6(const uint8_t* a, int64_t lda, int64_t K, const int8_t* bp, int32_t* c,
                    int64_t ldc, int ncols, const int32_t* comp) {
-  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00;
-  const uint8_t* a0 = a + 0 * lda;
-  __m512i c10 = _mm512_setzero_si512(), c11 = c10, c12 = c10, c13 = c10;
-  const uint8_t* a1 = a + 1 * lda;
-  __m512i c20 = _mm512_setzero_si512(), c21 = c20, c22 = c20, c23 = c20;
-  const uint8_t* a2 = a + 2 * lda;
-  __m512i c30 = _mm512_setzero_si512(), c31 = c30, c32 = c30, c33 = c30;
-  const uint8_t* a3 = a + 3 * lda;
-  __m512i c40 = _mm512_setzero_si512(), c41 = c40, c42 = c40, c43 = c40;
-  const uint8_t* a4 = a + 4 * lda;
-  __m512i c50 = _mm512_setzero_si512(), c51 = c50, c52 = c50, c53 = c50;
-  const uint8_t* a5 = a + 5 * lda;
-  const int64_t K4 = K / 4;
-#define JC_STEP(b, w) do { \
-    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64), \
-                  b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192); \
-    { const __m512i v = _mm512_set1_epi32(w[0]); \
-      c00 = _mm512_dpbusd_epi32(c00, v, b0); \
-      c01 = _mm512_dpbusd_epi32(c01, v, b1); \
-      c02 = _mm512_dpbusd_epi32(c02, v, b2); \
-      c03 = _mm512_dpbusd_epi32(c03, v, b3); \
-    } \
-    { const __m512i v = _mm512_set1_epi32(w[1]); \
-      c10 = _mm512_dpbusd_epi32(c10, v, b0); \
-      c11 = _mm512_dpbusd_epi32(c11, v, b1); \
-      c12 = _mm512_dpbusd_epi32(c12, v, b2); \
-      c13 = _mm512_dpbusd_epi32(c13, v, b3); \
-    } \
-    { const __m512i v = _mm512_set1_epi32(w[2]); \
-      c20 = _mm512_dpbusd_epi32(c20, v, b0); \
-      c21 = _mm512_dpbusd_epi32(c21, v, b1); \
-      c22 = _mm512_dpbusd_epi32(c22, v, b2); \
-      c23 = _mm512_dpbusd_epi32(c23, v, b3); \
-    } \
-    { const __m512i v = _mm512_set1_epi32(w[3]); \
-      c30 = _mm512_dpbusd_epi32(c30, v, b0); \
-      c31 = _mm512_dpbusd_epi32(c31, v, b1); \
-      c32 = _mm512_dpbusd_epi32(c32, v, b2); \
-      c33 = _mm512_dpbusd_epi32(c33, v, b3); \
-    } \
-    { const __m512i v = _mm512_set1_epi32(w[4]); \
-      c40 = _mm512_dpbusd_epi32(c40, v, b0); \
-      c41 = _mm512_dpbusd_epi32(c41, v, b1); \
-      c42 = _mm512_dpbusd_epi32(c42, v, b2); \
-      c43 = _mm512_dpbusd_epi32(c43, v, b3); \
-    } \
-    { const __m512i v = _mm512_set1_epi32(w[5]); \
-      c50 = _mm512_dpbusd_epi32(c50, v, b0); \
-      c51 = _mm512_dpbusd_epi32(c51, v, b1); \
-      c52 = _mm512_dpbusd_epi32(c52, v, b2); \
-      c53 = _mm512_dpbusd_epi32(c53, v, b3); \
-    } \
-  } while (0)
-  for (int64_t k = 0; k < K4; ++k) {
-    int32_t w[6];
-    std::memcpy(&w[0], a0 + 4 * k, 4);
-    std::memcpy(&w[1], a1 + 4 * k, 4);
-    std::memcpy(&w[2], a2 + 4 * k, 4);
-    std::memcpy(&w[3], a3 + 4 * k, 4);
-    std::memcpy(&w[4], a4 + 4 * k, 4);
-    std::memcpy(&w[5], a5 + 4 * k, 4);
-    JC_STEP(bp + k * 256, w);
+  JC_ROWS(JC_INIT)
+  for (int64_t k = 0; k < K / 4; ++k) {
+    const int8_t* b = bp + k * 256;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64),
+                  b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    JC_ROWS(JC_FMA)
   }
   auto store = [&](int r, int v, __m512i x) {
     const int n = std::min(16, ncols - 16 * v);
@@ -242,12 +205,7 @@ inline void micro6(const uint8_t* a, int64_t lda, int64_t K, const int8_t* bp, i
     _mm512_mask_storeu_epi32(c + r * ldc + 16 * v, m,
                              _mm512_sub_epi32(x, _mm512_maskz_loadu_epi32(m, comp + 16 * v)));
   };
-  store(0, 0, c00); store(0, 1, c01); store(0, 2, c02); store(0, 3, c03);
-  store(1, 0, c10); store(1, 1, c11); store(1, 2, c12); store(1, 3, c13);
-  store(2, 0, c20); store(2, 1, c21); store(2, 2, c22); store(2, 3, c23);
-  store(3, 0, c30); store(3, 1, c31); store(3, 2, c32); store(3, 3, c33);
-  store(4, 0, c40); store(4, 1, c41); store(4, 2, c42); store(4, 3, c43);
-  store(5, 0, c50); store(5, 1, c51); store(5, 2, c52); store(5, 3, c53);
+  JC_ROWS(JC_STORE)
 }
 
 // One row of C (the rows left over by micro6).
