@@ -402,13 +402,16 @@ def make_apply(manifest: dict, model=None, integer: bool | str = "auto",
 
   def decode(arrays):
     """What the stored tensors decode to: the float variables and, per integer layer, its
-    int8 kernel codes and scales."""
+    int8 kernel codes and scales (and, for the native kernel, `native.prepare` of them)."""
     codes = {}
     for layer in layers:
       path = f"{layer}/kernel"
       e = manifest["params"][path]
-      codes[layer] = (leaf_codes(arrays, path, e, int8=True).reshape(e["shape"]),
-                      jnp.asarray(arrays[f"{path}/scale"], jnp.float32))
+      wq = leaf_codes(arrays, path, e, int8=True).reshape(e["shape"])
+      codes[layer] = (wq, jnp.asarray(arrays[f"{path}/scale"], jnp.float32))
+      if native:   # the kernel's packed weights, once per decode
+        from jcompress import native as native_kernels  # noqa: PLC0415
+        codes[layer] += (native_kernels.prepare(wq.reshape(-1, wq.shape[-1])),)
     return decode_variables(manifest, arrays), codes
 
   def run_float(decoded, images):

@@ -5,8 +5,9 @@ int8 weight codes, int32 sums) as an XLA FFI custom call, written for AVX-512 VN
 (`SOURCE`: one VPDPBUSD instruction sums four uint8 x int8 products into each of 16 int32
 lanes). XLA:CPU hands an int8 `dot_general` to YNNPACK, which ran resnet18_cifar's im2col
 products at 570-755 GOP/s on the 2-core AVX-512 VNNI EPYC (Zen 5), this kernel at 1,140-1,880
-(`python benchmarks/int_rates.py`, four runs on 2026-12-08), taking the int8 ResNet-18 artifact from 1.15x
-to 1.80x the float one's images/s (benchmarks/inference.py, docs/inference_zen5.md).
+(`python benchmarks/int_rates.py`, four runs on 2026-12-08); the int8 ResNet-18 artifact's
+images/s go from 1.15x to about 2x the float one's (benchmarks/inference.py,
+docs/inference_zen5.md).
 
 Nothing happens at import. `load()` (called by `available()`) compiles `SOURCE` with the
 system's C++ compiler (`CXX`, default g++) against jaxlib's FFI headers into a cache directory
@@ -131,19 +132,30 @@ def pack(w: jax.Array) -> jax.Array:
   return wp.reshape(k // 4, 4, panels, PANEL).transpose(2, 0, 3, 1).reshape(-1)
 
 
-def int8_matmul(a: jax.Array, w: jax.Array, offset: int = 0) -> jax.Array:
-  """(a - offset) @ w, exactly, in int32: uint8 (M, K) `a`, int8 (K, N) `w`; K is padded to a
-  multiple of 4 with zeros here. Requires `available()`."""
+def prepare(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """What `int8_matmul` needs of int8 (K, N) weights, computed once where they are constant
+  (`export.inference_fn` does it when it decodes the artifact): the packed weights (K padded
+  to a multiple of 4 with zeros) and their int32 column sums (padded to whole panels)."""
+  k, n = w.shape
+  if k % 4:
+    w = jnp.pad(w, ((0, 4 - k % 4), (0, 0)))
+  sums = jnp.sum(w.astype(jnp.int32), axis=0)
+  return pack(w), jnp.pad(sums, (0, -(-n // PANEL) * PANEL - n))
+
+
+def int8_matmul(a: jax.Array, w: jax.Array, offset: int = 0,
+                prepared: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """(a - offset) @ w, exactly, in int32: uint8 (M, K) `a`, int8 (K, N) `w` (`prepared`:
+  `prepare(w)`, else computed here); K is padded to a multiple of 4 with zeros. Requires
+  `available()`."""
   if a.dtype != jnp.uint8 or w.dtype != jnp.int8:
     raise TypeError(f"int8_matmul takes uint8 x int8, got {a.dtype} x {w.dtype}")
   (m, k), n = a.shape, w.shape[1]
   if k % 4:
     a = jnp.pad(a, ((0, 0), (0, 4 - k % 4)))
-    w = jnp.pad(w, ((0, 4 - k % 4), (0, 0)))
-  comp = offset * jnp.sum(w.astype(jnp.int32), axis=0)
-  comp = jnp.pad(comp, (0, -(-n // PANEL) * PANEL - n))
+  packed, sums = prepare(w) if prepared is None else prepared
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32))
-  return call(a, pack(w), comp)
+  return call(a, packed, offset * sums)
 
 
 #: The kernel's C++ source (an XLA FFI handler), compiled by `load`.

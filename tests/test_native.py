@@ -25,10 +25,12 @@ def test_int8_matmul_is_exact(m, k, n, offset):
   w = rng.randint(-128, 128, (k, n)).astype(np.int8)
   a[0, :] = 255
   w[:, 0] = -128
+  want = (a.astype(np.int64) - offset) @ w.astype(np.int64)
   got = jax.jit(native.int8_matmul, static_argnums=2)(a, w, offset)
   assert got.dtype == np.int32
-  np.testing.assert_array_equal(np.asarray(got),
-                                (a.astype(np.int64) - offset) @ w.astype(np.int64))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  prepared = native.prepare(w)   # packed once, as inference_fn does when it decodes
+  np.testing.assert_array_equal(np.asarray(native.int8_matmul(a, w, offset, prepared)), want)
 
 
 def test_int8_matmul_refuses_other_dtypes():
