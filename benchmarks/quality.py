@@ -747,8 +747,8 @@ def merge(summary: dict, previous: dict, commit: str, root: str = "",
     meta = point_meta(p["workdir"])
     if meta and meta.get("commit") == s.get("commit"):
       return point_stale(p, data, commit, cache)
-    unchanged = False   # the run is gone: the config it ran with against today's
-    if e.get("command") == row.spec and not is_stale(s.get("commit"), commit, True):
+    unchanged = False   # the run is gone: the config it ran with against today's (as
+    if e.get("command") == row.spec:   # `point_stale` does, whatever else the library changed)
       now = built_digest(p, data)
       ran = s.get("config")
       if "config" not in s:   # an entry from before the digests

@@ -354,6 +354,40 @@ def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
   assert out["rows"][0]["seeds"][0]["code"] == digest and not out["rows"][0]["stale_seeds"]
 
 
+def test_quality_gone_run_is_judged_on_its_record_after_a_library_change(tmp_path,
+                                                                         monkeypatch):
+  """Where the run is gone and the library changed since its commit, the seed's config digest
+  is still compared with today's, and with the same config its record decides (a change to
+  code it never ran leaves it fresh, as `point_stale` judges a run that is still there)."""
+  import quality  # noqa: PLC0415
+
+  code = {"jcompress/train.py": ["<module>", "train_and_evaluate"]}
+  digest, text = code_record.pack(code)
+  row = quality.ROW_BY_NAME["ptq_uniform8"]
+  previous = {"data": "digits", "seeds": [0], "code": {digest: text},
+              "rows": [{"row": row.name, "label": row.label, "command": row.spec,
+                        "seeds": [{"seed": 0, "test_accuracy": 0.99, "model_bytes": 1,
+                                   "compression_ratio": 1.0, "wall_seconds": 1.0,
+                                   "commit": "old", "config": "cfg", "code": digest}],
+                        "missing": [], "stale_seeds": [], "accuracy_mean": 99.0}]}
+  monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
+                      True)   # jcompress/ differs between the commits
+  seen = []
+
+  def code_stale(point_commit, commit, config_unchanged, recorded):
+    seen.append((point_commit, config_unchanged, recorded))
+    return False
+
+  monkeypatch.setattr(quality, "code_stale", code_stale)
+  summary = {"data": "digits", "date": "d", "commit": "new", "machine": "m", "seeds": [],
+             "rows": []}
+  for built, unchanged in (("cfg", True), ("other", False)):
+    monkeypatch.setattr(quality, "built_digest", lambda p, data, experiments=None, b=built: b)
+    seen.clear()
+    quality.merge(summary, json.loads(json.dumps(previous)), "new", str(tmp_path))
+    assert seen == [("old", unchanged, code)]
+
+
 def test_quality_rerun_unrecorded_moves_the_points_without_a_record(tmp_path, monkeypatch):
   """`--rerun_unrecorded` sets aside, beside the stale points, the fresh finished points that
   have no record of what they ran (and a base of theirs that moves), not the recorded ones."""
