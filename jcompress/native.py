@@ -42,6 +42,7 @@ PANEL = 64
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 #: The loaded library, once its target is registered.
 _REGISTERED: list = []
+#: The compiler's flags (the instruction sets of CPU_FLAGS; -w: jaxlib's headers warn).
 _COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
                   "-mavx512vl", "-mavx512vnni")
 
@@ -59,6 +60,8 @@ def cpu_flags() -> set[str]:
 
 
 def cache_dir() -> str:
+  """Where built kernels are kept: JCOMPRESS_CACHE, else $XDG_CACHE_HOME/jcompress (default
+  ~/.cache/jcompress)."""
   return os.environ.get("JCOMPRESS_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jcompress")
 
