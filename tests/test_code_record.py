@@ -322,6 +322,17 @@ def test_quality_run_point_keeps_the_record_across_a_resumed_run(tmp_path, monke
   assert run("c", "c1", True) is None          # resumed from a run that recorded nothing
 
 
+def _one_seed_table(row, records: dict, digest: str) -> dict:
+  """A table file with one seed of `row`, run at commit "old" with config "cfg" and the record
+  `digest` (`records`: the file's packed records)."""
+  return {"data": "digits", "seeds": [0], "code": records,
+          "rows": [{"row": row.name, "label": row.label, "command": row.spec,
+                    "seeds": [{"seed": 0, "test_accuracy": 0.99, "model_bytes": 1,
+                               "compression_ratio": 1.0, "wall_seconds": 1.0,
+                               "commit": "old", "config": "cfg", "code": digest}],
+                    "missing": [], "stale_seeds": [], "accuracy_mean": 99.0}]}
+
+
 def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
   """A table file keeps the record of each seed (packed, by digest): where the run is gone,
   `--recheck` (merge) judges the seed on that record, and the rewritten file keeps it."""
@@ -330,12 +341,7 @@ def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
   code = {"jcompress/train.py": ["<module>", "train_and_evaluate"]}
   digest, text = code_record.pack(code)
   row = quality.ROW_BY_NAME["ptq_uniform8"]
-  previous = {"data": "digits", "seeds": [0], "code": {digest: text, "unused": "x"},
-              "rows": [{"row": row.name, "label": row.label, "command": row.spec,
-                        "seeds": [{"seed": 0, "test_accuracy": 0.99, "model_bytes": 1,
-                                   "compression_ratio": 1.0, "wall_seconds": 1.0,
-                                   "commit": "old", "config": "cfg", "code": digest}],
-                        "missing": [], "stale_seeds": [], "accuracy_mean": 99.0}]}
+  previous = _one_seed_table(row, {digest: text, "unused": "x"}, digest)
   monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
                       False)
   monkeypatch.setattr(quality, "built_digest", lambda p, data, experiments=None: "cfg")
@@ -364,12 +370,7 @@ def test_quality_gone_run_is_judged_on_its_record_after_a_library_change(tmp_pat
   code = {"jcompress/train.py": ["<module>", "train_and_evaluate"]}
   digest, text = code_record.pack(code)
   row = quality.ROW_BY_NAME["ptq_uniform8"]
-  previous = {"data": "digits", "seeds": [0], "code": {digest: text},
-              "rows": [{"row": row.name, "label": row.label, "command": row.spec,
-                        "seeds": [{"seed": 0, "test_accuracy": 0.99, "model_bytes": 1,
-                                   "compression_ratio": 1.0, "wall_seconds": 1.0,
-                                   "commit": "old", "config": "cfg", "code": digest}],
-                        "missing": [], "stale_seeds": [], "accuracy_mean": 99.0}]}
+  previous = _one_seed_table(row, {digest: text}, digest)
   monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
                       True)   # jcompress/ differs between the commits
   seen = []
