@@ -322,6 +322,25 @@ def test_quality_run_point_keeps_the_record_across_a_resumed_run(tmp_path, monke
   assert run("c", "c1", True) is None          # resumed from a run that recorded nothing
 
 
+def _empty_summary() -> dict:
+  """A `--rows` summary that ran nothing, at commit "new" (quality.merge then only rechecks)."""
+  return {"data": "digits", "date": "d", "commit": "new", "machine": "m", "seeds": [],
+          "rows": []}
+
+
+def _record_code_stale(monkeypatch, quality) -> list:
+  """quality.code_stale replaced by one that says fresh and lists its arguments (commit,
+  config_unchanged, record) in the list returned."""
+  seen = []
+
+  def code_stale(point_commit, commit, config_unchanged, recorded):
+    seen.append((point_commit, config_unchanged, recorded))
+    return False
+
+  monkeypatch.setattr(quality, "code_stale", code_stale)
+  return seen
+
+
 def _one_seed_table(row, records: dict, digest: str) -> dict:
   """A table file with one seed of `row`, run at commit "old" with config "cfg" and the record
   `digest` (`records`: the file's packed records)."""
@@ -345,15 +364,8 @@ def test_quality_table_file_keeps_each_seeds_record(tmp_path, monkeypatch):
   monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
                       False)
   monkeypatch.setattr(quality, "built_digest", lambda p, data, experiments=None: "cfg")
-  seen = []
-
-  def code_stale(point_commit, commit, config_unchanged, recorded):
-    seen.append((point_commit, config_unchanged, recorded))
-    return False
-
-  monkeypatch.setattr(quality, "code_stale", code_stale)
-  summary = {"data": "digits", "date": "d", "commit": "new", "machine": "m", "seeds": [],
-             "rows": []}
+  seen = _record_code_stale(monkeypatch, quality)
+  summary = _empty_summary()
   out = quality.merge(summary, previous, "new", str(tmp_path))
   assert seen == [("old", True, code)]
   assert out["code"] == {digest: text}            # the seeds' records, no other
@@ -373,15 +385,8 @@ def test_quality_gone_run_is_judged_on_its_record_after_a_library_change(tmp_pat
   previous = _one_seed_table(row, {digest: text}, digest)
   monkeypatch.setattr(quality, "is_stale", lambda point_commit, commit, config_unchanged=False:
                       True)   # jcompress/ differs between the commits
-  seen = []
-
-  def code_stale(point_commit, commit, config_unchanged, recorded):
-    seen.append((point_commit, config_unchanged, recorded))
-    return False
-
-  monkeypatch.setattr(quality, "code_stale", code_stale)
-  summary = {"data": "digits", "date": "d", "commit": "new", "machine": "m", "seeds": [],
-             "rows": []}
+  seen = _record_code_stale(monkeypatch, quality)
+  summary = _empty_summary()
   for built, unchanged in (("cfg", True), ("other", False)):
     monkeypatch.setattr(quality, "built_digest", lambda p, data, experiments=None, b=built: b)
     seen.clear()
