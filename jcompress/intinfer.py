@@ -136,10 +136,9 @@ def int_conv(xq: jax.Array, shift: int, wq: jax.Array, strides, padding,
   strides = tuple(strides)
   pads = _pads(padding, xq.shape[1:3], (kh, kw), strides)
   w2 = wq.reshape(kh * kw * c, o)
-  if native:   # uint8 xq + 128 (the top bit flipped); the kernel takes (128 - shift) off
-    x = _flip(xq)
-    fill, matmul = 128 - shift, functools.partial(_native_matmul, offset=128 - shift,
-                                                  prepared=prepared)
+  if native:
+    x, offset = _native_operand(xq, shift)
+    fill, matmul = offset, functools.partial(_native_matmul, offset=offset, prepared=prepared)
   else:
     x, fill, matmul = xq, -shift, int_matmul
 
@@ -164,9 +163,10 @@ def int_conv(xq: jax.Array, shift: int, wq: jax.Array, strides, padding,
   return acc
 
 
-def _flip(xq: jax.Array) -> jax.Array:
-  """int8 `xq` as the uint8 `xq + 128` (its top bit flipped)."""
-  return lax.bitcast_convert_type(xq ^ jnp.int8(-128), jnp.uint8)
+def _native_operand(xq: jax.Array, shift: int) -> tuple[jax.Array, int]:
+  """(uint8 `xq + 128` (the top bit flipped), the offset the native kernel takes off it,
+  `128 - shift`): then `(x - offset) = xq + shift`, the codes themselves (padding: `offset`)."""
+  return lax.bitcast_convert_type(xq ^ jnp.int8(-128), jnp.uint8), 128 - shift
 
 
 def _native_matmul(a: jax.Array, b: jax.Array, offset: int, prepared=None) -> jax.Array:
@@ -186,8 +186,8 @@ def int_dense(xq: jax.Array, shift: int, wq: jax.Array, native: bool = False,
   """The exact int32 product of activation codes `xq + shift` (int8, (..., K)) with int8
   (K, O) weight codes (`native`, `prepared`: as in `int_conv`)."""
   if native:
-    x = _flip(xq)
-    acc = _native_matmul(x.reshape(-1, x.shape[-1]), wq, 128 - shift, prepared)
+    x, offset = _native_operand(xq, shift)
+    acc = _native_matmul(x.reshape(-1, x.shape[-1]), wq, offset, prepared)
     return acc.reshape(*x.shape[:-1], wq.shape[1])
   acc = int_matmul(xq, wq)
   if shift:
